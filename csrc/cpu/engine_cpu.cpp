@@ -1,0 +1,78 @@
+// Run-time choice of the CPU engine's instruction set, and the per-segment thermostat update.
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu_engine.h"
+
+namespace te {
+
+namespace {
+
+bool supported(const char* isa) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (!strcmp(isa, "avx512"))
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (!strcmp(isa, "avx2")) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+  return !strcmp(isa, "baseline");
+}
+
+const CpuKernels kAll[] = {
+    {"baseline", isa_baseline::run_phase, isa_baseline::fill_normal},
+#if defined(TE_HAVE_X86_ISAS)
+    {"avx2", isa_avx2::run_phase, isa_avx2::fill_normal},
+    {"avx512", isa_avx512::run_phase, isa_avx512::fill_normal},
+#endif
+};
+constexpr int kNumAll = sizeof(kAll) / sizeof(kAll[0]);
+
+const CpuKernels& choose() {
+  const char* want = getenv("THERMO_EXT_ISA");
+  if (want && *want)
+    for (const CpuKernels& k : kAll)
+      if (!strcmp(k.isa, want) && supported(k.isa)) return k;
+  for (int i = kNumAll - 1; i > 0; --i)
+    if (supported(kAll[i].isa)) return kAll[i];
+  return kAll[0];
+}
+
+}  // namespace
+
+const CpuKernels& cpu_kernels() {
+  static const CpuKernels& k = choose();
+  return k;
+}
+
+int cpu_isas(const CpuKernels** out, int max) {
+  int n = 0;
+  for (const CpuKernels& k : kAll)
+    if (supported(k.isa) && n < max) out[n++] = &k;
+  return n;
+}
+
+int cpu_update_xi(const StepArgs& a, int k) {
+  const Op& e = a.prog->ops[a.prog->e_pos[k]];
+  const double* from = k == 0 ? a.xi : a.ws + (int64_t)(k - 1) * a.n_seg;
+  double* to = a.ws + (int64_t)k * a.n_seg;
+  const double* sums = a.ws + (int64_t)(a.prog->n_e + k) * a.n_seg;
+  for (int s = 0; s < a.n_seg; ++s) {
+    to[s] = thermostat_E(from[s], sums[s], a.seg_n[s], e.c[0], e.c[1]);
+    if (!isfinite(sums[s]) || !isfinite(to[s])) return s * 4 + kBadThermostat;
+  }
+  return -1;
+}
+
+int cpu_step(const StepArgs& a, int check) {
+  const CpuKernels& k = cpu_kernels();
+  for (int phase = 0; phase <= a.prog->n_e; ++phase) {
+    int bad = k.run_phase(a, phase, check);
+    if (bad >= 0) return bad;
+    if (phase < a.prog->n_e && (bad = cpu_update_xi(a, phase)) >= 0) return bad;
+  }
+  return -1;
+}
+
+}  // namespace te

@@ -1,0 +1,347 @@
+// The CPU engine, compiled once per vector ISA (engine_<isa>.cpp define TE_ISA_NS and include
+// this file with their own -m flags). Each work item copies a block of at most kBlock elements
+// into L1-resident arrays, applies the phase's letters one loop per letter (the loops vectorise;
+// the per-element math is substeps.h), and writes the block back: one pass over memory a phase.
+#ifndef TE_ISA_NS
+#error "define TE_ISA_NS before including engine_impl.h"
+#endif
+
+#include <math.h>
+#include <omp.h>
+#include <string.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../engine.h"
+#include "../lowp.h"
+#include "cpu_engine.h"
+
+namespace te {
+namespace TE_ISA_NS {
+
+namespace {
+
+constexpr int kBlock = 256;             // multiple of kSumLanes and of 4; aligned in global index
+constexpr int64_t kChunk = 1 << 15;     // elements per work item, aligned in global index
+constexpr int64_t kParallelMin = 1 << 15;  // below this many elements a call runs on one thread
+
+struct Item {
+  int32_t t;
+  int32_t bad;   // bit k set: a non-finite value of kind k was seen
+  int64_t lo, hi;  // local element range of tensor t
+  double sum;
+};
+
+// The work items of a call are global-aligned chunks of each tensor: the same decomposition for
+// any thread count, so every reduction below has a fixed order.
+std::vector<Item>& build_items(const StepArgs& a, int64_t& total) {
+  thread_local std::vector<Item> items;  // reused: no allocation per step once grown
+  items.clear();
+  total = 0;
+  for (int t = 0; t < a.n_tensors; ++t) {
+    const TensorDesc& d = a.tensors[t];
+    int64_t lo = 0;
+    while (lo < d.numel) {
+      const int64_t g = d.offset + lo;
+      const int64_t hi = std::min(d.numel, lo + (kChunk - g % kChunk));
+      items.push_back(Item{t, 0, lo, hi, 0.0});
+      lo = hi;
+    }
+    total += d.numel;
+  }
+  return items;
+}
+
+// out[i] = normal of global element 4*b0 + i, for nb blocks of four. The Philox words of up to
+// 64 blocks go to L1-resident arrays (AVX2 intrinsics where available: the same integers), then
+// a vectorised Box–Muller loop turns them into normals.
+void normals_from_blocks(float* __restrict out, const NoiseKey& k, uint64_t b0, int64_t nb) {
+  constexpr int kWords = 64;
+  alignas(64) uint32_t w0[kWords], w1[kWords], w2[kWords], w3[kWords];
+  for (int64_t i0 = 0; i0 < nb; i0 += kWords) {
+    const int cnt = (int)std::min<int64_t>(kWords, nb - i0);
+#if defined(__AVX2__)
+    for (int i = 0; i < cnt; i += 16)
+      philox4x32_10_x16(w0 + i, w1 + i, w2 + i, w3 + i, (uint32_t)(b0 + i0 + i), k.uid, k.step,
+                        k.draw, k.k0, k.k1);
+#else
+    for (int i = 0; i < cnt; ++i) {
+      uint32_t c0 = (uint32_t)(b0 + i0 + i), c1 = k.uid, c2 = k.step, c3 = k.draw;
+      philox4x32_10(c0, c1, c2, c3, k.k0, k.k1);
+      w0[i] = c0;
+      w1[i] = c1;
+      w2[i] = c2;
+      w3[i] = c3;
+    }
+#endif
+    float* __restrict o = out + 4 * i0;
+    for (int i = 0; i < cnt; ++i) {
+      float z0, z1, z2, z3;
+      box_muller(w0[i], w1[i], z0, z1);
+      box_muller(w2[i], w3[i], z2, z3);
+      o[4 * i + 0] = z0;
+      o[4 * i + 1] = z1;
+      o[4 * i + 2] = z2;
+      o[4 * i + 3] = z3;
+    }
+  }
+}
+
+// Normals of global elements g0 .. g0+len-1 into buf; returns the pointer to element g0's.
+const float* noise_block(float* buf, const NoiseKey& k, int64_t g0, int len) {
+  const uint64_t b0 = (uint64_t)g0 >> 2;
+  const uint64_t b1 = (uint64_t)(g0 + len - 1) >> 2;
+  normals_from_blocks(buf, k, b0, (int64_t)(b1 - b0 + 1));
+  return buf + (g0 & 3);
+}
+
+template <class S>
+int nonfinite_any(const S* __restrict x, int len) {
+  int bad = 0;
+  for (int j = 0; j < len; ++j) bad |= nonfinite_bits(x[j]) ? 1 : 0;
+  return bad;
+}
+
+template <class T>
+void sum_squares(double* __restrict acc, const T* __restrict p, int len) {
+  int j = 0;
+  for (; j + kSumLanes <= len; j += kSumLanes)
+    for (int l = 0; l < kSumLanes; ++l) acc[l] += (double)p[j + l] * (double)p[j + l];
+  for (int l = 0; j + l < len; ++l) acc[l] += (double)p[j + l] * (double)p[j + l];
+}
+
+void store_theta(float* __restrict out, const float* __restrict th, int len, int, const NoiseKey&,
+                 int64_t) {
+  for (int j = 0; j < len; ++j) out[j] = th[j];
+}
+void store_theta(double* __restrict out, const double* __restrict th, int len, int,
+                 const NoiseKey&, int64_t) {
+  for (int j = 0; j < len; ++j) out[j] = th[j];
+}
+void store_theta(fp16_t* __restrict out, const float* __restrict th, int len, int,
+                 const NoiseKey&, int64_t) {
+  for (int j = 0; j < len; ++j) out[j] = fp16_round_nearest(th[j]);
+}
+void store_theta(bf16_t* __restrict out, const float* __restrict th, int len, int stochastic,
+                 const NoiseKey& k, int64_t g0) {
+  if (stochastic)
+    for (int j = 0; j < len; ++j)
+      out[j] = bf16_round_stochastic(th[j], rounding_bits(k, (uint64_t)(g0 + j)));
+  else
+    for (int j = 0; j < len; ++j) out[j] = bf16_round_nearest(th[j]);
+}
+
+double xi_version(const StepArgs& a, int v, int s) {
+  return v == 0 ? a.xi[s] : a.ws[(int64_t)(v - 1) * a.n_seg + s];
+}
+
+// One phase over all tensors. P: parameter/gradient storage, M: momentum storage, T: compute.
+template <class P, class M, class T>
+int phase_impl(const StepArgs& a, int phase, bool check) {
+  const Program& pg = *a.prog;
+  const bool write = phase == pg.n_e;
+  const int n_ops = write ? pg.n_ops : pg.e_pos[phase];  // the ending E itself is the sum
+  const uint64_t step = a.step_ptr ? (uint64_t)*a.step_ptr : a.step;
+
+  // exp(-xi delta) of every C for every tensor, formed and checked before anything is written.
+  thread_local std::vector<double> cfac;
+  cfac.assign((size_t)a.n_tensors * n_ops, 1.0);
+  for (int t = 0; t < a.n_tensors; ++t)
+    for (int o = 0; o < n_ops; ++o) {
+      const Op& op = pg.ops[o];
+      if (op.letter != kC) continue;
+      const int s = a.tensors[t].seg;
+      const double f = exp(-xi_version(a, op.xi_version, s) * op.c[0]);
+      if (!isfinite(f)) return s * 4 + kBadThermostat;
+      cfac[(size_t)t * n_ops + o] = f;
+    }
+
+  const double* cfac_all = cfac.data();  // thread_local: name it outside the parallel region
+
+  int64_t total;
+  std::vector<Item>& items = build_items(a, total);
+  const int64_t n_items = (int64_t)items.size();
+  const bool sum_phase = !write;
+  const bool fused_check = check && sum_phase && phase == 0;
+
+#pragma omp parallel for schedule(static) if (total >= kParallelMin)
+  for (int64_t it = 0; it < n_items; ++it) {
+    Item& item = items[it];
+    const TensorDesc& d = a.tensors[item.t];
+    P* __restrict theta = (P*)d.theta;
+    M* __restrict mom = (M*)d.mom;
+    const P* __restrict grad = (const P*)d.grad;
+    alignas(64) T th[kBlock], pm[kBlock], gr[kBlock];
+    alignas(64) float zbuf[kBlock + 8];
+    alignas(64) double acc[kSumLanes] = {0};
+    const double* fac = cfac_all + (size_t)item.t * n_ops;
+    int bad = 0;
+    for (int64_t lo = item.lo; lo < item.hi;) {
+      const int64_t g0 = d.offset + lo;
+      const int len = (int)std::min(item.hi - lo, kBlock - g0 % kBlock);
+      for (int j = 0; j < len; ++j) th[j] = to_compute<T>(theta[lo + j]);
+      for (int j = 0; j < len; ++j) gr[j] = to_compute<T>(grad[lo + j]);
+      if (mom)
+        for (int j = 0; j < len; ++j) pm[j] = (T)mom[lo + j];
+      if (fused_check) {
+        bad |= nonfinite_any(gr, len) << kBadGrad;
+        bad |= nonfinite_any(th, len) << kBadParam;
+        if (mom) bad |= nonfinite_any(pm, len) << kBadMom;
+      }
+      for (int o = 0; o < n_ops; ++o) {
+        const Op& op = pg.ops[o];
+        const T c0 = (T)op.c[0], c1 = (T)op.c[1];
+        switch (op.letter) {
+          case kA:
+            for (int j = 0; j < len; ++j) th[j] = letter_A(th[j], pm[j], c0);
+            break;
+          case kB:
+            for (int j = 0; j < len; ++j) pm[j] = letter_B(pm[j], th[j], gr[j], c0, c1);
+            break;
+          case kO: {
+            const float* z = zbuf;
+            if (op.c[1] != 0.0)
+              z = noise_block(zbuf, make_key(a.seed, d.uid, step, op.draw), g0, len);
+            else
+              memset(zbuf, 0, sizeof(zbuf));
+            for (int j = 0; j < len; ++j) pm[j] = letter_O(pm[j], (T)z[j], c0, c1);
+            break;
+          }
+          case kC: {
+            const T f = (T)fac[o];
+            for (int j = 0; j < len; ++j) pm[j] = letter_C(pm[j], f);
+            break;
+          }
+          case kD: {
+            const float* z = zbuf;
+            if (op.c[0] != 0.0)
+              z = noise_block(zbuf, make_key(a.seed, d.uid, step, op.draw), g0, len);
+            else
+              memset(zbuf, 0, sizeof(zbuf));
+            for (int j = 0; j < len; ++j) pm[j] = letter_D(pm[j], (T)z[j], c0);
+            break;
+          }
+          case kV: {
+            const T c2 = (T)op.c[2];
+            const float* z = zbuf;
+            if (op.c[2] != 0.0)
+              z = noise_block(zbuf, make_key(a.seed, d.uid, step, op.draw), g0, len);
+            else
+              memset(zbuf, 0, sizeof(zbuf));
+            for (int j = 0; j < len; ++j) th[j] = letter_V(th[j], gr[j], (T)z[j], c0, c1, c2);
+            break;
+          }
+          default:  // an E inside the phase: only xi moves, and the engine did that between phases
+            break;
+        }
+      }
+      if (sum_phase) {
+        sum_squares(acc, pm, len);
+      } else {
+        store_theta(theta + lo, th, len, a.stochastic_rounding,
+                    make_key(a.seed, d.uid, step, kRoundingDraw), g0);
+        if (mom)
+          for (int j = 0; j < len; ++j) mom[lo + j] = (M)pm[j];
+      }
+      lo += len;
+    }
+    item.bad = bad;
+    item.sum = reduce_lanes(acc);
+  }
+
+  if (fused_check)
+    for (const Item& item : items)
+      for (int kind = 0; kind < 3; ++kind)
+        if (item.bad >> kind & 1) return item.t * 4 + kind;
+  if (sum_phase) {
+    double* sums = a.ws + (int64_t)(pg.n_e + phase) * a.n_seg;
+    for (int s = 0; s < a.n_seg; ++s) sums[s] = 0.0;
+    for (const Item& item : items) sums[a.tensors[item.t].seg] += item.sum;
+  } else if (pg.n_e > 0) {
+    for (int s = 0; s < a.n_seg; ++s) a.xi[s] = xi_version(a, pg.n_e, s);
+  }
+  return -1;
+}
+
+// The read-only check of parameters and gradients that precedes a scheme without E.
+template <class P>
+int check_impl(const StepArgs& a) {
+  int64_t total;
+  std::vector<Item>& items = build_items(a, total);
+  const int64_t n_items = (int64_t)items.size();
+#pragma omp parallel for schedule(static) if (total >= kParallelMin)
+  for (int64_t it = 0; it < n_items; ++it) {
+    Item& item = items[it];
+    const TensorDesc& d = a.tensors[item.t];
+    const int len = (int)(item.hi - item.lo);
+    item.bad = nonfinite_any((const P*)d.grad + item.lo, len) << kBadGrad |
+               nonfinite_any((const P*)d.theta + item.lo, len) << kBadParam;
+  }
+  for (const Item& item : items)
+    for (int kind = 0; kind < 2; ++kind)
+      if (item.bad >> kind & 1) return item.t * 4 + kind;
+  return -1;
+}
+
+}  // namespace
+
+int run_phase(const StepArgs& a, int phase, int check) {
+  const bool first_write = phase == 0 && a.prog->n_e == 0;
+  switch (a.dtype) {
+    case kFloat32:
+      if (check && first_write) {
+        const int bad = check_impl<float>(a);
+        if (bad >= 0) return bad;
+      }
+      return phase_impl<float, float, float>(a, phase, check);
+    case kFloat64:
+      if (check && first_write) {
+        const int bad = check_impl<double>(a);
+        if (bad >= 0) return bad;
+      }
+      return phase_impl<double, double, double>(a, phase, check);
+    case kBFloat16:
+      if (check && first_write) {
+        const int bad = check_impl<bf16_t>(a);
+        if (bad >= 0) return bad;
+      }
+      return phase_impl<bf16_t, float, float>(a, phase, check);
+    case kFloat16:
+      if (check && first_write) {
+        const int bad = check_impl<fp16_t>(a);
+        if (bad >= 0) return bad;
+      }
+      return phase_impl<fp16_t, float, float>(a, phase, check);
+  }
+  return -1;
+}
+
+void fill_normal(float* out, int64_t n, uint64_t seed, uint32_t uid, uint64_t step, uint32_t draw,
+                 int64_t offset) {
+  const NoiseKey k = make_key(seed, uid, step, draw);
+  const int64_t n_chunks = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    int64_t lo = c * kChunk;
+    const int64_t hi = std::min(n, lo + kChunk);
+    alignas(64) float buf[8];
+    // Unaligned head: elements up to the next multiple of 4 in global index.
+    while (lo < hi && ((offset + lo) & 3) != 0) {
+      const int len = (int)std::min<int64_t>(hi - lo, 4 - ((offset + lo) & 3));
+      const float* z = noise_block(buf, k, offset + lo, len);
+      for (int j = 0; j < len; ++j) out[lo + j] = z[j];
+      lo += len;
+    }
+    const int64_t nb = (hi - lo) / 4;
+    normals_from_blocks(out + lo, k, (uint64_t)(offset + lo) >> 2, nb);
+    lo += nb * 4;
+    if (lo < hi) {
+      const float* z = noise_block(buf, k, offset + lo, (int)(hi - lo));
+      for (int j = 0; lo + j < hi; ++j) out[lo + j] = z[j];
+    }
+  }
+}
+
+}  // namespace TE_ISA_NS
+}  // namespace te

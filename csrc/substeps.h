@@ -1,0 +1,84 @@
+// The per-element letter math of DESIGN.md §2 and the folded program the engines execute.
+// One source of truth for the CPU engine (all ISAs) and the CUDA kernels.
+#pragma once
+#include <stdint.h>
+
+#include "philox.h"
+
+namespace te {
+
+// Letter codes; V is the separate Euler–Maruyama overdamped update.
+enum Letter : int32_t { kA = 0, kB = 1, kO = 2, kC = 3, kD = 4, kE = 5, kV = 6 };
+
+// Coefficients are prepared on the host in double from the group's hyperparameters:
+//   A: c0 = delta                      B: c0 = delta, c1 = weight_decay
+//   O: c0 = exp(-gamma delta), c1 = sqrt(tau (1 - exp(-2 gamma delta)))
+//   C: c0 = delta (the factor exp(-xi delta) is formed per segment from the xi version)
+//   D: c0 = sigma sqrt(delta)          E: c0 = eps delta, c1 = tau
+//   V: c0 = h, c1 = weight_decay, c2 = sqrt(2 h tau)
+struct Op {
+  int32_t letter;
+  int32_t draw;        // O, D, V: the draw field of the noise counter
+  int32_t xi_version;  // C: how many E precede it in the folded string
+  int32_t pad;
+  double c[3];
+};
+
+constexpr int kMaxOps = 32;
+
+// A folded scheme with its coefficients. The k-th E at ops[e_pos[k]] ends phase k, which only
+// reads; phase n_e runs all ops and writes.
+struct Program {
+  int32_t n_ops;
+  int32_t n_e;
+  int32_t e_pos[kMaxOps];
+  Op ops[kMaxOps];
+};
+
+template <class T>
+TE_HD T letter_A(T theta, T p, T delta) {
+  return theta + delta * p;
+}
+template <class T>
+TE_HD T letter_B(T p, T theta, T g, T delta, T wd) {
+  return p - delta * (g + wd * theta);
+}
+template <class T>
+TE_HD T letter_O(T p, T z, T a, T b) {
+  return a * p + b * z;
+}
+template <class T>
+TE_HD T letter_C(T p, T factor) {
+  return factor * p;
+}
+template <class T>
+TE_HD T letter_D(T p, T z, T s) {
+  return p + s * z;
+}
+template <class T>
+TE_HD T letter_V(T theta, T g, T z, T h, T wd, T s) {
+  return theta - h * (g + wd * theta) + s * z;
+}
+// E on the segment: xi + eps delta (sum p^2 - N tau), in double.
+TE_HD double thermostat_E(double xi, double sum_p2, double n, double eps_delta, double tau) {
+  return xi + eps_delta * (sum_p2 - n * tau);
+}
+
+// Deterministic sum of squares: 16 fixed lanes in element order, then a fixed pairwise tree.
+constexpr int kSumLanes = 16;
+TE_HD double reduce_lanes(const double* acc) {
+  double t8[8], t4[4];
+  for (int i = 0; i < 8; ++i) t8[i] = acc[i] + acc[i + 8];
+  for (int i = 0; i < 4; ++i) t4[i] = t8[i] + t8[i + 4];
+  return (t4[0] + t4[2]) + (t4[1] + t4[3]);
+}
+
+// Non-finite test on the raw bits: the exponent field is all ones.
+TE_HD bool nonfinite_bits(float x) { return ((f32_bits(x) >> 23) & 0xFFu) == 0xFFu; }
+TE_HD bool nonfinite_bits(double x) {
+  uint64_t u;
+  memcpy(&u, &x, 8);
+  return ((u >> 52) & 0x7FFu) == 0x7FFu;
+}
+
+}  // namespace te

@@ -1,0 +1,31 @@
+"""thermo_ext: partitioned thermodynamic parameterization of neural networks for PyTorch.
+
+Langevin (BAOAB), LaLa, adaptive Langevin (AdL), AdLaLa, LOL and overdamped Langevin as
+torch.optim optimizers, run by fused C++/OpenMP (and CUDA) kernels with counter-based noise.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+import torch  # noqa: F401  (the compiled module takes tensors' raw pointers)
+
+from . import _C
+from . import kernels, random, reference, schemes
+
+__all__ = ["build_info", "kernels", "random", "reference", "schemes", "__version__"]
+
+
+def build_info() -> dict:
+    """What this build of the engine is and can do on this machine."""
+    cuda = bool(_C.cuda_compiled())
+    return {
+        "version": __version__,
+        "cuda": cuda,
+        "cuda_archs": _C.cuda_build_info() if cuda else "",
+        "cuda_available": cuda and torch.cuda.is_available(),
+        "openmp_threads": int(_C.get_num_threads()),
+        "isa": _C.isa(),
+        "isas": list(_C.isas()),
+        "torch": torch.__version__,
+    }

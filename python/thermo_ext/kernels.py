@@ -1,0 +1,256 @@
+"""The only module that calls the compiled engine ``thermo_ext._C``.
+
+It validates tensors and hyperparameters, turns a folded scheme and a group's hyperparameters into
+an engine program, and dispatches one call per (device, dtype) list of tensors. ``thermo_step`` has
+the same signature as :func:`thermo_ext.reference.thermo_step`, its pure-PyTorch oracle.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import _C
+from .schemes import FoldedScheme
+
+__all__ = ["thermo_step", "fill_normal", "philox_words", "build_program", "coefficients",
+           "check_hyper", "check_tensors", "momentum_dtype", "DTYPES", "BAD_KINDS"]
+
+DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+LETTER_CODES = {"A": 0, "B": 1, "O": 2, "C": 3, "D": 4, "E": 5, "V": 6}
+BAD_KINDS = ("gradient", "parameter", "momentum", "thermostat")
+U64 = 2**64
+
+
+def check_int(name: str, value, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            import numpy as np  # numpy integers are fine
+            if isinstance(value, np.integer):
+                value = int(value)
+        except ImportError:  # pragma: no cover
+            pass
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if not lo <= value < hi:
+        raise ValueError(f"{name}: expected an int in [{lo}, {hi}), got {value}")
+    return value
+
+
+def check_hyper(where: str, **values) -> None:
+    """Each value a real number >= 0 (gamma may be inf; the others finite)."""
+    for key, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_complex():
+                v = float(v)
+            else:
+                raise TypeError(f"{where}{key}: expected a real number, got {type(v).__name__}")
+        if math.isnan(v) or v < 0 or (math.isinf(v) and key != "gamma"):
+            expect = ">= 0 (inf allowed)" if key == "gamma" else "a finite number >= 0"
+            raise ValueError(f"{where}{key}: expected {expect}, got {v}")
+
+
+def momentum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """bf16/fp16 parameters keep float32 momenta."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_tensors(params: Sequence[torch.Tensor], momenta: Sequence[Optional[torch.Tensor]],
+                  grads: Sequence[Optional[torch.Tensor]], *, needs_momentum: bool) -> None:
+    """Raises TypeError/ValueError naming the first bad tensor; touches nothing."""
+    if not (len(params) == len(momenta) == len(grads)):
+        raise ValueError(f"params, momenta, grads: expected lists of one length, got "
+                         f"{len(params)}, {len(momenta)}, {len(grads)}")
+    device = dtype = None
+    for i, (p, m, g) in enumerate(zip(params, momenta, grads)):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"params[{i}]: expected a torch.Tensor, got {type(p).__name__}")
+        if p.dtype not in DTYPES:
+            raise TypeError(f"params[{i}]: dtype {p.dtype} not supported; expected one of "
+                            f"{', '.join(str(d) for d in DTYPES)}")
+        if p.layout != torch.strided or not p.is_contiguous():
+            raise ValueError(f"params[{i}]: expected a contiguous dense tensor")
+        if device is None:
+            device, dtype = p.device, p.dtype
+        elif p.device != device or p.dtype != dtype:
+            raise ValueError(f"params[{i}]: on {p.device} as {p.dtype}, but params[0] is on "
+                             f"{device} as {dtype}; one call takes one device and dtype")
+        if not isinstance(g, torch.Tensor):
+            raise TypeError(f"grads[{i}]: expected a torch.Tensor, got {type(g).__name__}")
+        if g.is_sparse or g.layout != torch.strided:
+            raise ValueError(f"grads[{i}]: sparse gradients are not supported; expected a dense "
+                             f"tensor")
+        if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+            raise ValueError(f"grads[{i}]: expected shape {tuple(p.shape)}, {p.dtype} on "
+                             f"{p.device} like its parameter, got {tuple(g.shape)}, {g.dtype} "
+                             f"on {g.device}")
+        if not g.is_contiguous():
+            raise ValueError(f"grads[{i}]: expected a contiguous tensor")
+        if needs_momentum:
+            want = momentum_dtype(p.dtype)
+            if not isinstance(m, torch.Tensor):
+                raise TypeError(f"momenta[{i}]: expected a torch.Tensor, got {type(m).__name__}")
+            if m.shape != p.shape or m.dtype != want or m.device != p.device:
+                raise ValueError(f"momenta[{i}]: expected shape {tuple(p.shape)}, {want} on "
+                                 f"{p.device}, got {tuple(m.shape)}, {m.dtype} on {m.device}")
+            if m.layout != torch.strided or not m.is_contiguous():
+                raise ValueError(f"momenta[{i}]: expected a contiguous dense tensor")
+
+
+def coefficients(letter: str, delta: float, *, lr: float, gamma: float, tau: float,
+                 sigma: float, eps: float, weight_decay: float) -> Tuple[float, float, float]:
+    """The engine's (c0, c1, c2) for one letter (see csrc/substeps.h)."""
+    if letter == "A":
+        return delta, 0.0, 0.0
+    if letter == "B":
+        return delta, weight_decay, 0.0
+    if letter == "O":
+        if math.isinf(gamma):
+            return 0.0, math.sqrt(tau), 0.0
+        return math.exp(-gamma * delta), math.sqrt(tau * -math.expm1(-2.0 * gamma * delta)), 0.0
+    if letter == "C":
+        return delta, 0.0, 0.0
+    if letter == "D":
+        return sigma * math.sqrt(delta), 0.0, 0.0
+    if letter == "E":
+        return eps * delta, tau, 0.0
+    if letter == "V":
+        return lr, weight_decay, math.sqrt(2.0 * lr * tau)
+    raise ValueError(f"unknown letter {letter!r}")
+
+
+@functools.lru_cache(maxsize=256)
+def build_program(scheme: FoldedScheme, first: bool, lr: float, gamma: float, tau: float,
+                  sigma: float, eps: float, weight_decay: float) -> "_C.Program":
+    ops = []
+    for x in scheme.program(first):
+        c = coefficients(x.letter, x.factor * lr, lr=lr, gamma=gamma, tau=tau, sigma=sigma,
+                         eps=eps, weight_decay=weight_decay)
+        ops.append((LETTER_CODES[x.letter], x.draw or 0, x.xi_version, *c))
+    return _C.Program(ops)
+
+
+def _device_index(t: torch.Tensor) -> int:
+    if t.device.type == "cpu":
+        return -1
+    if t.device.type == "cuda":
+        if not _C.cuda_compiled():
+            raise RuntimeError(
+                "thermo_ext was built without CUDA, so it cannot step CUDA tensors: reinstall "
+                "where nvcc is on PATH with `pip install --no-build-isolation "
+                "-C cmake.define.THERMO_EXT_CUDA=ON .`")
+        return t.device.index if t.device.index is not None else torch.cuda.current_device()
+    raise ValueError(f"device {t.device}: thermo_ext runs on cpu and cuda tensors only")
+
+
+def _stream(device: int) -> int:
+    return torch.cuda.current_stream(device).cuda_stream if device >= 0 else 0
+
+
+def fill_normal(out: torch.Tensor, *, seed: int, uid: int, step: int, draw: int,
+                offset: int = 0) -> torch.Tensor:
+    """Fills a contiguous float32 tensor with the normals of §3."""
+    seed = check_int("seed", seed, 0, U64)
+    uid = check_int("uid", uid, 0, 2**32)
+    step = check_int("step", step, 0, U64) % 2**32
+    draw = check_int("draw", draw, 0, 2**32)
+    offset = check_int("offset", offset, 0, 2**62)
+    if out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError("out: expected a contiguous float32 tensor")
+    dev = _device_index(out)
+    _C.fill_normal(dev, _stream(dev), out.data_ptr(), out.numel(), seed, uid, step, draw, offset)
+    return out
+
+
+def philox_words(counters: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(counters)
+    n = counters.numel() // 4
+    _C.philox(counters.data_ptr(), keys.data_ptr(), out.data_ptr(), n)
+    return out
+
+
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def thermo_step(params: List[torch.Tensor], momenta: List[Optional[torch.Tensor]],
+                grads: List[torch.Tensor], *, scheme: FoldedScheme, lr: float, gamma: float,
+                tau: float, sigma: float, eps: float, weight_decay: float,
+                xi: Optional[torch.Tensor], segments: Sequence[int],
+                seg_numel: Optional[Sequence[float]] = None, seed: int, step: int,
+                uids: Sequence[int], offsets: Optional[Sequence[int]] = None,
+                first: bool = False, check_finite: bool = True,
+                stochastic_rounding: bool = True, workspace: Optional[torch.Tensor] = None,
+                sum_hook: Optional[Callable[[torch.Tensor], None]] = None,
+                step_tensor: Optional[torch.Tensor] = None,
+                flag: Optional[torch.Tensor] = None,
+                validate: bool = True) -> Optional[Tuple[int, str]]:
+    """One step of ``scheme`` on the tensors, in place. Returns None, or (index, kind) of the
+    first non-finite value found by the check (kind in BAD_KINDS; for "thermostat" the index is
+    the segment), in which case nothing was modified.
+
+    ``xi`` is a float64 tensor of one thermostat variable per segment; ``segments[i]`` is tensor
+    i's segment; ``seg_numel`` the elements per segment (defaults to the local tensors');
+    ``sum_hook(sums)``, when given, may reduce the segment sums of each E in place (distributed).
+    On CUDA nothing is returned: a non-finite value sets ``flag`` (int32, device) and skips the
+    step.
+    """
+    n = len(params)
+    if n == 0:
+        return None
+    if validate:
+        check_tensors(params, momenta, grads, needs_momentum=scheme.uses_momentum)
+        check_hyper("", lr=lr, gamma=gamma, tau=tau, sigma=sigma, eps=eps,
+                    weight_decay=weight_decay)
+        if scheme.uses_thermostat:
+            if (not isinstance(xi, torch.Tensor) or xi.dtype != torch.float64 or xi.dim() != 1
+                    or not xi.is_contiguous() or xi.device != params[0].device):
+                raise ValueError("xi: expected a contiguous 1-D float64 tensor on the "
+                                 "parameters' device")
+            if len(segments) != n or any(not 0 <= s < xi.numel() for s in segments):
+                raise ValueError(f"segments: expected {n} indices in [0, {xi.numel()})")
+        if len(uids) != n:
+            raise ValueError(f"uids: expected {n} entries, got {len(uids)}")
+    prog = build_program(scheme, bool(first), float(lr), float(gamma), float(tau), float(sigma),
+                         float(eps), float(weight_decay))
+    p0 = params[0]
+    dev = _device_index(p0)
+    if scheme.uses_thermostat:
+        n_seg = xi.numel()
+        xi_ptr = xi.data_ptr()
+    else:
+        n_seg, xi_ptr, segments = 1, 0, [0] * n
+    if seg_numel is None:
+        seg_numel = [0.0] * n_seg
+        for p, s in zip(params, segments):
+            seg_numel[s] += p.numel()
+    n_e = prog.n_e
+    if n_e and (workspace is None or workspace.numel() < 2 * n_e * n_seg):
+        workspace = torch.empty(2 * n_e * n_seg, dtype=torch.float64, device=p0.device)
+    ws_ptr = _ptr(workspace) if n_e else 0
+    if offsets is None:
+        offsets = [0] * n
+    args = (dev, _stream(dev), DTYPES[p0.dtype], [p.data_ptr() for p in params],
+            [_ptr(m) for m in momenta], [g.data_ptr() for g in grads],
+            [p.numel() for p in params], list(offsets), list(uids), list(segments), prog,
+            int(seed), int(step) % 2**32, _ptr(step_tensor), xi_ptr, n_seg, list(seg_numel),
+            ws_ptr)
+    flag_ptr = _ptr(flag)
+    if sum_hook is None:
+        bad = _C.step(*args, -1, bool(check_finite), bool(stochastic_rounding), flag_ptr)
+    else:
+        for k in range(n_e + 1):
+            bad = _C.step(*args, k, bool(check_finite), bool(stochastic_rounding), flag_ptr)
+            if bad >= 0 or k == n_e:
+                break
+            sum_hook(workspace[(n_e + k) * n_seg:(n_e + k + 1) * n_seg])
+            bad = _C.update_xi(dev, _stream(dev), prog, xi_ptr, n_seg, list(seg_numel), ws_ptr,
+                               k, flag_ptr)
+            if bad >= 0:
+                break
+    if bad < 0:
+        return None
+    return bad // 4, BAD_KINDS[bad % 4]

@@ -1,0 +1,47 @@
+"""The counter-based noise stream of DESIGN.md §3 as tensors.
+
+Element ``i`` of a tensor (its index in the whole, unsharded tensor) draws its normal from
+Philox4x32-10 with key ``(seed mod 2**32, seed >> 32)`` and counter ``(i >> 2, uid, step mod 2**32,
+draw)``; lanes ``i mod 4`` 0, 1 use words (w0, w1) and 2, 3 use (w2, w3) through Box–Muller in
+float32. The same arguments give the same numbers on every device, thread count and shard.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import kernels
+
+__all__ = ["normal", "philox", "THERMAL_STEP"]
+
+#: The counter's step field used for momenta drawn by ``momentum_init="thermal"``.
+THERMAL_STEP = 2**32 - 1
+
+
+def normal(n: int, *, seed: int, uid: int, step: int, draw: int, offset: int = 0,
+           device="cpu") -> torch.Tensor:
+    """The ``n`` float32 normals that §3 assigns to elements ``offset .. offset+n-1``."""
+    n = kernels.check_int("n", n, 0, 2**62)
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    kernels.fill_normal(out, seed=seed, uid=uid, step=step, draw=draw, offset=offset)
+    return out
+
+
+def philox(counter, key) -> torch.Tensor:
+    """Philox4x32-10 words for ``counter`` (..., 4) and ``key`` (..., 2), as an int64 tensor (..., 4).
+
+    Accepts sequences or integer tensors; leading dimensions broadcast.
+    """
+    c = torch.as_tensor(counter, dtype=torch.int64, device="cpu")
+    k = torch.as_tensor(key, dtype=torch.int64, device="cpu")
+    if c.shape[-1:] != (4,):
+        raise ValueError(f"counter: expected last dimension 4, got shape {tuple(c.shape)}")
+    if k.shape[-1:] != (2,):
+        raise ValueError(f"key: expected last dimension 2, got shape {tuple(k.shape)}")
+    for name, t in (("counter", c), ("key", k)):
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= 2**32):
+            raise ValueError(f"{name}: words must lie in [0, 2**32)")
+    shape = torch.broadcast_shapes(c.shape[:-1], k.shape[:-1])
+    c = c.expand(*shape, 4).contiguous()
+    k = k.expand(*shape, 2).contiguous()
+    return kernels.philox_words(c, k)

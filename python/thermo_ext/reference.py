@@ -1,0 +1,135 @@
+"""DESIGN.md §2 written with plain torch ops, letter by letter, noise from thermo_ext.random.
+
+The oracle of the tests and the baseline of the benchmarks: it is written to be obviously
+correct, not fast. ``thermo_step`` has the signature of :func:`thermo_ext.kernels.thermo_step`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import random as te_random
+from .schemes import FoldedScheme
+
+__all__ = ["thermo_step", "round_bf16_stochastic"]
+
+ROUNDING_DRAW = 0xFFFF
+
+
+def _noise(p: torch.Tensor, *, seed, uid, step, draw, offset) -> torch.Tensor:
+    return te_random.normal(p.numel(), seed=seed, uid=uid, step=step, draw=draw, offset=offset,
+                            device=p.device).view(p.shape)
+
+
+def round_bf16_stochastic(x: torch.Tensor, *, seed: int, uid: int, step: int,
+                          offset: int) -> torch.Tensor:
+    """float32 -> bf16 by adding 16 random bits below bf16 precision, then truncating.
+
+    The bits of global element g are the top 16 bits of Philox word (g mod 4) of counter
+    (g >> 2, uid, step, 0xFFFF).
+    """
+    g = torch.arange(offset, offset + x.numel(), dtype=torch.int64)
+    counter = torch.stack([g >> 2, torch.full_like(g, uid), torch.full_like(g, step % 2**32),
+                           torch.full_like(g, ROUNDING_DRAW)], dim=-1)
+    key = torch.tensor([seed % 2**32, seed >> 32], dtype=torch.int64)
+    words = te_random.philox(counter, key)
+    r = words.gather(1, (g & 3).view(-1, 1)).view(-1) >> 16
+    bits = x.detach().float().reshape(-1).cpu().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    finite = x.detach().float().reshape(-1).cpu().isfinite()
+    rounded = torch.where(finite, (bits + r) >> 16, bits >> 16)
+    rounded = torch.where(x.detach().float().reshape(-1).cpu().isnan(), (bits >> 16) | 0x40,
+                          rounded)
+    out = (rounded << 16).to(torch.int32).view(torch.float32).to(torch.bfloat16)
+    return out.view(x.shape).to(x.device)
+
+
+def thermo_step(params: List[torch.Tensor], momenta: List[Optional[torch.Tensor]],
+                grads: List[torch.Tensor], *, scheme: FoldedScheme, lr: float, gamma: float,
+                tau: float, sigma: float, eps: float, weight_decay: float,
+                xi: Optional[torch.Tensor], segments: Sequence[int],
+                seg_numel: Optional[Sequence[float]] = None, seed: int, step: int,
+                uids: Sequence[int], offsets: Optional[Sequence[int]] = None,
+                first: bool = False, check_finite: bool = True,
+                stochastic_rounding: bool = True, workspace=None,
+                sum_hook: Optional[Callable[[torch.Tensor], None]] = None,
+                step_tensor=None, flag=None, validate: bool = True
+                ) -> Optional[Tuple[int, str]]:
+    n = len(params)
+    if n == 0:
+        return None
+    if offsets is None:
+        offsets = [0] * n
+    h = float(lr)
+    cdt = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+    if check_finite:
+        for i, (p, m, g) in enumerate(zip(params, momenta, grads)):
+            if not torch.isfinite(g).all():
+                return i, "gradient"
+            if not torch.isfinite(p).all():
+                return i, "parameter"
+            if m is not None and scheme.n_e and not torch.isfinite(m).all():
+                return i, "momentum"
+
+    th = [p.detach().to(cdt).clone() for p in params]
+    mo = [m.detach().clone() if m is not None else None for m in momenta]
+    gr = [g.detach().to(cdt) for g in grads]
+    xi_now = xi.detach().clone() if xi is not None else None
+    if seg_numel is None and xi is not None:
+        seg_numel = [0.0] * xi.numel()
+        for p, s in zip(params, segments):
+            seg_numel[s] += p.numel()
+
+    def R(i, draw):
+        return _noise(th[i], seed=seed, uid=uids[i], step=step, draw=draw,
+                      offset=offsets[i]).to(cdt)
+
+    for x in scheme.program(first):
+        d = x.factor * h
+        for i in range(n):
+            if x.letter == "A":
+                th[i] = th[i] + d * mo[i]
+            elif x.letter == "B":
+                mo[i] = mo[i] - d * (gr[i] + weight_decay * th[i])
+            elif x.letter == "O":
+                if math.isinf(gamma):
+                    a, b = 0.0, math.sqrt(tau)
+                else:
+                    a = math.exp(-gamma * d)
+                    b = math.sqrt(tau * (1.0 - math.exp(-2.0 * gamma * d)))
+                mo[i] = a * mo[i] + b * R(i, x.draw)
+            elif x.letter == "C":
+                c = math.exp(-float(xi_now[segments[i]]) * d)
+                if not math.isfinite(c):
+                    return segments[i], "thermostat"
+                mo[i] = c * mo[i]
+            elif x.letter == "D":
+                mo[i] = mo[i] + sigma * math.sqrt(d) * R(i, x.draw)
+            elif x.letter == "V":
+                th[i] = th[i] - h * (gr[i] + weight_decay * th[i]) + math.sqrt(2 * h * tau) * R(
+                    i, x.draw)
+        if x.letter == "E":
+            sums = torch.zeros_like(xi_now)
+            for i in range(n):
+                sums[segments[i]] += mo[i].double().pow(2).sum()
+            if sum_hook is not None:
+                sum_hook(sums)
+            for s in range(xi_now.numel()):
+                new = float(xi_now[s]) + d * eps * (float(sums[s]) - seg_numel[s] * tau)
+                if not (math.isfinite(float(sums[s])) and math.isfinite(new)):
+                    return s, "thermostat"
+                xi_now[s] = new
+
+    for i, p in enumerate(params):
+        if p.dtype == torch.bfloat16 and stochastic_rounding:
+            p.copy_(round_bf16_stochastic(th[i], seed=seed, uid=uids[i], step=step,
+                                          offset=offsets[i]))
+        else:
+            p.copy_(th[i])
+        if momenta[i] is not None:
+            momenta[i].copy_(mo[i])
+    if xi is not None:
+        xi.copy_(xi_now)
+    return None
