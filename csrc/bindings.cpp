@@ -1,4 +1,8 @@
 // pybind11 surface of thermo_ext._C: raw pointers, counts and dtypes in; no libtorch.
+//
+// A Plan holds everything of one (group, device, dtype) call that does not change from step to
+// step; a step sets its gradient pointers, program and step counter, and run_plans executes a
+// whole optimizer step (every plan) in one call from Python.
 #include <omp.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -33,44 +37,86 @@ Program make_program(const std::vector<OpTuple>& ops) {
   return p;
 }
 
-struct Call {
+struct Plan {
+  int device = -1;  // -1: CPU, else the CUDA device index
+  int dtype = kFloat32;
   std::vector<TensorDesc> tensors;
-  StepArgs args{};
+  Program prog{};
+  bool has_prog = false;
+  uint64_t seed = 0, step = 0;
+  intptr_t step_ptr = 0;
+  intptr_t xi = 0;
+  int n_seg = 1;
+  std::vector<double> seg_n;
+  intptr_t ws = 0;
+  intptr_t scratch = 0;
+  int64_t scratch_len = 0;
+  bool stochastic_rounding = true;
+
+  StepArgs args() const {
+    if (!has_prog) throw std::invalid_argument("plan: no program set");
+    StepArgs a{};
+    a.dtype = dtype;
+    a.tensors = tensors.data();
+    a.n_tensors = (int32_t)tensors.size();
+    a.prog = &prog;
+    a.seed = seed;
+    a.step = step;
+    a.step_ptr = (const int64_t*)step_ptr;
+    a.xi = (double*)xi;
+    a.n_seg = n_seg;
+    a.seg_n = seg_n.data();
+    a.ws = (double*)ws;
+    a.stochastic_rounding = stochastic_rounding ? 1 : 0;
+    a.scratch = (double*)scratch;
+    a.scratch_len = scratch_len;
+    return a;
+  }
 };
 
-Call make_call(int dtype, const std::vector<intptr_t>& thetas, const std::vector<intptr_t>& moms,
-               const std::vector<intptr_t>& grads, const std::vector<int64_t>& numels,
+Plan make_plan(int device, int dtype, const std::vector<intptr_t>& thetas,
+               const std::vector<intptr_t>& moms, const std::vector<int64_t>& numels,
                const std::vector<int64_t>& offsets, const std::vector<int64_t>& uids,
-               const std::vector<int32_t>& segs, const Program& prog, uint64_t seed,
-               uint64_t step, intptr_t step_ptr, intptr_t xi, int n_seg,
-               const std::vector<double>& seg_n, intptr_t ws, bool stochastic_rounding) {
+               const std::vector<int32_t>& segs, uint64_t seed, intptr_t step_ptr, intptr_t xi,
+               int n_seg, const std::vector<double>& seg_n, intptr_t ws, intptr_t scratch,
+               int64_t scratch_len) {
   const size_t n = thetas.size();
-  if (moms.size() != n || grads.size() != n || numels.size() != n || offsets.size() != n ||
-      uids.size() != n || segs.size() != n)
-    throw std::invalid_argument("engine: per-tensor lists differ in length");
-  if ((int)seg_n.size() != n_seg) throw std::invalid_argument("engine: seg_n needs n_seg entries");
-  if (dtype < kFloat32 || dtype > kFloat16) throw std::invalid_argument("engine: unknown dtype");
-  Call c;
-  c.tensors.resize(n);
+  if (moms.size() != n || numels.size() != n || offsets.size() != n || uids.size() != n ||
+      segs.size() != n)
+    throw std::invalid_argument("plan: per-tensor lists differ in length");
+  if (n_seg < 1 || (int)seg_n.size() != n_seg)
+    throw std::invalid_argument("plan: seg_n needs n_seg >= 1 entries");
+  if (dtype < kFloat32 || dtype > kFloat16) throw std::invalid_argument("plan: unknown dtype");
+  Plan p;
+  p.device = device;
+  p.dtype = dtype;
+  p.tensors.resize(n);
   for (size_t i = 0; i < n; ++i) {
-    if (segs[i] < 0 || segs[i] >= n_seg) throw std::invalid_argument("engine: segment out of range");
-    c.tensors[i] = TensorDesc{(void*)thetas[i], (void*)moms[i], (const void*)grads[i], numels[i],
-                              offsets[i], (uint32_t)uids[i], segs[i]};
+    if (segs[i] < 0 || segs[i] >= n_seg) throw std::invalid_argument("plan: segment out of range");
+    if (numels[i] < 0 || offsets[i] < 0) throw std::invalid_argument("plan: negative size");
+    if (uids[i] < 0 || uids[i] > 0xFFFFFFFFll) throw std::invalid_argument("plan: uid range");
+    p.tensors[i] = TensorDesc{(void*)thetas[i], (void*)moms[i], nullptr, numels[i], offsets[i],
+                              (uint32_t)uids[i], segs[i]};
   }
-  StepArgs& a = c.args;
-  a.dtype = dtype;
-  a.tensors = c.tensors.data();
-  a.n_tensors = (int32_t)n;
-  a.prog = &prog;
-  a.seed = seed;
-  a.step = step;
-  a.step_ptr = (const int64_t*)step_ptr;
-  a.xi = (double*)xi;
-  a.n_seg = n_seg;
-  a.seg_n = seg_n.data();
-  a.ws = (double*)ws;
-  a.stochastic_rounding = stochastic_rounding ? 1 : 0;
-  return c;
+  p.seed = seed;
+  p.step_ptr = step_ptr;
+  p.xi = xi;
+  p.n_seg = n_seg;
+  p.seg_n = seg_n;
+  p.ws = ws;
+  p.scratch = scratch;
+  p.scratch_len = scratch_len;
+  return p;
+}
+
+// phase >= 0: that phase; -1: the whole step; -2: everything that can fail (cpu_pre).
+int run_one(const Plan& p, intptr_t stream, int phase, bool check, intptr_t flag) {
+  const StepArgs a = p.args();
+  if (phase < -2 || phase > a.prog->n_e) throw std::invalid_argument("step: no such phase");
+  if (p.device >= 0) return cuda_run(a, p.device, stream, phase, check, (int32_t*)flag);
+  if (phase == -1) return cpu_step(a, check);
+  if (phase == -2) return cpu_pre(a, check);
+  return cpu_kernels().run_phase(a, phase, check);
 }
 
 }  // namespace
@@ -84,49 +130,65 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("n_ops", [](const Program& p) { return p.n_ops; })
       .def_property_readonly("n_e", [](const Program& p) { return p.n_e; });
 
+  py::class_<Plan>(m, "Plan")
+      .def(py::init(&make_plan), py::arg("device"), py::arg("dtype"), py::arg("thetas"),
+           py::arg("moms"), py::arg("numels"), py::arg("offsets"), py::arg("uids"),
+           py::arg("segs"), py::arg("seed"), py::arg("step_ptr"), py::arg("xi"),
+           py::arg("n_seg"), py::arg("seg_n"), py::arg("ws"), py::arg("scratch"),
+           py::arg("scratch_len"))
+      .def("set", [](Plan& p, const std::vector<intptr_t>& grads, const Program& prog,
+                     uint64_t step, bool stochastic_rounding) {
+        if (grads.size() != p.tensors.size())
+          throw std::invalid_argument("plan: expected one gradient per tensor");
+        for (size_t i = 0; i < grads.size(); ++i) p.tensors[i].grad = (const void*)grads[i];
+        p.prog = prog;
+        p.has_prog = true;
+        p.step = step;
+        p.stochastic_rounding = stochastic_rounding;
+      }, py::arg("grads"), py::arg("program"), py::arg("step"), py::arg("stochastic_rounding"),
+      "Sets what changes every step: gradient pointers, program and step counter.")
+      .def_property_readonly("n_tensors", [](const Plan& p) { return (int)p.tensors.size(); });
+
   m.def(
-      "step",
-      [](int device, intptr_t stream, int dtype, const std::vector<intptr_t>& thetas,
-         const std::vector<intptr_t>& moms, const std::vector<intptr_t>& grads,
-         const std::vector<int64_t>& numels, const std::vector<int64_t>& offsets,
-         const std::vector<int64_t>& uids, const std::vector<int32_t>& segs, const Program& prog,
-         uint64_t seed, uint64_t step, intptr_t step_ptr, intptr_t xi, int n_seg,
-         const std::vector<double>& seg_n, intptr_t ws, int phase, bool check,
-         bool stochastic_rounding, intptr_t flag_ptr) {
-        Call c = make_call(dtype, thetas, moms, grads, numels, offsets, uids, segs, prog, seed,
-                           step, step_ptr, xi, n_seg, seg_n, ws, stochastic_rounding);
-        if (device >= 0) {
-          py::gil_scoped_release nogil;
-          return cuda_run(c.args, device, stream, phase, check, (int32_t*)flag_ptr);
-        }
+      "run_plans",
+      [](const std::vector<Plan*>& plans, const std::vector<intptr_t>& streams, bool check,
+         intptr_t flag, int mode) {
+        if (streams.size() != plans.size())
+          throw std::invalid_argument("run_plans: one stream per plan");
         py::gil_scoped_release nogil;
-        if (phase < 0) return cpu_step(c.args, check);
-        return cpu_kernels().run_phase(c.args, phase, check);
+        const int n = (int)plans.size();
+        // With several plans and a check, everything that can fail runs first for all plans:
+        // a failed step changes nothing anywhere. mode: -1 whole step, -2 pre only, -3 finish.
+        const bool staged = mode == -1 && check && n > 1;
+        for (int i = 0; i < n; ++i) {
+          const int phase = mode == -3 ? plans[i]->prog.n_e : (staged ? -2 : mode);
+          const int bad = run_one(*plans[i], streams[i], phase, check && mode != -3, flag);
+          if (bad >= 0) return std::make_pair(i, bad);
+        }
+        if (staged)
+          for (int i = 0; i < n; ++i) run_one(*plans[i], streams[i], plans[i]->prog.n_e, false, flag);
+        return std::make_pair(-1, -1);
       },
-      py::arg("device"), py::arg("stream"), py::arg("dtype"), py::arg("thetas"), py::arg("moms"),
-      py::arg("grads"), py::arg("numels"), py::arg("offsets"), py::arg("uids"), py::arg("segs"),
-      py::arg("program"), py::arg("seed"), py::arg("step"), py::arg("step_ptr"), py::arg("xi"),
-      py::arg("n_seg"), py::arg("seg_n"), py::arg("ws"), py::arg("phase"), py::arg("check"),
-      py::arg("stochastic_rounding"), py::arg("flag_ptr"),
-      "Runs phase `phase` (all phases and xi updates when -1). Returns -1 or a BadKind code.");
+      py::arg("plans"), py::arg("streams"), py::arg("check"), py::arg("flag"), py::arg("mode"),
+      "One optimizer step over all plans. Returns (plan, BadKind code) or (-1, -1).");
+
+  m.def(
+      "run_phase",
+      [](const Plan& p, intptr_t stream, int phase, bool check, intptr_t flag) {
+        py::gil_scoped_release nogil;
+        return run_one(p, stream, phase, check, flag);
+      },
+      py::arg("plan"), py::arg("stream"), py::arg("phase"), py::arg("check"), py::arg("flag"));
 
   m.def(
       "update_xi",
-      [](int device, intptr_t stream, const Program& prog, intptr_t xi, int n_seg,
-         const std::vector<double>& seg_n, intptr_t ws, int k, intptr_t flag_ptr) {
-        if ((int)seg_n.size() != n_seg) throw std::invalid_argument("update_xi: seg_n length");
-        if (k < 0 || k >= prog.n_e) throw std::invalid_argument("update_xi: no such E");
-        StepArgs a{};
-        a.prog = &prog;
-        a.xi = (double*)xi;
-        a.n_seg = n_seg;
-        a.seg_n = seg_n.data();
-        a.ws = (double*)ws;
-        if (device >= 0) return cuda_update_xi(a, device, stream, k, (int32_t*)flag_ptr);
+      [](const Plan& p, intptr_t stream, int k, intptr_t flag) {
+        const StepArgs a = p.args();
+        if (k < 0 || k >= a.prog->n_e) throw std::invalid_argument("update_xi: no such E");
+        if (p.device >= 0) return cuda_update_xi(a, p.device, stream, k, (int32_t*)flag);
         return cpu_update_xi(a, k);
       },
-      py::arg("device"), py::arg("stream"), py::arg("program"), py::arg("xi"), py::arg("n_seg"),
-      py::arg("seg_n"), py::arg("ws"), py::arg("k"), py::arg("flag_ptr"));
+      py::arg("plan"), py::arg("stream"), py::arg("k"), py::arg("flag"));
 
   m.def(
       "fill_normal",
@@ -175,5 +237,8 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("cuda_compiled", []() { return cuda_compiled(); });
   m.def("cuda_build_info", []() { return cuda_build_info(); });
+  m.def("cuda_scratch_doubles", [](const std::vector<int64_t>& numels) {
+    return cuda_scratch_doubles(numels.data(), (int)numels.size());
+  });
   m.attr("max_ops") = kMaxOps;
 }

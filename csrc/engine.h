@@ -38,7 +38,9 @@ struct StepArgs {
   int32_t n_seg;
   const double* seg_n;
   double* ws;
-  int32_t stochastic_rounding;  // bf16/fp16 parameters: round theta stochastically
+  int32_t stochastic_rounding;  // bf16 parameters: round theta stochastically
+  double* scratch;              // CUDA: cuda_scratch_doubles(...) doubles of device scratch
+  int64_t scratch_len;
 };
 
 // Result of a phase: -1 when every checked value was finite, otherwise

@@ -11,6 +11,8 @@ struct CpuKernels {
   const char* isa;
   // Runs phase `phase` of a.prog (see engine.h); returns -1 or a BadKind code.
   int (*run_phase)(const StepArgs& a, int phase, int check);
+  // The read-only check of parameters and gradients; -1 or tensor * 4 + kind.
+  int (*check_inputs)(const StepArgs& a);
   void (*fill_normal)(float* out, int64_t n, uint64_t seed, uint32_t uid, uint64_t step,
                       uint32_t draw, int64_t offset);
 };
@@ -18,6 +20,7 @@ struct CpuKernels {
 #define TE_DECLARE_ISA(ns)                                                                     \
   namespace ns {                                                                               \
   int run_phase(const StepArgs& a, int phase, int check);                                      \
+  int check_inputs(const StepArgs& a);                                                         \
   void fill_normal(float* out, int64_t n, uint64_t seed, uint32_t uid, uint64_t step,          \
                    uint32_t draw, int64_t offset);                                             \
   }
@@ -32,11 +35,22 @@ const CpuKernels& cpu_kernels();
 // Every ISA compiled in and supported by this CPU, best last.
 int cpu_isas(const CpuKernels** out, int max);
 
+// Thermostat variable version v of segment s: 0 is xi itself, v > 0 lives in the workspace.
+inline double xi_version(const StepArgs& a, int v, int s) {
+  return v == 0 ? a.xi[s] : a.ws[(int64_t)(v - 1) * a.n_seg + s];
+}
+
 // Applies one E between phases: version k+1 = version k + eps delta (sum_k - N tau), per segment.
 // Returns -1, or segment * 4 + kBadThermostat when a sum or the new xi is not finite.
 int cpu_update_xi(const StepArgs& a, int k);
 
-// All phases of a step, with the xi updates between them.
+// Everything of a step that can fail, without touching theta, p or xi: the input check (fused
+// into phase 0 when it sums), every sum phase and xi update, and the C factors of the writing
+// phase. Returns -1 or a BadKind code.
+int cpu_pre(const StepArgs& a, int check);
+// The writing phase (after cpu_pre).
+int cpu_finish(const StepArgs& a);
+// cpu_pre then cpu_finish.
 int cpu_step(const StepArgs& a, int check);
 
 }  // namespace te

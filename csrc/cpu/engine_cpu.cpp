@@ -21,10 +21,10 @@ bool supported(const char* isa) {
 }
 
 const CpuKernels kAll[] = {
-    {"baseline", isa_baseline::run_phase, isa_baseline::fill_normal},
+    {"baseline", isa_baseline::run_phase, isa_baseline::check_inputs, isa_baseline::fill_normal},
 #if defined(TE_HAVE_X86_ISAS)
-    {"avx2", isa_avx2::run_phase, isa_avx2::fill_normal},
-    {"avx512", isa_avx512::run_phase, isa_avx512::fill_normal},
+    {"avx2", isa_avx2::run_phase, isa_avx2::check_inputs, isa_avx2::fill_normal},
+    {"avx512", isa_avx512::run_phase, isa_avx512::check_inputs, isa_avx512::fill_normal},
 #endif
 };
 constexpr int kNumAll = sizeof(kAll) / sizeof(kAll[0]);
@@ -65,14 +65,30 @@ int cpu_update_xi(const StepArgs& a, int k) {
   return -1;
 }
 
-int cpu_step(const StepArgs& a, int check) {
+int cpu_pre(const StepArgs& a, int check) {
   const CpuKernels& k = cpu_kernels();
-  for (int phase = 0; phase <= a.prog->n_e; ++phase) {
-    int bad = k.run_phase(a, phase, check);
-    if (bad >= 0) return bad;
-    if (phase < a.prog->n_e && (bad = cpu_update_xi(a, phase)) >= 0) return bad;
+  const Program& pg = *a.prog;
+  int bad;
+  if (check && pg.n_e == 0 && (bad = k.check_inputs(a)) >= 0) return bad;
+  for (int phase = 0; phase < pg.n_e; ++phase) {
+    if ((bad = k.run_phase(a, phase, check && phase == 0)) >= 0) return bad;
+    if ((bad = cpu_update_xi(a, phase)) >= 0) return bad;
   }
+  for (int o = 0; o < pg.n_ops; ++o)
+    if (pg.ops[o].letter == kC)
+      for (int t = 0; t < a.n_tensors; ++t) {
+        const int s = a.tensors[t].seg;
+        if (!isfinite(exp(-xi_version(a, pg.ops[o].xi_version, s) * pg.ops[o].c[0])))
+          return s * 4 + kBadThermostat;
+      }
   return -1;
+}
+
+int cpu_finish(const StepArgs& a) { return cpu_kernels().run_phase(a, a.prog->n_e, 0); }
+
+int cpu_step(const StepArgs& a, int check) {
+  const int bad = cpu_pre(a, check);
+  return bad >= 0 ? bad : cpu_finish(a);
 }
 
 }  // namespace te

@@ -132,9 +132,6 @@ void store_theta(bf16_t* __restrict out, const float* __restrict th, int len, in
     for (int j = 0; j < len; ++j) out[j] = bf16_round_nearest(th[j]);
 }
 
-double xi_version(const StepArgs& a, int v, int s) {
-  return v == 0 ? a.xi[s] : a.ws[(int64_t)(v - 1) * a.n_seg + s];
-}
 
 // One phase over all tensors. P: parameter/gradient storage, M: momentum storage, T: compute.
 template <class P, class M, class T>
@@ -287,32 +284,21 @@ int check_impl(const StepArgs& a) {
 }  // namespace
 
 int run_phase(const StepArgs& a, int phase, int check) {
-  const bool first_write = phase == 0 && a.prog->n_e == 0;
   switch (a.dtype) {
-    case kFloat32:
-      if (check && first_write) {
-        const int bad = check_impl<float>(a);
-        if (bad >= 0) return bad;
-      }
-      return phase_impl<float, float, float>(a, phase, check);
-    case kFloat64:
-      if (check && first_write) {
-        const int bad = check_impl<double>(a);
-        if (bad >= 0) return bad;
-      }
-      return phase_impl<double, double, double>(a, phase, check);
-    case kBFloat16:
-      if (check && first_write) {
-        const int bad = check_impl<bf16_t>(a);
-        if (bad >= 0) return bad;
-      }
-      return phase_impl<bf16_t, float, float>(a, phase, check);
-    case kFloat16:
-      if (check && first_write) {
-        const int bad = check_impl<fp16_t>(a);
-        if (bad >= 0) return bad;
-      }
-      return phase_impl<fp16_t, float, float>(a, phase, check);
+    case kFloat32: return phase_impl<float, float, float>(a, phase, check);
+    case kFloat64: return phase_impl<double, double, double>(a, phase, check);
+    case kBFloat16: return phase_impl<bf16_t, float, float>(a, phase, check);
+    case kFloat16: return phase_impl<fp16_t, float, float>(a, phase, check);
+  }
+  return -1;
+}
+
+int check_inputs(const StepArgs& a) {
+  switch (a.dtype) {
+    case kFloat32: return check_impl<float>(a);
+    case kFloat64: return check_impl<double>(a);
+    case kBFloat16: return check_impl<bf16_t>(a);
+    case kFloat16: return check_impl<fp16_t>(a);
   }
   return -1;
 }

@@ -10,6 +10,8 @@
 namespace te {
 
 bool cuda_compiled();
+// Doubles of device scratch a call over tensors of these sizes needs (segment-sum partials).
+int64_t cuda_scratch_doubles(const int64_t* numels, int n);
 std::string cuda_build_info();
 // Runs phase `phase` (all phases with xi updates when -1) on `stream` of `device`. Never
 // synchronises: non-finite values set *flag (a device int32) to the BadKind code + 1. Returns -1.

@@ -14,6 +14,7 @@ namespace {
 }  // namespace
 
 bool cuda_compiled() { return false; }
+int64_t cuda_scratch_doubles(const int64_t*, int) { return 0; }
 std::string cuda_build_info() { return ""; }
 int cuda_run(const StepArgs&, int, intptr_t, int, int, int32_t*) { no_cuda(); }
 int cuda_update_xi(const StepArgs&, int, intptr_t, int, int32_t*) { no_cuda(); }

@@ -11,9 +11,13 @@ __version__ = "0.1.0"
 import torch  # noqa: F401  (the compiled module takes tensors' raw pointers)
 
 from . import _C
-from . import kernels, random, reference, schemes
+from . import kernels, partition, random, reference, schemes
+from .optim import (LOL, AdL, AdLaLa, LaLa, Langevin, Overdamped, TemperatureScheduler,
+                    Thermo)
 
-__all__ = ["build_info", "kernels", "random", "reference", "schemes", "__version__"]
+__all__ = ["Thermo", "Langevin", "AdL", "Overdamped", "LaLa", "AdLaLa", "LOL",
+           "TemperatureScheduler", "build_info", "kernels", "partition", "random", "reference",
+           "schemes", "__version__"]
 
 
 def build_info() -> dict:

@@ -176,6 +176,111 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+class EnginePlan:
+    """The fixed part of one engine call: a (device, dtype) list of parameters with their
+    momenta, uids, offsets, thermostat segments and buffers. Built once and reused while the
+    tensors stay the same; each step only sets gradients, hyperparameters and the counter."""
+
+    __slots__ = ("plan", "scheme", "device", "stream_device", "params", "momenta", "xi",
+                 "workspace", "scratch", "step_tensor", "n_seg", "seg_numel", "ptrs")
+
+    def __init__(self, params: Sequence[torch.Tensor], momenta: Sequence[Optional[torch.Tensor]],
+                 *, scheme: FoldedScheme, xi: Optional[torch.Tensor], segments: Sequence[int],
+                 seg_numel: Optional[Sequence[float]], seed: int, uids: Sequence[int],
+                 offsets: Optional[Sequence[int]] = None,
+                 step_tensor: Optional[torch.Tensor] = None,
+                 workspace: Optional[torch.Tensor] = None):
+        n = len(params)
+        p0 = params[0]
+        dev = _device_index(p0)
+        if scheme.uses_thermostat:
+            n_seg = xi.numel()
+        else:
+            n_seg, xi, segments = 1, None, [0] * n
+        if seg_numel is None:
+            seg_numel = [0.0] * n_seg
+            for p, s in zip(params, segments):
+                seg_numel[s] += p.numel()
+        n_e = scheme.n_e
+        if n_e and (workspace is None or workspace.numel() < 2 * n_e * n_seg):
+            workspace = torch.empty(2 * n_e * n_seg, dtype=torch.float64, device=p0.device)
+        numels = [p.numel() for p in params]
+        scratch, scratch_len = None, 0
+        if dev >= 0:
+            scratch_len = _C.cuda_scratch_doubles(numels)
+            scratch = torch.empty(scratch_len, dtype=torch.float64, device=p0.device)
+        self.plan = _C.Plan(dev, DTYPES[p0.dtype], [p.data_ptr() for p in params],
+                            [_ptr(m) for m in momenta], numels,
+                            list(offsets) if offsets is not None else [0] * n, list(uids),
+                            list(segments), int(seed), _ptr(step_tensor), _ptr(xi), n_seg,
+                            [float(x) for x in seg_numel], _ptr(workspace) if n_e else 0,
+                            _ptr(scratch), scratch_len)
+        self.scheme = scheme
+        self.device = dev
+        self.params = list(params)
+        self.momenta = list(momenta)
+        self.xi = xi
+        self.workspace = workspace
+        self.scratch = scratch
+        self.step_tensor = step_tensor
+        self.n_seg = n_seg
+        self.seg_numel = list(seg_numel)
+        self.ptrs = [p.data_ptr() for p in params]
+
+    def set(self, grads: Sequence[torch.Tensor], *, lr, gamma, tau, sigma, eps, weight_decay,
+            step: int, first: bool, stochastic_rounding: bool = True) -> None:
+        prog = build_program(self.scheme, first, lr, gamma, tau, sigma, eps, weight_decay)
+        self.plan.set([g.data_ptr() for g in grads], prog, step % 2**32, stochastic_rounding)
+
+    def stream(self) -> int:
+        return _stream(self.device)
+
+    def run_phases(self, sum_hook, check: bool, flag_ptr: int, mode: str) -> int:
+        """The step phase by phase, with ``sum_hook`` reducing each E's sums (distributed)."""
+        n_e, n_seg, ws = self.scheme.n_e, self.n_seg, self.workspace
+        stream = self.stream()
+        if mode == "finish":
+            return _C.run_phase(self.plan, stream, n_e, False, flag_ptr)
+        if n_e == 0:
+            return _C.run_phase(self.plan, stream, -1 if mode == "all" else -2, check, flag_ptr)
+        for k in range(n_e):
+            bad = _C.run_phase(self.plan, stream, k, check and k == 0, flag_ptr)
+            if bad >= 0:
+                return bad
+            sum_hook(ws[(n_e + k) * n_seg:(n_e + k + 1) * n_seg])
+            bad = _C.update_xi(self.plan, stream, k, flag_ptr)
+            if bad >= 0:
+                return bad
+        return _C.run_phase(self.plan, stream, n_e, False, flag_ptr) if mode == "all" else -1
+
+
+_MODES = {"all": -1, "pre": -2, "finish": -3}
+
+
+def run_plans(plans: Sequence[EnginePlan], *, check: bool, flag: Optional[torch.Tensor] = None,
+              mode: str = "all", sum_hook=None) -> Optional[Tuple[int, int, str]]:
+    """One step over several plans (set beforehand). With a check and several plans, every
+    plan's checks and sum phases run before any plan writes. Returns None or
+    (plan index, tensor or segment index, kind)."""
+    flag_ptr = _ptr(flag)
+    if sum_hook is not None:
+        staged = mode == "all" and check and len(plans) > 1
+        for i, pl in enumerate(plans):
+            bad = pl.run_phases(sum_hook, check, flag_ptr, "pre" if staged else mode)
+            if bad >= 0:
+                return i, bad // 4, BAD_KINDS[bad % 4]
+        if staged:
+            for pl in plans:
+                pl.run_phases(sum_hook, False, flag_ptr, "finish")
+        return None
+    streams = [pl.stream() if pl.device >= 0 else 0 for pl in plans]
+    i, bad = _C.run_plans([pl.plan for pl in plans], streams, bool(check), flag_ptr,
+                          _MODES[mode])
+    if i < 0:
+        return None
+    return i, bad // 4, BAD_KINDS[bad % 4]
+
+
 def thermo_step(params: List[torch.Tensor], momenta: List[Optional[torch.Tensor]],
                 grads: List[torch.Tensor], *, scheme: FoldedScheme, lr: float, gamma: float,
                 tau: float, sigma: float, eps: float, weight_decay: float,
@@ -187,24 +292,34 @@ def thermo_step(params: List[torch.Tensor], momenta: List[Optional[torch.Tensor]
                 sum_hook: Optional[Callable[[torch.Tensor], None]] = None,
                 step_tensor: Optional[torch.Tensor] = None,
                 flag: Optional[torch.Tensor] = None,
-                validate: bool = True) -> Optional[Tuple[int, str]]:
+                validate: bool = True, mode: str = "all") -> Optional[Tuple[int, str]]:
     """One step of ``scheme`` on the tensors, in place. Returns None, or (index, kind) of the
     first non-finite value found by the check (kind in BAD_KINDS; for "thermostat" the index is
     the segment), in which case nothing was modified.
 
     ``xi`` is a float64 tensor of one thermostat variable per segment; ``segments[i]`` is tensor
     i's segment; ``seg_numel`` the elements per segment (defaults to the local tensors');
+    ``offsets[i]`` the global index of tensor i's first element (a shard of a bigger tensor);
     ``sum_hook(sums)``, when given, may reduce the segment sums of each E in place (distributed).
-    On CUDA nothing is returned: a non-finite value sets ``flag`` (int32, device) and skips the
-    step.
+    On CUDA nothing is returned: a non-finite value sets ``flag`` (int32, device, zeroed by the
+    caller) and skips the step.
+
+    ``mode="pre"`` does everything that can fail (the checks, the sum phases and xi updates, into
+    ``workspace``) without touching params, momenta or xi; ``mode="finish"`` then writes. An
+    optimizer with several calls per step runs every "pre" before any "finish", so a failed step
+    changes nothing anywhere.
     """
     n = len(params)
     if n == 0:
         return None
+    if mode not in _MODES:
+        raise ValueError(f"mode: expected one of {tuple(_MODES)}, got {mode!r}")
     if validate:
         check_tensors(params, momenta, grads, needs_momentum=scheme.uses_momentum)
         check_hyper("", lr=lr, gamma=gamma, tau=tau, sigma=sigma, eps=eps,
                     weight_decay=weight_decay)
+        check_int("seed", seed, 0, U64)
+        check_int("step", step, 0, U64)
         if scheme.uses_thermostat:
             if (not isinstance(xi, torch.Tensor) or xi.dtype != torch.float64 or xi.dim() != 1
                     or not xi.is_contiguous() or xi.device != params[0].device):
@@ -212,45 +327,17 @@ def thermo_step(params: List[torch.Tensor], momenta: List[Optional[torch.Tensor]
                                  "parameters' device")
             if len(segments) != n or any(not 0 <= s < xi.numel() for s in segments):
                 raise ValueError(f"segments: expected {n} indices in [0, {xi.numel()})")
-        if len(uids) != n:
-            raise ValueError(f"uids: expected {n} entries, got {len(uids)}")
-    prog = build_program(scheme, bool(first), float(lr), float(gamma), float(tau), float(sigma),
-                         float(eps), float(weight_decay))
-    p0 = params[0]
-    dev = _device_index(p0)
-    if scheme.uses_thermostat:
-        n_seg = xi.numel()
-        xi_ptr = xi.data_ptr()
-    else:
-        n_seg, xi_ptr, segments = 1, 0, [0] * n
-    if seg_numel is None:
-        seg_numel = [0.0] * n_seg
-        for p, s in zip(params, segments):
-            seg_numel[s] += p.numel()
-    n_e = prog.n_e
-    if n_e and (workspace is None or workspace.numel() < 2 * n_e * n_seg):
-        workspace = torch.empty(2 * n_e * n_seg, dtype=torch.float64, device=p0.device)
-    ws_ptr = _ptr(workspace) if n_e else 0
-    if offsets is None:
-        offsets = [0] * n
-    args = (dev, _stream(dev), DTYPES[p0.dtype], [p.data_ptr() for p in params],
-            [_ptr(m) for m in momenta], [g.data_ptr() for g in grads],
-            [p.numel() for p in params], list(offsets), list(uids), list(segments), prog,
-            int(seed), int(step) % 2**32, _ptr(step_tensor), xi_ptr, n_seg, list(seg_numel),
-            ws_ptr)
-    flag_ptr = _ptr(flag)
-    if sum_hook is None:
-        bad = _C.step(*args, -1, bool(check_finite), bool(stochastic_rounding), flag_ptr)
-    else:
-        for k in range(n_e + 1):
-            bad = _C.step(*args, k, bool(check_finite), bool(stochastic_rounding), flag_ptr)
-            if bad >= 0 or k == n_e:
-                break
-            sum_hook(workspace[(n_e + k) * n_seg:(n_e + k + 1) * n_seg])
-            bad = _C.update_xi(dev, _stream(dev), prog, xi_ptr, n_seg, list(seg_numel), ws_ptr,
-                               k, flag_ptr)
-            if bad >= 0:
-                break
-    if bad < 0:
-        return None
-    return bad // 4, BAD_KINDS[bad % 4]
+        if len(uids) != n or any(not 0 <= u < 2**32 for u in uids):
+            raise ValueError(f"uids: expected {n} entries in [0, 2**32)")
+        if offsets is not None and (len(offsets) != n or any(o < 0 for o in offsets)):
+            raise ValueError(f"offsets: expected {n} entries >= 0")
+    if scheme.n_e and mode != "all" and workspace is None:
+        raise ValueError("workspace: mode 'pre'/'finish' needs the caller's workspace")
+    plan = EnginePlan(params, momenta, scheme=scheme, xi=xi, segments=segments,
+                      seg_numel=seg_numel, seed=seed, uids=uids, offsets=offsets,
+                      step_tensor=step_tensor, workspace=workspace)
+    plan.set(grads, lr=float(lr), gamma=float(gamma), tau=float(tau), sigma=float(sigma),
+             eps=float(eps), weight_decay=float(weight_decay), step=int(step), first=bool(first),
+             stochastic_rounding=stochastic_rounding)
+    bad = run_plans([plan], check=bool(check_finite), flag=flag, mode=mode, sum_hook=sum_hook)
+    return None if bad is None else bad[1:]

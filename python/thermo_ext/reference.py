@@ -55,8 +55,9 @@ def thermo_step(params: List[torch.Tensor], momenta: List[Optional[torch.Tensor]
                 first: bool = False, check_finite: bool = True,
                 stochastic_rounding: bool = True, workspace=None,
                 sum_hook: Optional[Callable[[torch.Tensor], None]] = None,
-                step_tensor=None, flag=None, validate: bool = True
+                step_tensor=None, flag=None, validate: bool = True, mode: str = "all"
                 ) -> Optional[Tuple[int, str]]:
+    """Letter by letter on copies; commits only when every check passed (and mode != "pre")."""
     n = len(params)
     if n == 0:
         return None
@@ -64,7 +65,7 @@ def thermo_step(params: List[torch.Tensor], momenta: List[Optional[torch.Tensor]
         offsets = [0] * n
     h = float(lr)
     cdt = torch.float64 if params[0].dtype == torch.float64 else torch.float32
-    if check_finite:
+    if check_finite and mode != "finish":
         for i, (p, m, g) in enumerate(zip(params, momenta, grads)):
             if not torch.isfinite(g).all():
                 return i, "gradient"
@@ -122,6 +123,8 @@ def thermo_step(params: List[torch.Tensor], momenta: List[Optional[torch.Tensor]
                     return s, "thermostat"
                 xi_now[s] = new
 
+    if mode == "pre":
+        return None
     for i, p in enumerate(params):
         if p.dtype == torch.bfloat16 and stochastic_rounding:
             p.copy_(round_bf16_stochastic(th[i], seed=seed, uid=uids[i], step=step,

@@ -16,6 +16,7 @@ step. ``fold("OBABO")`` shows the result::
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional, Tuple
 
 __all__ = ["LETTERS", "NAMED", "Letter", "FoldedScheme", "fold", "is_valid"]
@@ -70,30 +71,34 @@ class FoldedScheme:
     written: str
     letters: Tuple[Letter, ...]
 
-    @property
+    def __hash__(self) -> int:  # (name, written) determine the letters; hashing them is slow
+        return hash((self.name, self.written))
+
+    @functools.cached_property
     def n_tail(self) -> int:
         return sum(1 for x in self.letters if x.tail)
 
-    @property
+    @functools.cached_property
     def overdamped(self) -> bool:
         return self.written == "V"
 
-    @property
+    @functools.cached_property
     def uses_momentum(self) -> bool:
         return not self.overdamped
 
-    @property
+    @functools.cached_property
     def uses_thermostat(self) -> bool:
         return any(x.letter in "CE" for x in self.letters)
 
-    @property
+    @functools.cached_property
     def n_e(self) -> int:
         return sum(1 for x in self.letters if x.letter == "E")
 
-    @property
+    @functools.cached_property
     def n_draws(self) -> int:
         return sum(1 for x in self.letters if x.draw is not None)
 
+    @functools.lru_cache(maxsize=None)
     def program(self, first: bool) -> Tuple[Letter, ...]:
         """The letters one step executes, in order, with merged deltas and xi versions."""
         out = []
@@ -176,6 +181,14 @@ def _rotation(s: str) -> int:
 
 def fold(scheme) -> FoldedScheme:
     """Validate and fold ``scheme``; raises ValueError/TypeError saying what is wrong."""
+    if not isinstance(scheme, str):
+        raise TypeError(f"scheme: expected a str (a named scheme or letters {LETTERS}), "
+                        f"got {type(scheme).__name__}")
+    return _fold(scheme)
+
+
+@functools.lru_cache(maxsize=1024)
+def _fold(scheme: str) -> FoldedScheme:
     name, s = _normalise(scheme)
     if s == "V":
         return FoldedScheme(name, "V", (Letter("V", 1.0, draw=0),))

@@ -1,0 +1,595 @@
+"""torch.optim-compatible partitioned samplers (DESIGN.md §1–2).
+
+:class:`Thermo` is the general optimizer: every param group (partition) runs its own scheme with its
+own hyperparameters, ``lr`` being the step size h. The named methods build the paper's partitions
+with its defaults. ``step()`` gathers each group's tensors and hands them to a functional core,
+:func:`thermo_ext.kernels.thermo_step` (the compiled engine) or, with ``backend="reference"``,
+:func:`thermo_ext.reference.thermo_step` (plain torch, the oracle).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch.optim import Optimizer
+
+from . import kernels, reference
+from . import random as te_random
+from .partition import ModelLike, first_and_rest, layers
+from .schemes import FoldedScheme, fold
+
+__all__ = ["Thermo", "Langevin", "AdL", "Overdamped", "LaLa", "AdLaLa", "LOL",
+           "TemperatureScheduler"]
+
+_THERMOSTATS = ("tensor", "group")
+_MOMENTUM_INITS = ("zero", "thermal")
+_BACKENDS = {"engine": kernels.thermo_step, "reference": reference.thermo_step}
+_MAX_GROUPS = 2**16  # uid = (group << 16) | position
+
+
+def _draw_seed() -> int:
+    """A uint64 from torch's default generator, so torch.manual_seed makes runs reproducible."""
+    hi, lo = torch.randint(0, 2**32, (2,), dtype=torch.int64).tolist()
+    return (hi << 32) | lo
+
+
+def _broadcast_seed(seed: int) -> int:
+    """Under an initialised process group every rank takes rank 0's seed (DDP/FSDP replicas
+    must draw the same noise)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return seed
+    backend = dist.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
+    t = torch.tensor([seed >> 32, seed & 0xFFFFFFFF], dtype=torch.int64, device=device)
+    dist.broadcast(t, src=0)
+    hi, lo = t.tolist()
+    return (hi << 32) | lo
+
+
+def _check_group(group: Dict[str, Any], where: str) -> FoldedScheme:
+    """Validates a merged param group; returns its folded scheme."""
+    try:
+        scheme = fold(group["scheme"])
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{where}{e}") from None
+    kernels.check_hyper(where, lr=group["lr"], gamma=group["gamma"], tau=group["tau"],
+                        sigma=group["sigma"], eps=group["eps"],
+                        weight_decay=group["weight_decay"])
+    xi0 = group["xi0"]
+    if isinstance(xi0, bool) or not isinstance(xi0, (int, float)) or not math.isfinite(xi0):
+        raise ValueError(f"{where}xi0: expected a finite real number, got {xi0!r}")
+    if group["thermostat"] not in _THERMOSTATS:
+        raise ValueError(f"{where}thermostat: expected one of {_THERMOSTATS}, got "
+                         f"{group['thermostat']!r}")
+    if group["momentum_init"] not in _MOMENTUM_INITS:
+        raise ValueError(f"{where}momentum_init: expected one of {_MOMENTUM_INITS}, got "
+                         f"{group['momentum_init']!r}")
+    if not isinstance(group["capturable"], bool):
+        raise TypeError(f"{where}capturable: expected a bool, got {group['capturable']!r}")
+    kernels.check_int(f"{where}seed", group["seed"], 0, kernels.U64)
+    return scheme
+
+
+class _Call:
+    """One engine call of a step: a (group, dtype) list of tensors and its cached plan."""
+
+    __slots__ = ("group_index", "positions", "params", "momenta", "segments", "xi", "xi_index",
+                 "xi_full", "workspace", "step_tensor", "plan")
+
+    def __init__(self, group_index, positions, params, momenta, segments, xi, xi_index, xi_full,
+                 workspace, step_tensor):
+        self.group_index = group_index
+        self.positions = positions
+        self.params = params
+        self.momenta = momenta
+        self.segments = segments
+        self.xi = xi  # the group's xi, or a gather of it (xi_index) scattered back after the step
+        self.xi_index = xi_index
+        self.xi_full = xi_full
+        self.workspace = workspace
+        self.step_tensor = step_tensor
+        self.plan = None
+
+
+class Thermo(Optimizer):
+    r"""Partitioned thermodynamic optimizer: one scheme and temperature per param group.
+
+    Args:
+        params: parameters or param groups (dicts), as for any torch optimizer.
+        lr: the step size h (torch's LR schedulers change it).
+        scheme: ``"langevin"`` (BAOAB), ``"adl"`` (BACDEDCAB), ``"overdamped"`` or any valid
+            string over A B O C D E, e.g. ``"OBABO"`` (see :mod:`thermo_ext.schemes`).
+        gamma: friction of O (``math.inf`` allowed: O then resamples p).
+        tau: temperature (0 allowed: deterministic dynamics).
+        sigma: noise amplitude of D. eps: thermostat coupling of E. xi0: initial thermostat ξ.
+        weight_decay: λ, added to the gradient in B as λθ.
+        thermostat: ``"tensor"`` (one ξ per tensor) or ``"group"`` (one ξ per group).
+        momentum_init: ``"zero"`` (the paper's code) or ``"thermal"`` (p ~ N(0, τ)).
+        seed: uint64 key of the noise; drawn from torch's default generator when None (and taken
+            from rank 0 under an initialised process group).
+        capturable: keep the step counter on the device so CUDA graphs can capture ``step()``.
+        check_finite: check parameters and gradients (and the thermostat) for non-finite values
+            before anything is written; a failed check raises ``FloatingPointError`` naming the
+            parameter and leaves every parameter, momentum and ξ unchanged. Costs one read-only
+            pass over θ and g for schemes without E (free for schemes with E, whose first phase
+            reads everything anyway). On CUDA it costs one device-to-host read per step, unless
+            ``capturable``, where a flagged step is skipped on the device instead of raising.
+        stochastic_rounding: bf16 parameters are rounded stochastically from float32 results.
+        backend: ``"engine"`` (compiled) or ``"reference"`` (plain torch, slow; the oracle).
+    """
+
+    def __init__(self, params, lr: float = 0.1, scheme: str = "langevin", gamma: float = 1.0,
+                 tau: float = 1e-4, sigma: float = 0.01, eps: float = 0.05, xi0: float = 0.1,
+                 weight_decay: float = 0.0, thermostat: str = "tensor",
+                 momentum_init: str = "zero", seed: Optional[int] = None,
+                 capturable: bool = False, *, check_finite: bool = True,
+                 stochastic_rounding: bool = True, backend: str = "engine"):
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend: expected one of {tuple(_BACKENDS)}, got {backend!r}")
+        if not isinstance(check_finite, bool):
+            raise TypeError(f"check_finite: expected a bool, got {check_finite!r}")
+        if seed is None:
+            seed = _draw_seed()
+        kernels.check_int("seed", seed, 0, kernels.U64)
+        seed = _broadcast_seed(seed)
+        defaults = dict(lr=lr, scheme=scheme, gamma=gamma, tau=tau, sigma=sigma, eps=eps,
+                        xi0=xi0, weight_decay=weight_decay, thermostat=thermostat,
+                        momentum_init=momentum_init, seed=seed, capturable=capturable)
+        _check_group(defaults, "")
+        self.check_finite = check_finite
+        self.stochastic_rounding = bool(stochastic_rounding)
+        self.backend = backend
+        #: Optional hook(sums) reducing each E's segment sums in place (distributed training).
+        self.sum_hook: Optional[Callable[[torch.Tensor], None]] = None
+        self._host_steps: Dict[int, int] = {}
+        self._flags: Dict[torch.device, torch.Tensor] = {}
+        self._cache: Dict[int, tuple] = {}  # group -> (key, hyper, scheme, calls)
+        self._version = 0  # bumped whenever state is replaced wholesale
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------------------- groups
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        gi = len(self.param_groups)
+        where = f"param group {gi}: "
+        if gi >= _MAX_GROUPS:
+            raise ValueError(f"{where}at most {_MAX_GROUPS} param groups")
+        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        _check_group(merged, where)
+        params = param_group["params"]
+        n = 1 if isinstance(params, torch.Tensor) else len(list(params))
+        if n >= _MAX_GROUPS:
+            raise ValueError(f"{where}at most {_MAX_GROUPS - 1} tensors per group")
+        super().add_param_group(param_group)
+        if hasattr(self, "_version"):
+            self._version += 1
+        group = self.param_groups[-1]
+        group["step"] = 0
+        group["xi"] = None  # created on the group's device at its first step
+
+    @staticmethod
+    def _scheme(group) -> FoldedScheme:
+        return fold(group["scheme"])  # cached by schemes.fold
+
+    # ----------------------------------------------------------------------------- state
+    def _init_momentum(self, p, gi, pos, group):
+        mdt = kernels.momentum_dtype(p.dtype)
+        if group["momentum_init"] == "thermal":
+            z = te_random.normal(p.numel(), seed=group["seed"], uid=(gi << 16) | pos,
+                                 step=te_random.THERMAL_STEP, draw=0, device=p.device)
+            return (math.sqrt(group["tau"]) * z.to(mdt)).view(p.shape)
+        return torch.zeros(p.shape, dtype=mdt, device=p.device)
+
+    def _xi(self, group, scheme, device) -> Optional[torch.Tensor]:
+        if not scheme.uses_thermostat:
+            return None
+        n = 1 if group["thermostat"] == "group" else len(group["params"])
+        xi = group["xi"]
+        if xi is None or xi.numel() != n:
+            xi = torch.full((n,), float(group["xi0"]), dtype=torch.float64, device=device)
+            group["xi"] = xi
+        elif xi.device != device:
+            xi = group["xi"] = xi.to(device)
+        return xi
+
+    def _step_tensor(self, gi, group, device):
+        s = group["step"]
+        if not isinstance(s, torch.Tensor):
+            s = group["step"] = torch.tensor(int(s), dtype=torch.int64, device=device)
+        elif s.device != device:
+            s = group["step"] = s.to(device)
+        return s
+
+    def _host_step(self, gi, group) -> int:
+        s = group["step"]
+        if isinstance(s, torch.Tensor):
+            if gi not in self._host_steps:
+                self._host_steps[gi] = int(s)
+            return self._host_steps[gi]
+        return s
+
+    # ----------------------------------------------------------------------------- step
+    def _build_calls(self, gi: int, group: Dict[str, Any], scheme: FoldedScheme,
+                     active: tuple) -> List[_Call]:
+        """The engine calls of a group for this set of tensors with gradients (cached)."""
+        where = f"param group {gi}: "
+        device = group["params"][active[0]].device
+        by_dtype: Dict[torch.dtype, list] = {}
+        for pos in active:
+            p = group["params"][pos]
+            if p.device != device:
+                raise ValueError(f"{where}parameters on {device} and {p.device}; a group must "
+                                 f"live on one device")
+            if not p.is_contiguous():
+                raise ValueError(f"{where}parameter {pos}: expected a contiguous tensor (the "
+                                 f"engine updates it in place)")
+            by_dtype.setdefault(p.dtype, []).append(pos)
+        xi = self._xi(group, scheme, device)
+        per_group = group["thermostat"] == "group"
+        if per_group and scheme.n_e and len(by_dtype) > 1:
+            raise ValueError(f"{where}thermostat='group' with an E letter needs one dtype per "
+                             f"group; got {sorted(str(d) for d in by_dtype)}: split the group")
+        step_tensor = None
+        if group["capturable"] and device.type == "cuda":
+            step_tensor = self._step_tensor(gi, group, device)
+        calls = []
+        for dtype, positions in by_dtype.items():
+            if dtype not in kernels.DTYPES:
+                raise TypeError(f"{where}parameter {positions[0]}: dtype {dtype} not supported")
+            params = [group["params"][k] for k in positions]
+            momenta = []
+            for pos, p in zip(positions, params):
+                state = self.state[p]
+                m = None
+                if scheme.uses_momentum:
+                    m = state.get("momentum_buffer")
+                    if m is None:
+                        m = state["momentum_buffer"] = self._init_momentum(p, gi, pos, group)
+                momenta.append(m)
+            xi_index, xi_call = None, xi
+            if xi is None or per_group:
+                segments = [0] * len(params)
+            elif len(positions) == xi.numel():
+                segments = positions
+            else:  # a subset of the group's tensors: gather their xi, scatter back after
+                xi_index = torch.tensor(positions, device=device)
+                xi_call = torch.empty(len(positions), dtype=torch.float64, device=device)
+                segments = list(range(len(positions)))
+            workspace = None
+            if scheme.n_e:
+                workspace = torch.empty(2 * scheme.n_e * xi_call.numel(), dtype=torch.float64,
+                                        device=device)
+            calls.append(_Call(gi, positions, params, momenta, segments, xi_call, xi_index, xi,
+                               workspace, step_tensor))
+        return calls
+
+    def _group_calls(self, gi: int, group: Dict[str, Any]) -> List[_Call]:
+        params = group["params"]
+        active = tuple(k for k, p in enumerate(params) if p.grad is not None)
+        if not active:
+            return []
+        hyper = (group["scheme"], group["lr"], group["gamma"], group["tau"], group["sigma"],
+                 group["eps"], group["weight_decay"], group["xi0"], group["thermostat"],
+                 group["momentum_init"], group["seed"], group["capturable"])
+        cached = self._cache.get(gi)
+        if cached is not None and cached[1] == hyper:
+            scheme = cached[2]
+        else:  # users and schedulers edit groups: validate what changed before using it
+            scheme = _check_group(group, f"param group {gi}: ")
+        key = (active, tuple(params[k].data_ptr() for k in active), self._buffers_id(group),
+               self._version, group["scheme"], group["thermostat"], group["seed"],
+               group["capturable"])
+        if cached is None or cached[0] != key:
+            calls = self._build_calls(gi, group, scheme, active)
+            key = key[:2] + (self._buffers_id(group),) + key[3:]  # xi/step are made lazily
+            cached = (key, hyper, scheme, calls)
+        elif cached[1] != hyper:
+            cached = (cached[0], hyper, scheme, cached[3])
+        self._cache[gi] = cached
+        return cached[3]
+
+    @staticmethod
+    def _buffers_id(group):
+        s = group["step"]
+        return id(group["xi"]), id(s) if isinstance(s, torch.Tensor) else None
+
+    def _plan(self, call: _Call, group: Dict[str, Any], scheme: FoldedScheme, grads):
+        gi = call.group_index
+        if call.plan is None:
+            call.plan = kernels.EnginePlan(
+                call.params, call.momenta, scheme=scheme, xi=call.xi, segments=call.segments,
+                seg_numel=None, seed=group["seed"], uids=[(gi << 16) | k for k in call.positions],
+                step_tensor=call.step_tensor, workspace=call.workspace)
+        host_step = self._host_step(gi, group)
+        call.plan.set(grads, lr=float(group["lr"]), gamma=float(group["gamma"]),
+                      tau=float(group["tau"]), sigma=float(group["sigma"]),
+                      eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
+                      step=host_step, first=host_step == 0,
+                      stochastic_rounding=self.stochastic_rounding)
+        return call.plan
+
+    def _grads(self, call: _Call) -> list:
+        grads = []
+        for pos, p in zip(call.positions, call.params):
+            g = p.grad
+            if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+                raise ValueError(f"param group {call.group_index}: parameter {pos}: gradient of "
+                                 f"shape {tuple(g.shape)}, {g.dtype} on {g.device} does not match "
+                                 f"the parameter's {tuple(p.shape)}, {p.dtype} on {p.device}")
+            if g.layout != torch.strided:
+                raise ValueError(f"param group {call.group_index}: parameter {pos}: sparse "
+                                 f"gradients are not supported")
+            grads.append(g if g.is_contiguous() else g.contiguous())
+        return grads
+
+    def _flag(self, device: torch.device) -> torch.Tensor:
+        f = self._flags.get(device)
+        if f is None:
+            f = self._flags[device] = torch.zeros(1, dtype=torch.int32, device=device)
+        return f
+
+    def _raise_nonfinite(self, call: _Call, index: int, kind: str):
+        group = self.param_groups[call.group_index]
+        if kind == "thermostat":
+            what = ("the group's thermostat" if group["thermostat"] == "group" else
+                    f"the thermostat of parameter {call.positions[index]}")
+            raise FloatingPointError(
+                f"param group {call.group_index}: {what} overflowed (xi or exp(-xi delta) is "
+                f"not finite); nothing was updated. Lower eps or lr, or check the loss scale")
+        pos = call.positions[index]
+        names = group.get("param_names")
+        label = f"parameter {pos}" + (f" ({names[pos]!r})" if names else "")
+        shape = tuple(group["params"][pos].shape)
+        raise FloatingPointError(
+            f"param group {call.group_index}: {label} of shape {shape} has a non-finite {kind}; "
+            f"nothing was updated (pass check_finite=False to skip this check)")
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None):
+        """One step of every group's scheme from the gradients in ``.grad``."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        calls = []
+        for gi, group in enumerate(self.param_groups):
+            calls.extend(self._group_calls(gi, group))
+        if not calls:
+            self._advance()
+            return loss
+        grads = [self._grads(c) for c in calls]
+        for c in calls:
+            if c.xi_index is not None:
+                torch.index_select(c.xi_full, 0, c.xi_index, out=c.xi)
+        check = self.check_finite
+        flag = None
+        devices = {c.params[0].device for c in calls}
+        cuda = [d for d in devices if d.type == "cuda"]
+        if check and cuda:
+            if len(devices) > 1:  # one flag per step: keep the fast path to one device
+                raise ValueError("check_finite with CUDA needs all groups on one device")
+            flag = self._flag(cuda[0])
+            flag.zero_()
+        if self.backend == "engine":
+            plans = [self._plan(c, self.param_groups[c.group_index],
+                                self._cache[c.group_index][2], g) for c, g in zip(calls, grads)]
+            bad = kernels.run_plans(plans, check=check, flag=flag, sum_hook=self.sum_hook)
+            if bad is not None:
+                self._raise_nonfinite(calls[bad[0]], bad[1], bad[2])
+        else:
+            self._reference_step(calls, grads, check)
+        for c in calls:
+            if c.xi_index is not None:
+                c.xi_full.index_copy_(0, c.xi_index, c.xi)
+        if flag is not None and not any(g["capturable"] for g in self.param_groups):
+            code = int(flag.item()) - 1  # one device-to-host read: the documented cost
+            if code >= 0:  # the kernels skipped the step on the device
+                raise FloatingPointError(
+                    f"a non-finite {kernels.BAD_KINDS[code % 4]} was found on {flag.device} "
+                    f"(entry {code // 4} of a call); the step was skipped and nothing was updated")
+        self._advance()
+        return loss
+
+    def _reference_step(self, calls, grads, check):
+        staged = check and len(calls) > 1
+        kws = []
+        for c in calls:
+            group = self.param_groups[c.group_index]
+            host_step = self._host_step(c.group_index, group)
+            kws.append(dict(scheme=self._cache[c.group_index][2], lr=group["lr"],
+                            gamma=group["gamma"], tau=group["tau"], sigma=group["sigma"],
+                            eps=group["eps"], weight_decay=group["weight_decay"], xi=c.xi,
+                            segments=c.segments, seed=group["seed"], step=host_step,
+                            uids=[(c.group_index << 16) | k for k in c.positions],
+                            first=host_step == 0, stochastic_rounding=self.stochastic_rounding,
+                            sum_hook=self.sum_hook))
+        for c, g, kw in zip(calls, grads, kws):
+            bad = reference.thermo_step(c.params, c.momenta, g, check_finite=check,
+                                        mode="pre" if staged else "all", **kw)
+            if bad is not None:
+                self._raise_nonfinite(c, *bad)
+        if staged:
+            for c, g, kw in zip(calls, grads, kws):
+                reference.thermo_step(c.params, c.momenta, g, check_finite=False, mode="finish",
+                                      **kw)
+
+    def _advance(self):
+        for gi, group in enumerate(self.param_groups):
+            s = group["step"]
+            if isinstance(s, torch.Tensor):
+                s += 1
+                self._host_steps[gi] = self._host_step(gi, group) + 1
+            else:
+                group["step"] = s + 1
+
+    # ----------------------------------------------------------------------------- diagnostics
+    @torch.no_grad()
+    def kinetic_temperature(self) -> List[Optional[torch.Tensor]]:
+        """Per group: a 0-dim tensor Σp²/N over its momenta (None for overdamped groups)."""
+        out = []
+        for group in self.param_groups:
+            if not self._scheme(group).uses_momentum:
+                out.append(None)
+                continue
+            total, n, device = None, 0, None
+            for p in group["params"]:
+                m = self.state.get(p, {}).get("momentum_buffer")
+                device = device or p.device
+                n += p.numel()
+                if m is not None:
+                    s = m.double().pow(2).sum()
+                    total = s if total is None else total + s
+            if total is None:
+                total = torch.zeros((), dtype=torch.float64, device=device)
+            out.append(total / max(n, 1))
+        return out
+
+    def thermostats(self) -> List[List[torch.Tensor]]:
+        """Per group: its ξ tensors (0-dim views), empty for schemes without E."""
+        out = []
+        for group in self.param_groups:
+            scheme = self._scheme(group)
+            if not scheme.n_e:
+                out.append([])
+                continue
+            device = group["params"][0].device if group["params"] else torch.device("cpu")
+            xi = self._xi(group, scheme, device)
+            out.append([xi[k] for k in range(xi.numel())])
+        return out
+
+    @property
+    def seed(self) -> int:
+        return self.defaults["seed"]
+
+    # ----------------------------------------------------------------------------- state dict
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        saved_groups = state_dict["param_groups"]
+        saved_moms = {}
+        for g_saved, group in zip(saved_groups, self.param_groups):
+            for pid, p in zip(g_saved["params"], group["params"]):
+                m = state_dict["state"].get(pid, {}).get("momentum_buffer")
+                if m is not None:
+                    saved_moms[p] = m
+        super().load_state_dict(state_dict)
+        self._host_steps.clear()
+        self._cache.clear()
+        self._version += 1
+        for p, m in saved_moms.items():  # torch would cast bf16 params' float32 momenta
+            self.state[p]["momentum_buffer"] = m.to(device=p.device,
+                                                    dtype=kernels.momentum_dtype(p.dtype))
+        for group in self.param_groups:
+            device = group["params"][0].device if group["params"] else torch.device("cpu")
+            if isinstance(group.get("xi"), torch.Tensor):
+                group["xi"] = group["xi"].detach().to(device=device, dtype=torch.float64,
+                                                      copy=True)
+            if isinstance(group.get("step"), torch.Tensor):
+                group["step"] = group["step"].detach().to(device=device, copy=True)
+
+
+# ------------------------------------------------------------------------------- named methods
+def _params(params) -> list:
+    if isinstance(params, torch.nn.Module):
+        return list(params.parameters())
+    return params
+
+
+def Langevin(params, lr: float = 0.25, gamma: float = 0.1, tau: float = 1e-4, **kwargs) -> Thermo:
+    """BAOAB Langevin dynamics on all parameters (one group)."""
+    return Thermo(_params(params), lr=lr, scheme="langevin", gamma=gamma, tau=tau, **kwargs)
+
+
+def AdL(params, lr: float = 0.25, sigma: float = 0.01, eps: float = 0.05, tau: float = 1e-4,
+        xi0: float = 0.1, **kwargs) -> Thermo:
+    """Adaptive Langevin (Nosé–Hoover–Langevin, scheme BACDEDCAB) on all parameters."""
+    return Thermo(_params(params), lr=lr, scheme="adl", sigma=sigma, eps=eps, tau=tau, xi0=xi0,
+                  **kwargs)
+
+
+def Overdamped(params, lr: float = 0.05, tau: float = 1e-4, **kwargs) -> Thermo:
+    """Euler–Maruyama overdamped Langevin, θ ← θ − h∇L + √(2hτ) R (no momentum)."""
+    return Thermo(_params(params), lr=lr, scheme="overdamped", tau=tau, **kwargs)
+
+
+def _per_layer(name: str, value, n: int) -> list:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [value] * n
+    values = list(value)
+    if len(values) != n:
+        raise ValueError(f"{name}: expected a number or {n} values (one per layer), got "
+                         f"{len(values)}")
+    return values
+
+
+def LaLa(model: ModelLike, lr: float = 0.25, gamma: Union[float, Sequence[float]] = 0.1,
+         tau: Union[float, Sequence[float]] = 1e-4, **kwargs) -> Thermo:
+    """Langevin per layer: one BAOAB group per layer, each with its own γ and τ."""
+    parts = layers(model)
+    gammas = _per_layer("gamma", gamma, len(parts))
+    taus = _per_layer("tau", tau, len(parts))
+    groups = [dict(params=p, gamma=g, tau=t) for p, g, t in zip(parts, gammas, taus)]
+    return Thermo(groups, lr=lr, scheme="langevin", **kwargs)
+
+
+def AdLaLa(model: ModelLike, lr: float = 0.25, tau1: float = 1e-4, tau2: float = 1e-4,
+           gamma: float = 0.1, sigma: float = 0.01, eps: float = 0.05, xi0: float = 0.1,
+           **kwargs) -> Thermo:
+    """Adaptive Langevin on the first layer, Langevin on the rest (the paper's AdLaLa)."""
+    first, rest = first_and_rest(model)
+    groups = [dict(params=first, scheme="adl", tau=tau1),
+              dict(params=rest, scheme="langevin", tau=tau2)]
+    return Thermo(groups, lr=lr, gamma=gamma, sigma=sigma, eps=eps, xi0=xi0, **kwargs)
+
+
+def LOL(model: ModelLike, lr: float = 0.25, tau1: float = 1e-4, tau2: float = 1e-4,
+        gamma: float = 0.1, **kwargs) -> Thermo:
+    """Langevin on the first layer, overdamped Langevin (BAOAB with γ = ∞) on the rest."""
+    first, rest = first_and_rest(model)
+    groups = [dict(params=first, scheme="langevin", tau=tau1, gamma=gamma),
+              dict(params=rest, scheme="langevin", tau=tau2, gamma=math.inf)]
+    return Thermo(groups, lr=lr, **kwargs)
+
+
+# ------------------------------------------------------------------------------- schedules
+class TemperatureScheduler:
+    """Scales each group's τ from its initial value: τ = τ₀ · factor(step), like LambdaLR.
+
+    ``factor`` is a function of the scheduler's step count, or a list of them, one per group.
+    Call ``step()`` after ``optimizer.step()``.
+    """
+
+    def __init__(self, optimizer: Thermo, factor, last_step: int = -1):
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer: expected a torch optimizer, got "
+                            f"{type(optimizer).__name__}")
+        n = len(optimizer.param_groups)
+        factors = list(factor) if isinstance(factor, (list, tuple)) else [factor] * n
+        if len(factors) != n or not all(callable(f) for f in factors):
+            raise ValueError(f"factor: expected a callable or {n} callables (one per group)")
+        self.optimizer = optimizer
+        self.factors = factors
+        for group in optimizer.param_groups:
+            group.setdefault("initial_tau", group["tau"])
+        self.last_step = last_step
+        self.step()
+
+    def step(self) -> None:
+        step = self.last_step + 1
+        values = [float(f(step)) for f in self.factors]
+        for v in values:  # all checked before any group changes
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"factor({step}) = {v}: expected a finite number >= 0")
+        self.last_step = step
+        for group, v in zip(self.optimizer.param_groups, values):
+            group["tau"] = group["initial_tau"] * v
+
+    def get_last_tau(self) -> List[float]:
+        return [g["tau"] for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"last_step": self.last_step}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.last_step = state["last_step"]
