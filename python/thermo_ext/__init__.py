@@ -12,10 +12,11 @@ import torch  # noqa: F401  (the compiled module takes tensors' raw pointers)
 
 from . import _C
 from . import kernels, partition, random, reference, schemes
+from .chains import Chains
 from .optim import (LOL, AdL, AdLaLa, LaLa, Langevin, Overdamped, TemperatureScheduler,
                     Thermo)
 
-__all__ = ["Thermo", "Langevin", "AdL", "Overdamped", "LaLa", "AdLaLa", "LOL",
+__all__ = ["Chains", "Thermo", "Langevin", "AdL", "Overdamped", "LaLa", "AdLaLa", "LOL",
            "TemperatureScheduler", "build_info", "kernels", "partition", "random", "reference",
            "schemes", "__version__"]
 

@@ -181,8 +181,8 @@ class EnginePlan:
     momenta, uids, offsets, thermostat segments and buffers. Built once and reused while the
     tensors stay the same; each step only sets gradients, hyperparameters and the counter."""
 
-    __slots__ = ("plan", "scheme", "device", "stream_device", "params", "momenta", "xi",
-                 "workspace", "scratch", "step_tensor", "n_seg", "seg_numel", "ptrs")
+    __slots__ = ("plan", "scheme", "device", "params", "momenta", "xi", "workspace", "scratch",
+                 "step_tensor", "n_seg", "seg_numel", "sum_hook")
 
     def __init__(self, params: Sequence[torch.Tensor], momenta: Sequence[Optional[torch.Tensor]],
                  *, scheme: FoldedScheme, xi: Optional[torch.Tensor], segments: Sequence[int],
@@ -225,7 +225,8 @@ class EnginePlan:
         self.step_tensor = step_tensor
         self.n_seg = n_seg
         self.seg_numel = list(seg_numel)
-        self.ptrs = [p.data_ptr() for p in params]
+        #: Reduces each E phase's segment sums in place before the xi update (distributed).
+        self.sum_hook: Optional[Callable[[torch.Tensor], None]] = None
 
     def set(self, grads: Sequence[torch.Tensor], *, lr, gamma, tau, sigma, eps, weight_decay,
             step: int, first: bool, stochastic_rounding: bool = True) -> None:
@@ -235,8 +236,9 @@ class EnginePlan:
     def stream(self) -> int:
         return _stream(self.device)
 
-    def run_phases(self, sum_hook, check: bool, flag_ptr: int, mode: str) -> int:
+    def run_phases(self, check: bool, flag_ptr: int, mode: str) -> int:
         """The step phase by phase, with ``sum_hook`` reducing each E's sums (distributed)."""
+        sum_hook = self.sum_hook or (lambda sums: None)
         n_e, n_seg, ws = self.scheme.n_e, self.n_seg, self.workspace
         stream = self.stream()
         if mode == "finish":
@@ -258,20 +260,20 @@ _MODES = {"all": -1, "pre": -2, "finish": -3}
 
 
 def run_plans(plans: Sequence[EnginePlan], *, check: bool, flag: Optional[torch.Tensor] = None,
-              mode: str = "all", sum_hook=None) -> Optional[Tuple[int, int, str]]:
+              mode: str = "all") -> Optional[Tuple[int, int, str]]:
     """One step over several plans (set beforehand). With a check and several plans, every
     plan's checks and sum phases run before any plan writes. Returns None or
     (plan index, tensor or segment index, kind)."""
     flag_ptr = _ptr(flag)
-    if sum_hook is not None:
+    if any(pl.sum_hook is not None and pl.scheme.n_e for pl in plans):
         staged = mode == "all" and check and len(plans) > 1
         for i, pl in enumerate(plans):
-            bad = pl.run_phases(sum_hook, check, flag_ptr, "pre" if staged else mode)
+            bad = pl.run_phases(check, flag_ptr, "pre" if staged else mode)
             if bad >= 0:
                 return i, bad // 4, BAD_KINDS[bad % 4]
         if staged:
             for pl in plans:
-                pl.run_phases(sum_hook, False, flag_ptr, "finish")
+                pl.run_phases(False, flag_ptr, "finish")
         return None
     streams = [pl.stream() if pl.device >= 0 else 0 for pl in plans]
     i, bad = _C.run_plans([pl.plan for pl in plans], streams, bool(check), flag_ptr,
@@ -339,5 +341,6 @@ def thermo_step(params: List[torch.Tensor], momenta: List[Optional[torch.Tensor]
     plan.set(grads, lr=float(lr), gamma=float(gamma), tau=float(tau), sigma=float(sigma),
              eps=float(eps), weight_decay=float(weight_decay), step=int(step), first=bool(first),
              stochastic_rounding=stochastic_rounding)
-    bad = run_plans([plan], check=bool(check_finite), flag=flag, mode=mode, sum_hook=sum_hook)
+    plan.sum_hook = sum_hook
+    bad = run_plans([plan], check=bool(check_finite), flag=flag, mode=mode)
     return None if bad is None else bad[1:]

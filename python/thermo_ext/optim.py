@@ -17,13 +17,14 @@ from torch.optim import Optimizer
 
 from . import kernels, reference
 from . import random as te_random
+from .chains import Chains
 from .partition import ModelLike, first_and_rest, layers
 from .schemes import FoldedScheme, fold
 
 __all__ = ["Thermo", "Langevin", "AdL", "Overdamped", "LaLa", "AdLaLa", "LOL",
            "TemperatureScheduler"]
 
-_THERMOSTATS = ("tensor", "group")
+_THERMOSTATS = ("tensor", "group", "chain")
 _MOMENTUM_INITS = ("zero", "thermal")
 _BACKENDS = {"engine": kernels.thermo_step, "reference": reference.thermo_step}
 _MAX_GROUPS = 2**16  # uid = (group << 16) | position
@@ -65,6 +66,12 @@ def _check_group(group: Dict[str, Any], where: str) -> FoldedScheme:
     if group["thermostat"] not in _THERMOSTATS:
         raise ValueError(f"{where}thermostat: expected one of {_THERMOSTATS}, got "
                          f"{group['thermostat']!r}")
+    chains = group["chains"]
+    if isinstance(chains, bool) or not isinstance(chains, int) or not 0 <= chains < 2**31:
+        raise ValueError(f"{where}chains: expected an int >= 0 (0: parameters are not stacked "
+                         f"chains), got {chains!r}")
+    if group["thermostat"] == "chain" and not chains:
+        raise ValueError(f"{where}thermostat='chain' needs stacked chains (chains=K > 0)")
     if group["momentum_init"] not in _MOMENTUM_INITS:
         raise ValueError(f"{where}momentum_init: expected one of {_MOMENTUM_INITS}, got "
                          f"{group['momentum_init']!r}")
@@ -75,24 +82,66 @@ def _check_group(group: Dict[str, Any], where: str) -> FoldedScheme:
 
 
 class _Call:
-    """One engine call of a step: a (group, dtype) list of tensors and its cached plan."""
+    """One engine call of a step: a (group, dtype[, chain]) list of tensors and its cached plan.
 
-    __slots__ = ("group_index", "positions", "params", "momenta", "segments", "xi", "xi_index",
-                 "xi_full", "workspace", "step_tensor", "plan")
+    ``sources`` are the optimizer's parameters; ``params`` and ``momenta`` the tensors the engine
+    updates in place: the same tensors, the local shards of DTensors, or chain ``chain`` of
+    stacked parameters.
+    """
 
-    def __init__(self, group_index, positions, params, momenta, segments, xi, xi_index, xi_full,
-                 workspace, step_tensor):
-        self.group_index = group_index
-        self.positions = positions
-        self.params = params
-        self.momenta = momenta
-        self.segments = segments
-        self.xi = xi  # the group's xi, or a gather of it (xi_index) scattered back after the step
-        self.xi_index = xi_index
-        self.xi_full = xi_full
-        self.workspace = workspace
-        self.step_tensor = step_tensor
+    __slots__ = ("group_index", "positions", "chain", "sources", "dtensor", "params", "momenta",
+                 "segments", "seg_numel", "offsets", "xi", "xi_index", "xi_full", "workspace",
+                 "step_tensor", "seed", "sum_hook", "plan")
+
+    def __init__(self, **kw):
         self.plan = None
+        for k, v in kw.items():
+            setattr(self, k, v)
+
+
+def _is_dtensor(t) -> bool:
+    return _DTensor is not None and isinstance(t, _DTensor)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _flat_offset(p) -> int:
+    """Global index of the first element of a DTensor's local shard (0 for plain tensors)."""
+    if not _is_dtensor(p):
+        return 0
+    from torch.distributed.tensor import Replicate, Shard
+
+    for pl in p.placements:
+        if not isinstance(pl, (Shard, Replicate)) or (isinstance(pl, Shard) and pl.dim != 0):
+            raise ValueError(f"DTensor parameters must be sharded on dim 0 (FSDP2) or "
+                             f"replicated; got placements {p.placements}")
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    row = 1
+    for d in p.shape[1:]:
+        row *= d
+    return int(offset[0]) * row if len(offset) else 0
+
+
+def _mesh_sum_hook(p) -> Callable[[torch.Tensor], None]:
+    """All-reduces an E phase's segment sums over the DTensor's mesh (one small all-reduce)."""
+    import torch.distributed as dist
+
+    group = p.device_mesh.get_group()
+
+    def hook(sums: torch.Tensor) -> None:
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+
+    return hook
+
+
+try:  # torch >= 2.4 has the public DTensor; keep the import optional for minimal builds
+    from torch.distributed.tensor import DTensor as _DTensor
+except Exception:  # pragma: no cover
+    _DTensor = None
 
 
 class Thermo(Optimizer):
@@ -112,6 +161,10 @@ class Thermo(Optimizer):
         seed: uint64 key of the noise; drawn from torch's default generator when None (and taken
             from rank 0 under an initialised process group).
         capturable: keep the step counter on the device so CUDA graphs can capture ``step()``.
+        chains: K > 0 when every parameter stacks K independent chains on its first dimension
+            (see :class:`thermo_ext.Chains`): each chain gets its own noise (seed
+            ``te.random.chain_seed(seed, k)``) and its own thermostats, ``thermostat="chain"``
+            (or "tensor") giving one ξ per chain per tensor and "group" one per chain.
         check_finite: check parameters and gradients (and the thermostat) for non-finite values
             before anything is written; a failed check raises ``FloatingPointError`` naming the
             parameter and leaves every parameter, momentum and ξ unchanged. Costs one read-only
@@ -126,7 +179,7 @@ class Thermo(Optimizer):
                  tau: float = 1e-4, sigma: float = 0.01, eps: float = 0.05, xi0: float = 0.1,
                  weight_decay: float = 0.0, thermostat: str = "tensor",
                  momentum_init: str = "zero", seed: Optional[int] = None,
-                 capturable: bool = False, *, check_finite: bool = True,
+                 capturable: bool = False, *, chains: int = 0, check_finite: bool = True,
                  stochastic_rounding: bool = True, backend: str = "engine"):
         if backend not in _BACKENDS:
             raise ValueError(f"backend: expected one of {tuple(_BACKENDS)}, got {backend!r}")
@@ -138,7 +191,8 @@ class Thermo(Optimizer):
         seed = _broadcast_seed(seed)
         defaults = dict(lr=lr, scheme=scheme, gamma=gamma, tau=tau, sigma=sigma, eps=eps,
                         xi0=xi0, weight_decay=weight_decay, thermostat=thermostat,
-                        momentum_init=momentum_init, seed=seed, capturable=capturable)
+                        momentum_init=momentum_init, seed=seed, capturable=capturable,
+                        chains=chains)
         _check_group(defaults, "")
         self.check_finite = check_finite
         self.stochastic_rounding = bool(stochastic_rounding)
@@ -176,20 +230,30 @@ class Thermo(Optimizer):
 
     # ----------------------------------------------------------------------------- state
     def _init_momentum(self, p, gi, pos, group):
+        """Zero, or thermal: √τ R with R from the counter's step field 2³²−1, draw 0 (for each
+        chain with its own seed; for a shard, the shard's global offsets)."""
         mdt = kernels.momentum_dtype(p.dtype)
+        m = torch.zeros_like(p, dtype=mdt, memory_format=torch.contiguous_format)
         if group["momentum_init"] == "thermal":
-            z = te_random.normal(p.numel(), seed=group["seed"], uid=(gi << 16) | pos,
-                                 step=te_random.THERMAL_STEP, draw=0, device=p.device)
-            return (math.sqrt(group["tau"]) * z.to(mdt)).view(p.shape)
-        return torch.zeros(p.shape, dtype=mdt, device=p.device)
+            chains = group["chains"]
+            local = _local(m)
+            views = [local[k] for k in range(chains)] if chains else [local]
+            for k, v in enumerate(views):
+                seed = te_random.chain_seed(group["seed"], k) if chains else group["seed"]
+                z = te_random.normal(v.numel(), seed=seed, uid=(gi << 16) | pos,
+                                     step=te_random.THERMAL_STEP, draw=0,
+                                     offset=_flat_offset(p), device=v.device)
+                v.copy_((math.sqrt(group["tau"]) * z.to(mdt)).view(v.shape))
+        return m
 
     def _xi(self, group, scheme, device) -> Optional[torch.Tensor]:
         if not scheme.uses_thermostat:
             return None
         n = 1 if group["thermostat"] == "group" else len(group["params"])
+        shape = (group["chains"], n) if group["chains"] else (n,)
         xi = group["xi"]
-        if xi is None or xi.numel() != n:
-            xi = torch.full((n,), float(group["xi0"]), dtype=torch.float64, device=device)
+        if xi is None or tuple(xi.shape) != shape:
+            xi = torch.full(shape, float(group["xi0"]), dtype=torch.float64, device=device)
             group["xi"] = xi
         elif xi.device != device:
             xi = group["xi"] = xi.to(device)
@@ -216,6 +280,7 @@ class Thermo(Optimizer):
                      active: tuple) -> List[_Call]:
         """The engine calls of a group for this set of tensors with gradients (cached)."""
         where = f"param group {gi}: "
+        chains = group["chains"]
         device = group["params"][active[0]].device
         by_dtype: Dict[torch.dtype, list] = {}
         for pos in active:
@@ -223,9 +288,15 @@ class Thermo(Optimizer):
             if p.device != device:
                 raise ValueError(f"{where}parameters on {device} and {p.device}; a group must "
                                  f"live on one device")
-            if not p.is_contiguous():
+            if not _local(p).is_contiguous():
                 raise ValueError(f"{where}parameter {pos}: expected a contiguous tensor (the "
                                  f"engine updates it in place)")
+            if chains and (_is_dtensor(p) or p.dim() == 0 or p.shape[0] != chains):
+                raise ValueError(f"{where}parameter {pos}: with chains={chains} every parameter "
+                                 f"is a plain tensor stacked on a leading dimension of {chains}; "
+                                 f"got shape {tuple(p.shape)}")
+            if p.dtype not in kernels.DTYPES:
+                raise TypeError(f"{where}parameter {pos}: dtype {p.dtype} not supported")
             by_dtype.setdefault(p.dtype, []).append(pos)
         xi = self._xi(group, scheme, device)
         per_group = group["thermostat"] == "group"
@@ -237,11 +308,9 @@ class Thermo(Optimizer):
             step_tensor = self._step_tensor(gi, group, device)
         calls = []
         for dtype, positions in by_dtype.items():
-            if dtype not in kernels.DTYPES:
-                raise TypeError(f"{where}parameter {positions[0]}: dtype {dtype} not supported")
-            params = [group["params"][k] for k in positions]
+            sources = [group["params"][k] for k in positions]
             momenta = []
-            for pos, p in zip(positions, params):
+            for pos, p in zip(positions, sources):
                 state = self.state[p]
                 m = None
                 if scheme.uses_momentum:
@@ -249,21 +318,37 @@ class Thermo(Optimizer):
                     if m is None:
                         m = state["momentum_buffer"] = self._init_momentum(p, gi, pos, group)
                 momenta.append(m)
-            xi_index, xi_call = None, xi
-            if xi is None or per_group:
-                segments = [0] * len(params)
-            elif len(positions) == xi.numel():
-                segments = positions
-            else:  # a subset of the group's tensors: gather their xi, scatter back after
-                xi_index = torch.tensor(positions, device=device)
-                xi_call = torch.empty(len(positions), dtype=torch.float64, device=device)
-                segments = list(range(len(positions)))
-            workspace = None
-            if scheme.n_e:
-                workspace = torch.empty(2 * scheme.n_e * xi_call.numel(), dtype=torch.float64,
-                                        device=device)
-            calls.append(_Call(gi, positions, params, momenta, segments, xi_call, xi_index, xi,
-                               workspace, step_tensor))
+            dtensor = any(_is_dtensor(p) for p in sources)
+            numels = [p.numel() // max(chains, 1) for p in sources]  # whole tensors, all shards
+            for chain in (range(chains) if chains else [None]):
+                pick = (lambda t: t) if chain is None else (lambda t, c=chain: t[c])
+                xi_full = None if xi is None else (xi if chain is None else xi[chain])
+                xi_index, xi_call = None, xi_full
+                if xi is None or per_group:
+                    segments = [0] * len(sources)
+                    seg_numel = [float(sum(numels))]
+                elif len(positions) == xi_full.numel():
+                    segments, seg_numel = positions, [0.0] * xi_full.numel()
+                    for k, n in zip(positions, numels):
+                        seg_numel[k] = float(n)
+                else:  # a subset of the group's tensors: gather their xi, scatter back after
+                    xi_index = torch.tensor(positions, device=device)
+                    xi_call = torch.empty(len(positions), dtype=torch.float64, device=device)
+                    segments, seg_numel = list(range(len(positions))), [float(n) for n in numels]
+                workspace = None
+                if scheme.n_e:
+                    workspace = torch.empty(2 * scheme.n_e * xi_call.numel(),
+                                            dtype=torch.float64, device=device)
+                calls.append(_Call(
+                    group_index=gi, positions=positions, chain=chain, sources=sources,
+                    dtensor=dtensor, params=[pick(_local(p)) for p in sources],
+                    momenta=[None if m is None else pick(_local(m)) for m in momenta],
+                    segments=segments, seg_numel=seg_numel,
+                    offsets=[_flat_offset(p) for p in sources], xi=xi_call, xi_index=xi_index,
+                    xi_full=xi_full, workspace=workspace, step_tensor=step_tensor,
+                    seed=group["seed"] if chain is None else te_random.chain_seed(group["seed"],
+                                                                                  chain),
+                    sum_hook=_mesh_sum_hook(sources[0]) if dtensor else None))
         return calls
 
     def _group_calls(self, gi: int, group: Dict[str, Any]) -> List[_Call]:
@@ -273,15 +358,15 @@ class Thermo(Optimizer):
             return []
         hyper = (group["scheme"], group["lr"], group["gamma"], group["tau"], group["sigma"],
                  group["eps"], group["weight_decay"], group["xi0"], group["thermostat"],
-                 group["momentum_init"], group["seed"], group["capturable"])
+                 group["momentum_init"], group["seed"], group["capturable"], group["chains"])
         cached = self._cache.get(gi)
         if cached is not None and cached[1] == hyper:
             scheme = cached[2]
         else:  # users and schedulers edit groups: validate what changed before using it
             scheme = _check_group(group, f"param group {gi}: ")
-        key = (active, tuple(params[k].data_ptr() for k in active), self._buffers_id(group),
-               self._version, group["scheme"], group["thermostat"], group["seed"],
-               group["capturable"])
+        key = (active, tuple(_local(params[k]).data_ptr() for k in active),
+               self._buffers_id(group), self._version, group["scheme"], group["thermostat"],
+               group["seed"], group["capturable"], group["chains"])
         if cached is None or cached[0] != key:
             calls = self._build_calls(gi, group, scheme, active)
             key = key[:2] + (self._buffers_id(group),) + key[3:]  # xi/step are made lazily
@@ -301,7 +386,8 @@ class Thermo(Optimizer):
         if call.plan is None:
             call.plan = kernels.EnginePlan(
                 call.params, call.momenta, scheme=scheme, xi=call.xi, segments=call.segments,
-                seg_numel=None, seed=group["seed"], uids=[(gi << 16) | k for k in call.positions],
+                seg_numel=call.seg_numel, seed=call.seed,
+                uids=[(gi << 16) | k for k in call.positions], offsets=call.offsets,
                 step_tensor=call.step_tensor, workspace=call.workspace)
         host_step = self._host_step(gi, group)
         call.plan.set(grads, lr=float(group["lr"]), gamma=float(group["gamma"]),
@@ -313,8 +399,10 @@ class Thermo(Optimizer):
 
     def _grads(self, call: _Call) -> list:
         grads = []
-        for pos, p in zip(call.positions, call.params):
-            g = p.grad
+        for pos, src, p in zip(call.positions, call.sources, call.params):
+            g = _local(src.grad)
+            if call.chain is not None:
+                g = g[call.chain]
             if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
                 raise ValueError(f"param group {call.group_index}: parameter {pos}: gradient of "
                                  f"shape {tuple(g.shape)}, {g.dtype} on {g.device} does not match "
@@ -376,7 +464,9 @@ class Thermo(Optimizer):
         if self.backend == "engine":
             plans = [self._plan(c, self.param_groups[c.group_index],
                                 self._cache[c.group_index][2], g) for c, g in zip(calls, grads)]
-            bad = kernels.run_plans(plans, check=check, flag=flag, sum_hook=self.sum_hook)
+            for c, pl in zip(calls, plans):
+                pl.sum_hook = self.sum_hook or c.sum_hook
+            bad = kernels.run_plans(plans, check=check, flag=flag)
             if bad is not None:
                 self._raise_nonfinite(calls[bad[0]], bad[1], bad[2])
         else:
@@ -402,10 +492,11 @@ class Thermo(Optimizer):
             kws.append(dict(scheme=self._cache[c.group_index][2], lr=group["lr"],
                             gamma=group["gamma"], tau=group["tau"], sigma=group["sigma"],
                             eps=group["eps"], weight_decay=group["weight_decay"], xi=c.xi,
-                            segments=c.segments, seed=group["seed"], step=host_step,
-                            uids=[(c.group_index << 16) | k for k in c.positions],
-                            first=host_step == 0, stochastic_rounding=self.stochastic_rounding,
-                            sum_hook=self.sum_hook))
+                            segments=c.segments, seg_numel=c.seg_numel, seed=c.seed,
+                            step=host_step, uids=[(c.group_index << 16) | k for k in c.positions],
+                            offsets=c.offsets, first=host_step == 0,
+                            stochastic_rounding=self.stochastic_rounding,
+                            sum_hook=self.sum_hook or c.sum_hook))
         for c, g, kw in zip(calls, grads, kws):
             bad = reference.thermo_step(c.params, c.momenta, g, check_finite=check,
                                         mode="pre" if staged else "all", **kw)
@@ -428,27 +519,37 @@ class Thermo(Optimizer):
     # ----------------------------------------------------------------------------- diagnostics
     @torch.no_grad()
     def kinetic_temperature(self) -> List[Optional[torch.Tensor]]:
-        """Per group: a 0-dim tensor Σp²/N over its momenta (None for overdamped groups)."""
+        """Per group: Σp²/N over its momenta, a 0-dim tensor (shape [chains] for stacked
+        chains); None for overdamped groups. Sharded (DTensor) momenta are summed over ranks."""
         out = []
         for group in self.param_groups:
             if not self._scheme(group).uses_momentum:
                 out.append(None)
                 continue
+            chains = group["chains"]
             total, n, device = None, 0, None
             for p in group["params"]:
-                m = self.state.get(p, {}).get("momentum_buffer")
                 device = device or p.device
-                n += p.numel()
-                if m is not None:
-                    s = m.double().pow(2).sum()
-                    total = s if total is None else total + s
+                n += p.numel() // max(chains, 1)
+                m = self.state.get(p, {}).get("momentum_buffer")
+                if m is None:
+                    continue
+                sq = _local(m).double().pow(2)
+                s = sq.reshape(chains, -1).sum(1) if chains else sq.sum()
+                if _is_dtensor(m):
+                    import torch.distributed as dist
+
+                    dist.all_reduce(s, group=m.device_mesh.get_group())
+                total = s if total is None else total + s
             if total is None:
-                total = torch.zeros((), dtype=torch.float64, device=device)
+                total = torch.zeros((chains,) if chains else (), dtype=torch.float64,
+                                    device=device)
             out.append(total / max(n, 1))
         return out
 
     def thermostats(self) -> List[List[torch.Tensor]]:
-        """Per group: its ξ tensors (0-dim views), empty for schemes without E."""
+        """Per group: its ξ tensors, empty for schemes without E. Each is a 0-dim view (shape
+        [chains] for stacked chains) of the group's thermostat buffer."""
         out = []
         for group in self.param_groups:
             scheme = self._scheme(group)
@@ -457,7 +558,7 @@ class Thermo(Optimizer):
                 continue
             device = group["params"][0].device if group["params"] else torch.device("cpu")
             xi = self._xi(group, scheme, device)
-            out.append([xi[k] for k in range(xi.numel())])
+            out.append([xi[..., k] for k in range(xi.shape[-1])])
         return out
 
     @property
@@ -477,9 +578,11 @@ class Thermo(Optimizer):
         self._host_steps.clear()
         self._cache.clear()
         self._version += 1
-        for p, m in saved_moms.items():  # torch would cast bf16 params' float32 momenta
-            self.state[p]["momentum_buffer"] = m.to(device=p.device,
-                                                    dtype=kernels.momentum_dtype(p.dtype))
+        for p, m in saved_moms.items():
+            # Our own copy (torch would alias the saved tensor, and cast the float32 momenta of
+            # bf16/fp16 parameters to the parameter dtype).
+            self.state[p]["momentum_buffer"] = m.detach().to(
+                device=p.device, dtype=kernels.momentum_dtype(p.dtype), copy=True)
         for group in self.param_groups:
             device = group["params"][0].device if group["params"] else torch.device("cpu")
             if isinstance(group.get("xi"), torch.Tensor):
@@ -490,27 +593,43 @@ class Thermo(Optimizer):
 
 
 # ------------------------------------------------------------------------------- named methods
-def _params(params) -> list:
+def _params(params, kwargs) -> list:
+    if isinstance(params, Chains):
+        kwargs.setdefault("chains", params.num_chains)
+        kwargs.setdefault("thermostat", "chain")
     if isinstance(params, torch.nn.Module):
         return list(params.parameters())
     return params
 
 
+def _partitions(model, kwargs) -> list:
+    if isinstance(model, Chains):
+        kwargs.setdefault("chains", model.num_chains)
+        kwargs.setdefault("thermostat", "chain")
+        return model.partitions()
+    return layers(model)
+
+
 def Langevin(params, lr: float = 0.25, gamma: float = 0.1, tau: float = 1e-4, **kwargs) -> Thermo:
     """BAOAB Langevin dynamics on all parameters (one group)."""
-    return Thermo(_params(params), lr=lr, scheme="langevin", gamma=gamma, tau=tau, **kwargs)
+    return Thermo(_params(params, kwargs), lr=lr, scheme="langevin", gamma=gamma, tau=tau, **kwargs)
 
 
 def AdL(params, lr: float = 0.25, sigma: float = 0.01, eps: float = 0.05, tau: float = 1e-4,
         xi0: float = 0.1, **kwargs) -> Thermo:
     """Adaptive Langevin (Nosé–Hoover–Langevin, scheme BACDEDCAB) on all parameters."""
-    return Thermo(_params(params), lr=lr, scheme="adl", sigma=sigma, eps=eps, tau=tau, xi0=xi0,
+    return Thermo(_params(params, kwargs), lr=lr, scheme="adl", sigma=sigma, eps=eps, tau=tau, xi0=xi0,
                   **kwargs)
 
 
 def Overdamped(params, lr: float = 0.05, tau: float = 1e-4, **kwargs) -> Thermo:
     """Euler–Maruyama overdamped Langevin, θ ← θ − h∇L + √(2hτ) R (no momentum)."""
-    return Thermo(_params(params), lr=lr, scheme="overdamped", tau=tau, **kwargs)
+    return Thermo(_params(params, kwargs), lr=lr, scheme="overdamped", tau=tau, **kwargs)
+
+
+def _first_and_rest(model, kwargs):
+    parts = _partitions(model, kwargs)
+    return first_and_rest(parts)
 
 
 def _per_layer(name: str, value, n: int) -> list:
@@ -526,7 +645,7 @@ def _per_layer(name: str, value, n: int) -> list:
 def LaLa(model: ModelLike, lr: float = 0.25, gamma: Union[float, Sequence[float]] = 0.1,
          tau: Union[float, Sequence[float]] = 1e-4, **kwargs) -> Thermo:
     """Langevin per layer: one BAOAB group per layer, each with its own γ and τ."""
-    parts = layers(model)
+    parts = _partitions(model, kwargs)
     gammas = _per_layer("gamma", gamma, len(parts))
     taus = _per_layer("tau", tau, len(parts))
     groups = [dict(params=p, gamma=g, tau=t) for p, g, t in zip(parts, gammas, taus)]
@@ -537,7 +656,7 @@ def AdLaLa(model: ModelLike, lr: float = 0.25, tau1: float = 1e-4, tau2: float =
            gamma: float = 0.1, sigma: float = 0.01, eps: float = 0.05, xi0: float = 0.1,
            **kwargs) -> Thermo:
     """Adaptive Langevin on the first layer, Langevin on the rest (the paper's AdLaLa)."""
-    first, rest = first_and_rest(model)
+    first, rest = _first_and_rest(model, kwargs)
     groups = [dict(params=first, scheme="adl", tau=tau1),
               dict(params=rest, scheme="langevin", tau=tau2)]
     return Thermo(groups, lr=lr, gamma=gamma, sigma=sigma, eps=eps, xi0=xi0, **kwargs)
@@ -546,7 +665,7 @@ def AdLaLa(model: ModelLike, lr: float = 0.25, tau1: float = 1e-4, tau2: float =
 def LOL(model: ModelLike, lr: float = 0.25, tau1: float = 1e-4, tau2: float = 1e-4,
         gamma: float = 0.1, **kwargs) -> Thermo:
     """Langevin on the first layer, overdamped Langevin (BAOAB with γ = ∞) on the rest."""
-    first, rest = first_and_rest(model)
+    first, rest = _first_and_rest(model, kwargs)
     groups = [dict(params=first, scheme="langevin", tau=tau1, gamma=gamma),
               dict(params=rest, scheme="langevin", tau=tau2, gamma=math.inf)]
     return Thermo(groups, lr=lr, **kwargs)

@@ -12,10 +12,18 @@ import torch
 
 from . import kernels
 
-__all__ = ["normal", "philox", "THERMAL_STEP"]
+__all__ = ["normal", "philox", "chain_seed", "THERMAL_STEP"]
 
 #: The counter's step field used for momenta drawn by ``momentum_init="thermal"``.
 THERMAL_STEP = 2**32 - 1
+
+
+def chain_seed(seed: int, chain: int) -> int:
+    """The seed of chain ``chain`` of a stacked run: seed + chain * 0x9E3779B97F4A7C15 (mod 2**64),
+    distinct for every chain, so chain k equals a single-chain run with this seed."""
+    seed = kernels.check_int("seed", seed, 0, 2**64)
+    chain = kernels.check_int("chain", chain, 0, 2**63)
+    return (seed + chain * 0x9E3779B97F4A7C15) % 2**64
 
 
 def normal(n: int, *, seed: int, uid: int, step: int, draw: int, offset: int = 0,

@@ -1,0 +1,23 @@
+"""Step-time benchmark: thermo_ext against torch.optim and thermo_ext.reference, side by side.
+
+Every contender runs in this one process on the same tensors, in interleaved rounds; the table
+prints ratios (never bare times): each contender's median step time over Adam(fused)'s, and the
+speed-up of the engine over the reference.
+
+    python bench/step.py                 # CPU: 10 M float32 parameters in 20 tensors
+    python bench/step.py --device cuda   # GPU: 2**26 float32 elements in 200 tensors
+    python bench/step.py --spiral        # per-step overhead on the paper's 2-100-1 net
+
+The benchmark lives in the package (thermo_ext.benchmark) so that the installed console script
+runs it too (``thermo-ext bench``, same options, same table); this file is its checkout entry point.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from thermo_ext.benchmark import (bench_noise, bench_spiral, bench_step, main,  # noqa: F401
+                                  measure, print_table)
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Worker functions for tests/test_distributed.py, run in spawned processes (gloo, CPU)."""
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import thermo_ext as te
+
+STEPS = 20
+
+
+def make_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
+def global_batch():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(32, 2, generator=g)
+    return x, (x[:, :1] * x[:, 1:] > 0).float()
+
+
+def make_opt(model, scheme):
+    if scheme == "adl":
+        return te.AdL(model.parameters(), tau=1e-2, seed=99)
+    if scheme == "adlala":
+        return te.AdLaLa(model, tau1=1e-3, tau2=1e-3, seed=99)
+    return te.Langevin(model.parameters(), tau=1e-2, seed=99)
+
+
+def train(model, opt, x, y, steps):
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.binary_cross_entropy_with_logits(model(x), y).backward()
+        opt.step()
+
+
+def single_process(scheme, steps=STEPS):
+    m = make_model()
+    x, y = global_batch()
+    opt = make_opt(m, scheme)
+    train(m, opt, x, y, steps)
+    return [p.detach().clone() for p in m.parameters()], opt
+
+
+def _init(rank, world, port):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+
+
+def ddp_worker(rank, world, port, out_dir, scheme):
+    _init(rank, world, port)
+    torch.manual_seed(1000 + rank)  # the optimizer must take rank 0's seed anyway
+    model = make_model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = te.Thermo(model.parameters(), scheme="langevin" if scheme == "langevin" else "adl",
+                    lr=0.1, tau=1e-2)
+    x, y = global_batch()
+    n = x.shape[0] // world
+    train(ddp, opt, x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n], STEPS)
+    torch.save({"params": [p.detach() for p in model.parameters()],
+                "seed": opt.param_groups[0]["seed"]}, os.path.join(out_dir, f"ddp{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def fsdp_worker(rank, world, port, out_dir, scheme):
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.fsdp import fully_shard
+
+    _init(rank, world, port)
+    x, y = global_batch()
+    n = x.shape[0] // world
+    xs, ys = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+
+    def build():
+        model = make_model()
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+        return model, make_opt(model, scheme)
+
+    model, opt = build()
+    half = STEPS // 2
+    train(model, opt, xs, ys, half)
+    ck = os.path.join(out_dir, "ck")
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=ck)
+    train(model, opt, xs, ys, STEPS - half)
+    full = [p.full_tensor().detach() for p in model.parameters()]
+    xis = [float(x) for g in opt.thermostats() for x in g]
+    # Resume from the checkpoint in a fresh model and optimizer.
+    model2, opt2 = build()
+    msd2, osd2 = get_state_dict(model2, opt2)
+    state = {"model": msd2, "optim": osd2}
+    dcp.load(state, checkpoint_id=ck)
+    set_state_dict(model2, opt2, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    train(model2, opt2, xs, ys, STEPS - half)
+    resumed = [p.full_tensor().detach() for p in model2.parameters()]
+    torch.save({"params": full, "resumed": resumed, "xis": xis,
+                "kt": [None if t is None else float(t) for t in opt.kinetic_temperature()]},
+               os.path.join(out_dir, f"fsdp{rank}.pt"))
+    dist.destroy_process_group()

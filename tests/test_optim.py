@@ -1,0 +1,484 @@
+"""The optimizer (issue 3): torch.optim behaviour, parity with the reference, exact resume."""
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import thermo_ext as te
+from thermo_ext import random as te_random
+
+METHODS = {
+    "AdLaLa": lambda m, **k: te.AdLaLa(m, **k),
+    "LOL": lambda m, **k: te.LOL(m, **k),
+    "LaLa": lambda m, **k: te.LaLa(m, **k),
+    "Langevin": lambda m, **k: te.Langevin(m, **k),
+    "AdL": lambda m, **k: te.AdL(m, **k),
+    "Overdamped": lambda m, **k: te.Overdamped(m, **k),
+}
+
+
+def mlp(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 8), nn.Tanh(),
+                         nn.Linear(8, 1)).to(dtype)
+
+
+def data(seed=1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(32, 2, generator=g, dtype=dtype)
+    y = (x[:, :1] * x[:, 1:] > 0).to(dtype)
+    return x, y
+
+
+def train(model, opt, steps, x, y):
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.binary_cross_entropy_with_logits(model(x), y).backward()
+        opt.step()
+
+
+def flat(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def snapshot(model, opt):
+    moms = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()
+            if "momentum_buffer" in opt.state[p]]
+    xis = [x.clone() for g in opt.thermostats() for x in g]
+    return flat(model).clone(), moms, xis
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_named_method_matches_reference_over_50_steps(name, dtype):
+    x, y = data(dtype=dtype)
+    out = []
+    for backend in ("engine", "reference"):
+        m = mlp(dtype=dtype)
+        opt = METHODS[name](m, seed=123, backend=backend)
+        train(m, opt, 50, x, y)
+        out.append(snapshot(m, opt))
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(out[0][0], out[1][0], **tol)
+    for a, b in zip(out[0][1], out[1][1]):
+        torch.testing.assert_close(a, b, **tol)
+    for a, b in zip(out[0][2], out[1][2]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_named_defaults_are_the_papers():
+    m = mlp()
+    opt = te.AdLaLa(m)
+    g1, g2 = opt.param_groups
+    assert (g1["scheme"], g2["scheme"]) == ("adl", "langevin")
+    assert g1["lr"] == g2["lr"] == 0.25
+    assert g1["tau"] == g2["tau"] == 1e-4
+    assert g2["gamma"] == 0.1 and g1["sigma"] == 0.01 and g1["eps"] == 0.05
+    assert g1["xi0"] == 0.1
+    assert [len(g["params"]) for g in opt.param_groups] == [2, 4]
+    lol = te.LOL(m)
+    assert lol.param_groups[1]["gamma"] == math.inf
+    lala = te.LaLa(m, gamma=[0.1, 0.2, 0.3], tau=1e-3)
+    assert [g["gamma"] for g in lala.param_groups] == [0.1, 0.2, 0.3]
+    assert [g["tau"] for g in lala.param_groups] == [1e-3] * 3
+
+
+def test_adlala_first_step_by_hand():
+    """The paper code's first step: stepMom (B with h/2, p from 0) then stepAOA, by hand."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(2, 5), nn.ReLU(), nn.Linear(5, 1)).double()
+    x, y = data(dtype=torch.float64)
+    h, tau, gamma, sigma, eps, xi0, seed = 0.25, 1e-4, 0.1, 0.01, 0.05, 0.1, 99
+    opt = te.AdLaLa(m, lr=h, tau1=tau, tau2=tau, gamma=gamma, sigma=sigma, eps=eps, xi0=xi0,
+                    seed=seed)
+    nn.functional.binary_cross_entropy_with_logits(m(x), y).backward()
+    theta0 = [p.detach().clone() for p in m.parameters()]
+    grads = [p.grad.clone() for p in m.parameters()]
+    opt.step()
+
+    def R(gi, pos, n, draw):
+        return te_random.normal(n, seed=seed, uid=(gi << 16) | pos, step=0, draw=draw).double()
+
+    expect = []
+    # Partition 1, adaptive Langevin, per tensor xi: B(h/2) then A C D E D C A.
+    for pos in range(2):
+        th, g = theta0[pos].flatten(), grads[pos].flatten()
+        p = -h / 2 * g
+        th = th + h / 2 * p
+        p = math.exp(-xi0 * h / 2) * p
+        p = p + sigma * math.sqrt(h / 2) * R(0, pos, p.numel(), 0)
+        xi = xi0 + h * eps * (float((p * p).sum()) - p.numel() * tau)
+        p = p + sigma * math.sqrt(h / 2) * R(0, pos, p.numel(), 1)
+        p = math.exp(-xi * h / 2) * p
+        th = th + h / 2 * p
+        expect.append(th)
+        assert float(opt.thermostats()[0][pos]) == pytest.approx(xi, rel=1e-12)
+    # Partition 2, Langevin: B(h/2) A(h/2) O(h) A(h/2).
+    a = math.exp(-gamma * h)
+    b = math.sqrt(tau * (1 - math.exp(-2 * gamma * h)))
+    for pos in range(2):
+        th, g = theta0[2 + pos].flatten(), grads[2 + pos].flatten()
+        p = -h / 2 * g
+        th = th + h / 2 * p
+        p = a * p + b * R(1, pos, p.numel(), 0)
+        th = th + h / 2 * p
+        expect.append(th)
+    torch.testing.assert_close(flat(m), torch.cat(expect), rtol=1e-13, atol=1e-15)
+
+
+RESUME_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from torch import nn
+    import thermo_ext as te
+    path, steps = sys.argv[1], int(sys.argv[2])
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = te.AdLaLa(m, seed=1)
+    ck = torch.load(path)
+    m.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["opt"])
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(32, 2, generator=g)
+    y = (x[:, :1] * x[:, 1:] > 0).float()
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.binary_cross_entropy_with_logits(m(x), y).backward()
+        opt.step()
+    torch.save([p.detach() for p in m.parameters()], path + ".out")
+""")
+
+
+def test_resume_in_a_fresh_process_is_bitwise(tmp_path):
+    x, y = data()
+    m = mlp()
+    opt = te.AdLaLa(m, seed=7)
+    train(m, opt, 10, x, y)
+    path = str(tmp_path / "ck.pt")
+    torch.save({"model": m.state_dict(), "opt": opt.state_dict()}, path)
+    train(m, opt, 15, x, y)
+    script = tmp_path / "resume.py"
+    script.write_text(RESUME_SCRIPT)
+    subprocess.run([sys.executable, str(script), path, "15"], check=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    resumed = torch.load(path + ".out")
+    for a, b in zip(m.parameters(), resumed):
+        assert torch.equal(a.detach(), b)
+
+
+def test_state_dict_roundtrip_carries_momenta_xi_seed_step():
+    x, y = data()
+    m = mlp()
+    opt = te.AdLaLa(m, seed=11)
+    train(m, opt, 3, x, y)
+    sd = opt.state_dict()
+    m2 = mlp()
+    m2.load_state_dict(m.state_dict())
+    opt2 = te.AdLaLa(m2, seed=5)  # the loaded seed wins
+    opt2.load_state_dict(sd)
+    assert [g["step"] for g in opt2.param_groups] == [3, 3]
+    assert [g["seed"] for g in opt2.param_groups] == [11, 11]
+    train(m, opt, 4, x, y)
+    train(m2, opt2, 4, x, y)
+    assert torch.equal(flat(m), flat(m2))
+    assert opt2.param_groups[0]["xi"] is not opt.param_groups[0]["xi"]
+
+
+def test_seed_reproducibility_and_difference():
+    x, y = data()
+    runs = []
+    for s in (3, 3, 4):
+        torch.manual_seed(s)
+        m = mlp()
+        torch.manual_seed(s)
+        opt = te.Langevin(m, tau=1e-2)
+        train(m, opt, 5, x, y)
+        runs.append(flat(m))
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
+    torch.manual_seed(3)
+    a = te.Thermo(mlp().parameters()).param_groups[0]["seed"]
+    torch.manual_seed(3)
+    b = te.Thermo(mlp().parameters()).param_groups[0]["seed"]
+    assert a == b and 0 <= a < 2**64
+
+
+def test_different_seed_same_init_different_noise():
+    x, y = data()
+    out = []
+    for seed in (1, 2):
+        m = mlp()
+        train(m, te.Langevin(m, tau=1e-2, seed=seed), 3, x, y)
+        out.append(flat(m))
+    assert not torch.equal(out[0], out[1])
+
+
+def test_lr_scheduler_changes_h():
+    x, y = data()
+    m1, m2 = mlp(), mlp()
+    o1 = te.Langevin(m1, lr=0.2, seed=1)
+    o2 = te.Langevin(m2, lr=0.2, seed=1)
+    sched = torch.optim.lr_scheduler.StepLR(o1, step_size=1, gamma=0.5)
+    for k in range(4):
+        train(m1, o1, 1, x, y)
+        sched.step()
+        train(m2, o2, 1, x, y)
+        o2.param_groups[0]["lr"] = 0.2 * 0.5 ** (k + 1)
+    assert o1.param_groups[0]["lr"] == pytest.approx(0.2 / 16)
+    assert torch.equal(flat(m1), flat(m2))
+    m3 = mlp()
+    train(m3, te.Langevin(m3, lr=0.2, seed=1), 4, x, y)
+    assert not torch.equal(flat(m1), flat(m3))
+
+
+def test_temperature_scheduler_and_zero_temperature():
+    m = mlp()
+    opt = te.LaLa(m, tau=[1e-2, 2e-2, 3e-2])
+    sched = te.TemperatureScheduler(opt, lambda k: 0.5 ** k)
+    assert sched.get_last_tau() == pytest.approx([1e-2, 2e-2, 3e-2])
+    sched.step()
+    sched.step()
+    assert sched.get_last_tau() == pytest.approx([2.5e-3, 5e-3, 7.5e-3])
+    with pytest.raises(ValueError, match="factor"):
+        te.TemperatureScheduler(opt, lambda k: -1.0)
+    assert sched.get_last_tau() == pytest.approx([2.5e-3, 5e-3, 7.5e-3])
+    # tau = 0: deterministic dynamics, the seed does not matter.
+    x, y = data()
+    out = []
+    for seed in (1, 2):
+        m = mlp()
+        opt = te.AdLaLa(m, tau1=0.0, tau2=0.0, sigma=0.0, seed=seed)
+        train(m, opt, 5, x, y)
+        out.append(flat(m))
+    assert torch.equal(out[0], out[1])
+
+
+def test_tau_schedule_is_used_by_the_step():
+    x, y = data()
+    m1, m2 = mlp(), mlp()
+    o1 = te.Langevin(m1, tau=1e-2, seed=4)
+    o2 = te.Langevin(m2, tau=1e-3, seed=4)
+    te.TemperatureScheduler(o1, lambda k: 0.1)
+    train(m1, o1, 3, x, y)
+    train(m2, o2, 3, x, y)
+    torch.testing.assert_close(flat(m1), flat(m2), rtol=0, atol=1e-7)
+
+
+def test_swa_averaged_model_gives_posterior_mean_predictions():
+    x, y = data()
+    m = mlp()
+    opt = te.AdLaLa(m, seed=2)
+    avg = torch.optim.swa_utils.AveragedModel(m)
+    snaps = []
+    for _ in range(20):
+        train(m, opt, 1, x, y)
+        avg.update_parameters(m)
+        snaps.append(flat(m).clone())
+    torch.testing.assert_close(torch.cat([p.detach().flatten() for p in avg.module.parameters()]),
+                               torch.stack(snaps).mean(0), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        assert avg(x).shape == (32, 1)
+
+
+def equipartition(scheme, **kw):
+    n = 100_000
+    torch.manual_seed(0)
+    theta = torch.nn.Parameter(torch.randn(n) * 0.01)
+    opt = te.Thermo([theta], scheme=scheme, seed=5, **kw)
+    temps = []
+    for k in range(3000):
+        theta.grad = theta.detach().clone()  # U = theta^2 / 2
+        opt.step()
+        if k >= 1500 and k % 10 == 0:
+            temps.append(float(opt.kinetic_temperature()[0]))
+    return sum(temps) / len(temps)
+
+
+def test_equipartition_langevin():
+    tau = 1e-3
+    assert equipartition("langevin", lr=0.2, gamma=1.0, tau=tau) == pytest.approx(tau, rel=0.03)
+
+
+def test_equipartition_adl():
+    # eps N = 1 keeps the thermostat soft; the noise sigma puts xi's equilibrium at
+    # sigma^2 / (2 tau) = 0.45, which it reaches from xi0 = 0.1 well inside the burn-in.
+    tau = 0.1
+    t = equipartition("adl", lr=0.2, sigma=0.3, eps=1e-5, tau=tau, xi0=0.1)
+    assert t == pytest.approx(tau, rel=0.03)
+
+
+def test_diagnostics():
+    m = mlp()
+    opt = te.AdLaLa(m, seed=1)
+    assert [float(t) for t in opt.kinetic_temperature()] == [0.0, 0.0]
+    assert len(opt.thermostats()[0]) == 2 and opt.thermostats()[1] == []
+    assert all(float(x) == 0.1 for x in opt.thermostats()[0])
+    x, y = data()
+    train(m, opt, 2, x, y)
+    kt = opt.kinetic_temperature()
+    moms = [opt.state[p]["momentum_buffer"] for p in m.parameters()]
+    want = sum(float(v.double().pow(2).sum()) for v in moms[:2]) / sum(v.numel() for v in moms[:2])
+    assert float(kt[0]) == pytest.approx(want, rel=1e-12)
+    assert te.Overdamped(m).kinetic_temperature() == [None]
+    grp = te.AdL(m, thermostat="group", seed=1)
+    train(m, grp, 1, x, y)
+    assert len(grp.thermostats()[0]) == 1
+
+
+def test_grad_none_is_skipped():
+    x, y = data()
+    m = mlp()
+    last = list(m.parameters())[-1]
+    last.requires_grad_(False)
+    before = last.detach().clone()
+    opt = te.AdLaLa(m, seed=1)
+    train(m, opt, 3, x, y)
+    assert torch.equal(last.detach(), before)
+    assert "momentum_buffer" not in opt.state[last]
+    first = list(m.parameters())[0]
+    assert "momentum_buffer" in opt.state[first]
+
+
+def test_thermal_momentum_init():
+    m = mlp()
+    opt = te.Langevin(m, tau=0.04, momentum_init="thermal", seed=3)
+    x, y = data()
+    train(m, opt, 1, x, y)
+    p0 = list(m.parameters())[0]
+    m2 = mlp()
+    opt2 = te.Langevin(m2, tau=0.04, momentum_init="thermal", seed=3)
+    opt2._init_momentum(p0, 0, 0, opt2.param_groups[0])
+    z = te_random.normal(p0.numel(), seed=3, uid=0, step=te_random.THERMAL_STEP, draw=0)
+    torch.testing.assert_close(opt2._init_momentum(p0, 0, 0, opt2.param_groups[0]).flatten(),
+                               0.2 * z)
+
+
+@pytest.mark.parametrize("key,value", [("lr", -0.1), ("gamma", -1.0), ("tau", -1e-4),
+                                       ("sigma", -0.01), ("eps", -0.05),
+                                       ("weight_decay", -1.0), ("lr", float("nan")),
+                                       ("tau", float("inf")), ("scheme", "BAXAB"),
+                                       ("scheme", "BABA"), ("thermostat", "layer"),
+                                       ("momentum_init", "random"), ("xi0", float("nan")),
+                                       ("seed", -1), ("seed", 2**64)])
+def test_bad_hyperparameters_name_group_and_key(key, value):
+    m = mlp()
+    with pytest.raises((ValueError, TypeError), match=key if key != "scheme" else "scheme"):
+        te.Thermo(m.parameters(), **{key: value})
+    with pytest.raises((ValueError, TypeError), match=r"param group 1: .*" + key):
+        te.Thermo([{"params": list(m.parameters())[:2]},
+                   {"params": list(m.parameters())[2:], key: value}])
+
+
+def test_bad_hyperparameter_set_later_is_rejected_without_changes():
+    x, y = data()
+    m = mlp()
+    opt = te.AdLaLa(m, seed=1)
+    train(m, opt, 1, x, y)
+    before = snapshot(m, opt)
+    opt.param_groups[1]["tau"] = -1.0
+    with pytest.raises(ValueError, match="param group 1: tau"):
+        opt.step()
+    after = snapshot(m, opt)
+    assert torch.equal(before[0], after[0])
+    assert all(torch.equal(a, b) for a, b in zip(before[1] + before[2], after[1] + after[2]))
+
+
+@pytest.mark.parametrize("where", ["grad0", "grad_last", "param"])
+def test_nonfinite_raises_and_changes_nothing(where):
+    x, y = data()
+    m = mlp()
+    opt = te.AdLaLa(m, seed=1)
+    train(m, opt, 2, x, y)
+    opt.zero_grad()
+    nn.functional.binary_cross_entropy_with_logits(m(x), y).backward()
+    params = list(m.parameters())
+    if where == "grad0":
+        params[0].grad[0, 0] = float("nan")
+    elif where == "grad_last":
+        params[-1].grad[0] = float("inf")  # second group: the first must stay untouched too
+    else:
+        with torch.no_grad():
+            params[2].view(-1)[3] = float("inf")
+    before = snapshot(m, opt)
+    steps = [g["step"] for g in opt.param_groups]
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        opt.step()
+    after = snapshot(m, opt)
+    assert torch.equal(before[0].nan_to_num(), after[0].nan_to_num())
+    assert all(torch.equal(a, b) for a, b in zip(before[1] + before[2], after[1] + after[2]))
+    assert [g["step"] for g in opt.param_groups] == steps
+
+
+def test_nonfinite_message_names_the_parameter():
+    m = mlp()
+    named = [{"params": [p], "param_names": [n]} for n, p in m.named_parameters()]
+    opt = te.Thermo(named, seed=1)
+    for p in m.parameters():
+        p.grad = torch.zeros_like(p)
+    list(m.parameters())[1].grad[0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"param group 1: parameter 0 \('0.bias'\)"):
+        opt.step()
+
+
+def test_check_finite_off_lets_nan_through():
+    m = mlp()
+    opt = te.Langevin(m, check_finite=False, seed=1)
+    for p in m.parameters():
+        p.grad = torch.zeros_like(p)
+    list(m.parameters())[0].grad[0, 0] = float("nan")
+    opt.step()
+    assert torch.isnan(list(m.parameters())[0]).any()
+
+
+def test_partition_helpers():
+    m = mlp()
+    parts = te.partition.layers(m)
+    assert [len(p) for p in parts] == [2, 2, 2]
+    first, rest = te.partition.first_and_rest(m)
+    assert len(first) == 2 and len(rest) == 4
+    shared = nn.Linear(3, 3)
+    seq = nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(3, 1))
+    assert [len(p) for p in te.partition.layers(seq)] == [2, 2]
+    explicit = te.partition.layers([[parts[0][0]], parts[1] + parts[2]])
+    assert [len(p) for p in explicit] == [1, 4]
+    opt = te.AdLaLa([[parts[0][0], parts[0][1]], parts[1] + parts[2]])
+    assert [len(g["params"]) for g in opt.param_groups] == [2, 4]
+    with pytest.raises(ValueError, match="at least two"):
+        te.partition.first_and_rest(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="model"):
+        te.partition.layers(3)
+    with pytest.raises(ValueError, match="gamma"):
+        te.LaLa(m, gamma=[0.1, 0.2])
+
+
+def test_group_scheme_strings_and_weight_decay():
+    x, y = data()
+    out = []
+    for backend in ("engine", "reference"):
+        m = mlp()
+        parts = te.partition.layers(m)
+        opt = te.Thermo([{"params": parts[0], "scheme": "OBABO"},
+                         {"params": parts[1], "scheme": "ABOBA", "weight_decay": 1e-2},
+                         {"params": parts[2], "scheme": "BACDEDCAB", "thermostat": "group"}],
+                        lr=0.05, tau=1e-3, seed=8, backend=backend)
+        train(m, opt, 10, x, y)
+        out.append(flat(m))
+    torch.testing.assert_close(out[0], out[1], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_parameters_keep_float32_momenta_across_load():
+    m = mlp().to(torch.bfloat16)
+    x, y = data(dtype=torch.bfloat16)
+    opt = te.Langevin(m, seed=1)
+    train(m, opt, 2, x, y)
+    p0 = list(m.parameters())[0]
+    assert opt.state[p0]["momentum_buffer"].dtype == torch.float32
+    opt2 = te.Langevin(m, seed=1)
+    opt2.load_state_dict(opt.state_dict())
+    assert opt2.state[p0]["momentum_buffer"].dtype == torch.float32
+    assert torch.equal(opt2.state[p0]["momentum_buffer"], opt.state[p0]["momentum_buffer"])
