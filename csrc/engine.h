@@ -25,6 +25,7 @@ struct TensorDesc {
 // xi:     n_seg doubles, the live thermostat variables (version 0 during a step).
 // ws:     2 * n_e * n_seg doubles of workspace: versions 1..n_e, then the n_e segment sums.
 // seg_n:  n_seg doubles, the number of elements of each segment (whole tensors, all shards).
+// (The CUDA engine never zeroes the flag: the caller zeroes it once per optimizer step.)
 // step_ptr, when not null, is a device int64 that replaces `step` (capturable CUDA steps).
 struct StepArgs {
   int32_t dtype;

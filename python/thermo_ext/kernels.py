@@ -201,8 +201,22 @@ class EnginePlan:
             seg_numel = [0.0] * n_seg
             for p, s in zip(params, segments):
                 seg_numel[s] += p.numel()
+        elif len(seg_numel) != n_seg or any(not (n >= 0) for n in seg_numel):
+            raise ValueError(f"seg_numel: expected {n_seg} element counts >= 0 (one per "
+                             f"segment), got {list(seg_numel)}")
+        offsets = list(offsets) if offsets is not None else [0] * n
+        for i, (o, p) in enumerate(zip(offsets, params)):
+            # The counter's first word is (i >> 2) mod 2**32: indices must stay below 2**34.
+            if o + p.numel() > 2**34:
+                raise ValueError(f"offsets[{i}]: global indices must stay below 2**34 (the "
+                                 f"noise counter's range); got offset {o} + {p.numel()} elements")
         n_e = scheme.n_e
-        if n_e and (workspace is None or workspace.numel() < 2 * n_e * n_seg):
+        if n_e and workspace is not None and (
+                workspace.numel() < 2 * n_e * n_seg or workspace.dtype != torch.float64
+                or workspace.device != p0.device or not workspace.is_contiguous()):
+            raise ValueError(f"workspace: expected a contiguous float64 tensor of at least "
+                             f"{2 * n_e * n_seg} elements on {p0.device}")
+        if n_e and workspace is None:
             workspace = torch.empty(2 * n_e * n_seg, dtype=torch.float64, device=p0.device)
         numels = [p.numel() for p in params]
         scratch, scratch_len = None, 0
@@ -210,8 +224,7 @@ class EnginePlan:
             scratch_len = _C.cuda_scratch_doubles(numels)
             scratch = torch.empty(scratch_len, dtype=torch.float64, device=p0.device)
         self.plan = _C.Plan(dev, DTYPES[p0.dtype], [p.data_ptr() for p in params],
-                            [_ptr(m) for m in momenta], numels,
-                            list(offsets) if offsets is not None else [0] * n, list(uids),
+                            [_ptr(m) for m in momenta], numels, offsets, list(uids),
                             list(segments), int(seed), _ptr(step_tensor), _ptr(xi), n_seg,
                             [float(x) for x in seg_numel], _ptr(workspace) if n_e else 0,
                             _ptr(scratch), scratch_len)

@@ -566,7 +566,63 @@ class Thermo(Optimizer):
         return self.defaults["seed"]
 
     # ----------------------------------------------------------------------------- state dict
+    def _validate_state_dict(self, sd: Dict[str, Any]) -> None:
+        """Everything load_state_dict relies on, checked before anything changes."""
+        if not isinstance(sd, dict) or not isinstance(sd.get("state"), dict) or not isinstance(
+                sd.get("param_groups"), list):
+            raise ValueError("state_dict: expected an optimizer state dict with 'state' (a dict) "
+                             "and 'param_groups' (a list)")
+        groups = sd["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"state_dict: {len(groups)} param groups, this optimizer has "
+                             f"{len(self.param_groups)}")
+        for gi, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            where = f"state_dict param group {gi}: "
+            if not isinstance(saved, dict) or not isinstance(saved.get("params"), list):
+                raise ValueError(f"{where}expected a dict with a 'params' list")
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"{where}{len(saved['params'])} parameters, this optimizer's "
+                                 f"group has {len(group['params'])}")
+            merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+            _check_group(merged, where)
+            step = merged.get("step", 0)
+            if isinstance(step, torch.Tensor):
+                ok = step.numel() == 1 and not step.is_floating_point() and int(step) >= 0
+            else:
+                ok = isinstance(step, int) and not isinstance(step, bool) and step >= 0
+            if not ok:
+                raise ValueError(f"{where}step: expected an int >= 0, got {step!r}")
+            xi = merged.get("xi")
+            if xi is not None:
+                n = 1 if merged["thermostat"] == "group" else len(group["params"])
+                shape = (merged["chains"], n) if merged["chains"] else (n,)
+                if not isinstance(xi, torch.Tensor) or tuple(xi.shape) != shape:
+                    raise ValueError(f"{where}xi: expected a tensor of shape {shape} for "
+                                     f"thermostat={merged['thermostat']!r}, got "
+                                     f"{getattr(xi, 'shape', type(xi).__name__)}")
+                if not torch.isfinite(xi).all():
+                    raise ValueError(f"{where}xi: non-finite thermostat values")
+            for pos, (pid, p) in enumerate(zip(saved["params"], group["params"])):
+                entry = sd["state"].get(pid, {})
+                if not isinstance(entry, dict):
+                    raise ValueError(f"{where}parameter {pos}: expected a dict of state")
+                m = entry.get("momentum_buffer")
+                if m is None:
+                    continue
+                if (not isinstance(m, torch.Tensor) or tuple(m.shape) != tuple(p.shape)
+                        or not m.is_floating_point()):
+                    raise ValueError(f"{where}parameter {pos}: momentum_buffer must be a floating "
+                                     f"tensor of the parameter's shape {tuple(p.shape)}, got "
+                                     f"{getattr(m, 'dtype', type(m).__name__)} "
+                                     f"{tuple(getattr(m, 'shape', ()))}")
+                if not torch.isfinite(_local(m)).all():
+                    raise ValueError(f"{where}parameter {pos}: momentum_buffer has non-finite "
+                                     f"values")
+
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """As torch.optim's, after validating the whole state (shapes, dtypes, scheme, seed,
+        step, finite values): a bad state dict raises ValueError and changes nothing."""
+        self._validate_state_dict(state_dict)
         saved_groups = state_dict["param_groups"]
         saved_moms = {}
         for g_saved, group in zip(saved_groups, self.param_groups):

@@ -102,7 +102,10 @@ def thermo_step(params: List[torch.Tensor], momenta: List[Optional[torch.Tensor]
                     b = math.sqrt(tau * (1.0 - math.exp(-2.0 * gamma * d)))
                 mo[i] = a * mo[i] + b * R(i, x.draw)
             elif x.letter == "C":
-                c = math.exp(-float(xi_now[segments[i]]) * d)
+                try:  # math.exp raises instead of returning inf
+                    c = math.exp(-float(xi_now[segments[i]]) * d)
+                except OverflowError:
+                    c = math.inf
                 if not math.isfinite(c):
                     return segments[i], "thermostat"
                 mo[i] = c * mo[i]

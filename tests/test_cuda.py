@@ -1,0 +1,641 @@
+"""The CUDA engine against the CPU engine (both through thermo_ext.kernels.thermo_step).
+
+Every test needs a CUDA device and skips without one. The CPU engine is the reference: the two
+share the letter math, the noise and the rounding (csrc/substeps.h, philox.h, lowp.h) and the
+CUDA build turns off FMA contraction, so theta and p usually agree bitwise; the tests allow
+1e-6 relative in float32 (1e-12 in float64) because exp(-xi delta) comes from different math
+libraries, and xi 1e-10 relative because the segment sums add in a different (but fixed) order.
+Bitwise equality is asserted where the contract promises it: the same call twice on one device,
+graph replay against eager steps, and the noise and rounding bits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import thermo_ext
+from thermo_ext import kernels
+from thermo_ext.random import normal
+from thermo_ext.schemes import fold
+
+CUDA = torch.cuda.is_available() and bool(thermo_ext._C.cuda_compiled())
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not CUDA, reason="needs a CUDA device and a CUDA build")]
+
+# The device under test. Tensors get there through dut(); a harness may redirect these hooks.
+DEV = "cuda"
+F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
+RTOL = {F32: 1e-6, F64: 1e-12}
+XI_RTOL = 1e-10
+SEED = 2**40 + 987654321
+HYPER = dict(lr=0.05, gamma=1.0, tau=0.01, sigma=0.02, eps=0.05, weight_decay=1e-3)
+SCHEMES = ["langevin", "adl", "OBABO", "ABOBA", "overdamped", "BACDEDCAB"]
+# Odd sizes around the engine's quads (4) and chunks (8192 elements).
+SIZES = [1, 3, 5, 7, 33, 1021, 8191, 8193, 20001]
+
+
+def dut(t: torch.Tensor) -> torch.Tensor:
+    """A copy of t on the device under test."""
+    return t.detach().to(DEV).clone()
+
+
+def dut_empty(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised 1-D tensor on the device under test."""
+    return torch.empty(n, dtype=dtype, device=DEV)
+
+
+def host(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu()
+
+
+def sync() -> None:
+    torch.cuda.synchronize()
+
+
+def new_flag() -> torch.Tensor:
+    """The non-finite flag of one step: zeroed by the caller, set by the kernels."""
+    return torch.zeros(1, dtype=torch.int32, device=DEV)
+
+
+# ---------------------------------------------------------------------------------------------
+# State: parameters, momenta, gradients and xi of one call, on the CPU; copies go to the device.
+# ---------------------------------------------------------------------------------------------
+
+class State:
+    def __init__(self, sizes, dtype, scheme, *, seed=0, thermostat="tensor", xi0=None):
+        gen = torch.Generator().manual_seed(seed)
+        self.scheme = fold(scheme)
+        self.dtype = dtype
+        n = len(sizes)
+        self.params = [torch.randn(s, generator=gen, dtype=F64).to(dtype) for s in sizes]
+        self.grads = [torch.randn(s, generator=gen, dtype=F64).to(dtype) for s in sizes]
+        mdt = kernels.momentum_dtype(dtype)
+        if self.scheme.uses_momentum:
+            self.momenta = [(0.1 * torch.randn(s, generator=gen, dtype=F64)).to(mdt)
+                            for s in sizes]
+        else:
+            self.momenta = [None] * n
+        self.segments = list(range(n)) if thermostat == "tensor" else [0] * n
+        n_seg = max(self.segments) + 1
+        if xi0 is None:
+            self.xi = 0.2 * torch.rand(n_seg, generator=gen, dtype=F64) - 0.05
+        else:
+            self.xi = torch.full((n_seg,), float(xi0), dtype=F64)
+        self.uids = [(3 << 16) | i for i in range(n)]
+        self.offsets = [0] * n
+
+    def copy(self, place):
+        c = object.__new__(State)
+        c.__dict__.update(self.__dict__)
+        c.params = [place(p) for p in self.params]
+        c.grads = [place(g) for g in self.grads]
+        c.momenta = [place(m) if m is not None else None for m in self.momenta]
+        c.xi = place(self.xi)
+        return c
+
+    def to_dut(self):
+        return self.copy(dut)
+
+    def to_host(self):
+        return self.copy(lambda t: t.detach().clone().cpu())
+
+    def step(self, *, step, first=False, flag=None, **kw):
+        args = dict(HYPER)
+        args.update(kw)
+        thermo = self.scheme.uses_thermostat
+        return kernels.thermo_step(
+            self.params, self.momenta, self.grads, scheme=self.scheme,
+            xi=self.xi if thermo else None, segments=self.segments, seed=SEED, step=step,
+            uids=self.uids, offsets=self.offsets, first=first, flag=flag, **args)
+
+    def tensors(self):
+        out = list(self.params) + [m for m in self.momenta if m is not None]
+        if self.scheme.uses_thermostat:
+            out.append(self.xi)
+        return out
+
+
+def assert_close_state(got: State, want: State, rtol=None):
+    rtol = RTOL[F64 if want.dtype == F64 else F32] if rtol is None else rtol
+    for i, (a, b) in enumerate(zip(got.params, want.params)):
+        torch.testing.assert_close(host(a).double(), host(b).double(), rtol=rtol, atol=rtol,
+                                   msg=lambda m: f"params[{i}]: {m}")
+    for i, (a, b) in enumerate(zip(got.momenta, want.momenta)):
+        if b is not None:
+            torch.testing.assert_close(host(a).double(), host(b).double(), rtol=rtol, atol=rtol,
+                                       msg=lambda m: f"momenta[{i}]: {m}")
+    if want.scheme.uses_thermostat:
+        torch.testing.assert_close(host(got.xi), host(want.xi), rtol=XI_RTOL, atol=1e-12,
+                                   msg=lambda m: f"xi: {m}")
+
+
+def assert_equal_state(a: State, b: State):
+    for x, y in zip(a.tensors(), b.tensors()):
+        assert torch.equal(host(x), host(y))
+
+
+def run_both(state: State, *, steps=((0, True), (7, False)), **kw):
+    """The same steps on the device and on the CPU; returns (device state, CPU state)."""
+    d, c = state.to_dut(), state.to_host()
+    for step, first in steps:
+        flag = new_flag()
+        assert c.step(step=step, first=first, **kw) is None
+        assert d.step(step=step, first=first, flag=flag, **kw) is None
+        sync()
+        assert int(host(flag)[0]) == 0, f"flag {int(host(flag)[0])} on a finite step"
+    return d, c
+
+
+# ---------------------------------------------------------------------------------------------
+# Noise
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n,offset", [(1, 0), (7, 3), (4096, 0), (100003, 5), (12345, 2**33 + 1)])
+def test_fill_normal_matches_cpu(n, offset):
+    kw = dict(seed=SEED, uid=(2 << 16) | 9, step=12, draw=1, offset=offset)
+    got = host(normal(n, device=DEV, **kw))
+    want = normal(n, device="cpu", **kw)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    # Our own log/sin/cos polynomials and IEEE sqrt without contraction: the same bits.
+    assert torch.equal(got, want), "normals differ in bits between CUDA and CPU"
+
+
+def test_fill_normal_any_split():
+    kw = dict(seed=5, uid=1, step=3, draw=0)
+    whole = host(normal(1001, device=DEV, **kw))
+    parts = torch.cat([host(normal(n, device=DEV, offset=o, **kw))
+                       for o, n in ((0, 3), (3, 500), (503, 498))])
+    assert torch.equal(whole, parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity with the CPU engine
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("thermostat", ["tensor", "group"])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_float32_matches_cpu(scheme, thermostat):
+    state = State(SIZES, F32, scheme, seed=1, thermostat=thermostat)
+    d, c = run_both(state, steps=((0, True), (1, False), (2**32 + 5, False)))
+    assert_close_state(d, c)
+
+
+@pytest.mark.parametrize("scheme", ["langevin", "adl", "overdamped", "OBABO"])
+def test_float64_matches_cpu(scheme):
+    state = State(SIZES, F64, scheme, seed=2)
+    d, c = run_both(state)
+    assert_close_state(d, c)
+
+
+def test_infinite_friction_and_zero_noise_letters():
+    # gamma = inf (O sets p = sqrt(tau) R); sigma = 0 and tau = 0 (zero-coefficient noise).
+    for kw in (dict(gamma=math.inf), dict(sigma=0.0, tau=0.0), dict(weight_decay=0.0)):
+        for scheme in ("langevin", "adl", "overdamped"):
+            d, c = run_both(State(SIZES[:6], F32, scheme, seed=3), **kw)
+            assert_close_state(d, c)
+
+
+def test_sharded_offsets_and_misaligned_views():
+    # Two shards of one tensor (same uid and segment, global offsets) in one call, starting at
+    # element offsets that are not multiples of 4, stored in views that are not 16-byte aligned.
+    full = State([30011], F32, "adl", seed=4, thermostat="group")
+    cut = 5003
+    shards = full.to_host()
+    shards.params = [full.params[0][:cut], full.params[0][cut:]]
+    shards.grads = [full.grads[0][:cut], full.grads[0][cut:]]
+    shards.momenta = [full.momenta[0][:cut], full.momenta[0][cut:]]
+    shards.segments = [0, 0]
+    shards.uids = [full.uids[0]] * 2
+    shards.offsets = [0, cut]
+
+    def misaligned(t):  # a contiguous view starting one element into a device buffer
+        buf = dut_empty(t.numel() + 1, t.dtype)
+        view = buf[1:]
+        view.copy_(t)
+        return view
+
+    d = shards.copy(misaligned)
+    d.xi = dut(full.xi)
+    c = full.to_host()
+    for step, first in ((0, True), (1, False)):
+        flag = new_flag()
+        assert c.step(step=step, first=first) is None
+        assert d.step(step=step, first=first, flag=flag) is None
+        sync()
+        assert int(host(flag)[0]) == 0
+    got = torch.cat([host(p) for p in d.params])
+    torch.testing.assert_close(got, host(c.params[0]), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.cat([host(m) for m in d.momenta]), host(c.momenta[0]),
+                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(host(d.xi), host(c.xi), rtol=XI_RTOL, atol=1e-12)
+
+
+def test_distributed_phases_match_whole_step():
+    # With a sum_hook the engine runs phase by phase with update_xi between the phases.
+    state = State(SIZES, F32, "adl", seed=5)
+    whole, c = run_both(state)
+    phased = state.to_dut()
+    seen = []
+    for step, first in ((0, True), (7, False)):
+        flag = new_flag()
+        phased.step(step=step, first=first, flag=flag, sum_hook=lambda s: seen.append(1))
+        sync()
+        assert int(host(flag)[0]) == 0
+    assert seen, "sum_hook was not called"
+    assert_equal_state(phased, whole)
+    assert_close_state(phased, c)
+
+
+def test_pre_then_finish_across_calls():
+    # An optimizer with several calls per step runs every "pre" (all that can fail) before any
+    # "finish" (the writes), with one flag: a failure in any call leaves every call unchanged.
+    a = State(SIZES[:6], F32, "adl", seed=19)
+    b = State(SIZES[:5], F32, "langevin", seed=20)
+    ws = lambda s: dut_empty(2 * s.scheme.n_e * s.xi.numel(), F64)  # noqa: E731
+    da, db = a.to_dut(), b.to_dut()
+    wa = ws(da)
+    flag = new_flag()
+    for mode in ("pre", "finish"):
+        da.step(step=4, flag=flag, mode=mode, workspace=wa)
+        db.step(step=4, flag=flag, mode=mode)
+    sync()
+    assert int(host(flag)[0]) == 0
+    ra, _ = run_both(a, steps=((4, False),))
+    rb, _ = run_both(b, steps=((4, False),))
+    assert_equal_state(da, ra)
+    assert_equal_state(db, rb)
+
+    b.grads[1][2] = float("nan")
+    da, db = a.to_dut(), b.to_dut()
+    before = [host(t).clone() for t in da.tensors() + db.tensors()]
+    flag = new_flag()
+    for mode in ("pre", "finish"):
+        da.step(step=4, flag=flag, mode=mode, workspace=wa)
+        db.step(step=4, flag=flag, mode=mode)
+    sync()
+    assert int(host(flag)[0]) == 1 * 4 + 0 + 1
+    assert all(torch.equal(host(x), y) for x, y in zip(da.tensors() + db.tensors(), before))
+
+
+def test_bitwise_repeatable():
+    for scheme in ("adl", "langevin"):
+        state = State(SIZES + [300007], F32, scheme, seed=6, thermostat="group")
+        a, b = state.to_dut(), state.to_dut()
+        for s in (a, b):
+            for step in range(3):
+                s.step(step=step, first=step == 0, flag=new_flag())
+        sync()
+        assert_equal_state(a, b)
+
+
+def test_segments_in_any_order():
+    # Tensors whose segments are not sorted, and a segment without tensors (its xi keeps moving
+    # by the E with a zero sum and N = 0, as on the CPU).
+    state = State(SIZES, F32, "adl", seed=22)
+    state.segments = [(5 * i + 2) % 4 for i in range(len(SIZES))]
+    state.xi = torch.tensor([0.1, -0.02, 0.05, 0.0, 0.07], dtype=F64)
+    d, c = run_both(state)
+    assert_close_state(d, c)
+
+
+def test_many_tensors_one_call():
+    # More tensors than one launch's arguments hold, and more segments than one segment launch.
+    gen = torch.Generator().manual_seed(7)
+    sizes = [2 * int(x) + 1 for x in torch.randint(0, 1500, (1500,), generator=gen)]
+    for scheme, thermostat in (("adl", "tensor"), ("langevin", "group"), ("adl", "group")):
+        state = State(sizes, F32, scheme, seed=8, thermostat=thermostat)
+        d, c = run_both(state)
+        assert_close_state(d, c)
+
+
+# ---------------------------------------------------------------------------------------------
+# Low precision parameters
+# ---------------------------------------------------------------------------------------------
+
+def test_bf16_matches_cpu():
+    for stochastic in (True, False):
+        # Without C letters every operation is IEEE arithmetic on both sides: the same bits,
+        # rounding bits included (the same Philox words).
+        state = State(SIZES, BF16, "langevin", seed=9)
+        d, c = run_both(state, stochastic_rounding=stochastic)
+        for x, y in zip(d.params, c.params):
+            assert torch.equal(host(x), host(y))
+        assert_close_state(d, c, rtol=1e-6)
+        # exp(-xi delta) may differ by an ulp between math libraries: within one bf16 rounding.
+        state = State(SIZES, BF16, "adl", seed=9)
+        d, c = run_both(state, stochastic_rounding=stochastic)
+        for x, y in zip(d.params, c.params):
+            torch.testing.assert_close(host(x).float(), host(y).float(), rtol=2**-6, atol=1e-6)
+        for x, y in zip(d.momenta, c.momenta):
+            torch.testing.assert_close(host(x), host(y), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(host(d.xi), host(c.xi), rtol=1e-6, atol=1e-9)
+
+
+def test_fp16_matches_cpu_and_float32():
+    state = State(SIZES, F16, "langevin", seed=10)
+    d, c = run_both(state)
+    for x, y in zip(d.params, c.params):
+        assert torch.equal(host(x), host(y))
+    # Against the same step in float32 on the device: within fp16's rounding.
+    f = state.copy(lambda t: dut(t.float()) if t.dtype == F16 else dut(t))
+    f.dtype = F32
+    for step, first in ((0, True), (7, False)):
+        f.step(step=step, first=first, flag=new_flag())
+    for x, y in zip(d.params, f.params):
+        torch.testing.assert_close(host(x).float(), host(y), rtol=2**-9, atol=1e-3)
+
+
+def test_bf16_stochastic_rounding_unbiased():
+    # theta in bf16 and float32 hold the same values and the momenta are float32 in both, so
+    # the float32 step computes exactly the value the bf16 step rounds: E[bf16] = float32.
+    n = 1 << 18
+    state = State([n], BF16, "langevin", seed=11)
+    total, var, count = 0.0, 0.0, 0
+    for step in range(8):
+        b = state.to_dut()
+        f = state.copy(lambda t: dut(t.float()) if t.dtype == BF16 else dut(t))
+        f.dtype = F32
+        b.step(step=100 + step, flag=new_flag())
+        f.step(step=100 + step, flag=new_flag())
+        x32 = host(f.params[0]).double()
+        xb = host(b.params[0]).double()
+        # bracket of x32 in bf16: truncation toward zero and the next representable value
+        bits = host(f.params[0]).view(torch.int32)
+        trunc = (bits & ~0xFFFF).view(torch.float32).double()
+        up = ((bits & ~0xFFFF) + 0x10000).view(torch.float32).double()
+        assert bool(((xb == trunc) | (xb == up) | (xb == x32)).all()), \
+            "stochastic rounding left the bracket of the float32 value"
+        exact = trunc == x32
+        frac = torch.where(exact, torch.zeros_like(x32), (x32 - trunc) / (up - trunc))
+        total += float((xb - x32).sum())
+        var += float(((up - trunc) ** 2 * frac * (1 - frac)).sum())
+        count += n
+    z = total / math.sqrt(var)
+    assert abs(z) < 5.0, f"stochastic rounding biased: z = {z:.2f} over {count} values"
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite values
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scheme", ["langevin", "adl", "overdamped"])
+def test_nonfinite_gradient_flags_and_changes_nothing(scheme):
+    state = State(SIZES, F32, scheme, seed=12)
+    state.grads[3][5] = float("nan")
+    state.grads[4][0] = float("inf")
+    c = state.to_host()
+    assert c.step(step=3) == (3, "gradient")
+    d = state.to_dut()
+    before = [host(t).clone() for t in d.tensors()]
+    flag = new_flag()
+    assert d.step(step=3, flag=flag) is None
+    sync()
+    assert int(host(flag)[0]) == 3 * 4 + 0 + 1
+    for x, y in zip(d.tensors(), before):
+        assert torch.equal(host(x), y)
+
+
+def test_nonfinite_parameter_and_momentum():
+    state = State(SIZES, F32, "adl", seed=13)
+    state.params[3][2] = float("inf")
+    state.grads[5][0] = float("nan")
+    d = state.to_dut()
+    before = [host(t).clone() for t in d.tensors()]
+    flag = new_flag()
+    d.step(step=3, flag=flag)
+    sync()
+    assert int(host(flag)[0]) == 3 * 4 + 1 + 1
+    assert all(torch.equal(host(x), y) for x, y in zip(d.tensors(), before))
+    assert state.to_host().step(step=3) == (3, "parameter")
+
+    state = State(SIZES, F32, "adl", seed=13)
+    state.momenta[1][0] = float("nan")  # checked by schemes with E (their phase 0 reads p)
+    d = state.to_dut()
+    flag = new_flag()
+    d.step(step=3, flag=flag)
+    sync()
+    assert int(host(flag)[0]) == 1 * 4 + 2 + 1
+    assert state.to_host().step(step=3) == (1, "momentum")
+
+
+def test_thermostat_overflow_flags():
+    state = State(SIZES[:4], F32, "adl", seed=14)
+    state.xi[2] = -1e308  # exp(-xi delta) overflows
+    d = state.to_dut()
+    before = [host(t).clone() for t in d.tensors()]
+    flag = new_flag()
+    d.step(step=3, flag=flag)
+    sync()
+    assert int(host(flag)[0]) == 2 * 4 + 3 + 1
+    assert all(torch.equal(host(x), y) for x, y in zip(d.tensors(), before))
+    assert state.to_host().step(step=3) == (2, "thermostat")
+
+
+def test_flag_cleared_and_unchecked_step_runs():
+    state = State(SIZES[:5], F32, "langevin", seed=15)
+    d = state.to_dut()
+    flag = new_flag()
+    d.step(step=1, flag=flag)
+    sync()
+    assert int(host(flag)[0]) == 0
+    state.grads[0][0] = float("nan")
+    d2, c2 = state.to_dut(), state.to_host()
+    assert c2.step(step=1, check_finite=False) is None
+    d2.step(step=1, flag=new_flag(), check_finite=False)
+    sync()
+    assert torch.isnan(host(d2.params[0])[0]) and torch.isnan(c2.params[0][0])
+    for x, y in zip(d2.params[1:], c2.params[1:]):
+        torch.testing.assert_close(host(x), y, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA graphs and large tensors
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scheme", ["adl", "langevin"])
+def test_graph_capture_replay(scheme):
+    state = State(SIZES, F32, scheme, seed=16)
+    s0 = 40
+    live = state.to_dut()
+    step_t = torch.full((), s0, dtype=torch.int64, device=DEV)
+    flag = new_flag()
+    n_e = live.scheme.n_e
+    ws = torch.empty(max(1, 2 * n_e * live.xi.numel()), dtype=F64, device=DEV)
+
+    def one_step(s):
+        flag.zero_()
+        s.step(step=0, flag=flag, workspace=ws, step_tensor=step_t)
+
+    # warm up on a side stream (loads the kernels), on throw-away copies
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        warm = state.to_dut()
+        for _ in range(2):
+            warm.step(step=0, flag=flag, workspace=ws, step_tensor=step_t)
+    torch.cuda.current_stream().wait_stream(side)
+    sync()
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        one_step(live)
+        step_t += 1
+    # capture does not run the kernels: restore the initial values, then replay
+    for x, y in zip(live.tensors(), state.to_dut().tensors()):
+        x.copy_(y)
+    step_t.fill_(s0)
+    eager = state.to_dut()
+    fixed = state.to_dut()
+    for i in range(3):
+        graph.replay()
+        eager.step(step=s0 + i, flag=new_flag())
+        fixed.step(step=s0, flag=new_flag())
+        sync()
+        assert int(host(flag)[0]) == 0
+        assert_equal_state(live, eager)
+    assert int(host(step_t)) == s0 + 3
+    # fresh noise each replay: a run that reuses one step's noise ends elsewhere
+    assert not torch.equal(host(live.params[-1]), host(fixed.params[-1]))
+    c = state.to_host()
+    for i in range(3):
+        c.step(step=s0 + i)
+    assert_close_state(live, c)
+
+
+def test_tensor_over_2_31_elements():
+    n = 2**31 + 4099
+    need = 3 * 4 * n + (3 << 30)
+    free, _ = torch.cuda.mem_get_info()
+    if free < need:
+        pytest.skip(f"needs {need / 2**30:.1f} GiB of free device memory, {free / 2**30:.1f} free")
+    # "BEA": phase 0 is B, then E sums p^2 over the whole tensor; the writing phase B A.
+    scheme = fold("BEA")
+    torch.manual_seed(17)
+    theta = torch.randn(n, device=DEV)
+    grad = torch.randn(n, device=DEV)
+    mom = torch.randn(n, device=DEV).mul_(0.1)
+    xi = torch.tensor([0.1], dtype=F64, device=DEV)
+    slices = [(0, 4096), (2**31 - 2050, 2**31 + 2051), (n - 3001, n)]
+    saved = [(host(theta[a:b]).clone(), host(mom[a:b]).clone(), host(grad[a:b]).clone())
+             for a, b in slices]
+    kw = dict(HYPER, weight_decay=0.0)
+    h = kw["lr"]
+    # the sum the E sees, in float64, from p after B(h) computed as the engine does
+    total = 0.0
+    for a in range(0, n, 1 << 27):
+        b = min(n, a + (1 << 27))
+        p = mom[a:b] - h * (grad[a:b] + 0.0 * theta[a:b])
+        total += float(p.double().pow(2).sum())
+        del p
+    flag = new_flag()
+    kernels.thermo_step([theta], [mom], [grad], scheme=scheme, xi=xi, segments=[0], seed=SEED,
+                        step=3, uids=[5], flag=flag, **kw)
+    sync()
+    assert int(host(flag)[0]) == 0
+    want_xi = 0.1 + kw["eps"] * h * (total - n * kw["tau"])
+    assert abs(float(xi) - want_xi) <= 1e-10 * abs(want_xi) + 1e-12
+    for (a, b), (th0, p0, g0) in zip(slices, saved):
+        th, p = th0.clone(), p0.clone()
+        cpu_xi = torch.tensor([0.1], dtype=F64)
+        kernels.thermo_step([th], [p], [g0], scheme=scheme, xi=cpu_xi, segments=[0],
+                            seg_numel=[float(n)], seed=SEED, step=3, uids=[5], offsets=[a], **kw)
+        torch.testing.assert_close(host(theta[a:b]), th, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(host(mom[a:b]), p, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the optimizer
+# ---------------------------------------------------------------------------------------------
+
+SHAPES = [(16, 8), (16,), (4, 16), (4,), (3, 3, 3)]
+
+
+def _opt_params(on_dut: bool):
+    g = torch.Generator().manual_seed(31)
+    out = []
+    for s in SHAPES:
+        t = torch.randn(s, generator=g)
+        p = torch.nn.Parameter(dut(t) if on_dut else t)
+        p.grad = torch.zeros_like(p)
+        out.append(p)
+    return out
+
+
+def _grads(k):
+    g = torch.Generator().manual_seed(1000 + k)
+    return [torch.randn(s, generator=g) for s in SHAPES]
+
+
+def _thermo(params, **kw):
+    from thermo_ext.optim import Thermo
+    groups = [{"params": params[:2], "scheme": "adl"},
+              {"params": params[2:4], "scheme": "langevin"},
+              {"params": params[4:], "scheme": "OBABO", "thermostat": "group"}]
+    return Thermo(groups, lr=0.05, tau=0.01, sigma=0.02, seed=2024, **kw)
+
+
+def test_optimizer_matches_cpu():
+    dev_p, cpu_p = _opt_params(True), _opt_params(False)
+    dev_o, cpu_o = _thermo(dev_p), _thermo(cpu_p)
+    for k in range(4):
+        for a, b, g in zip(dev_p, cpu_p, _grads(k)):
+            a.grad.copy_(g)
+            b.grad.copy_(g)
+        dev_o.step()
+        cpu_o.step()
+    for a, b in zip(dev_p, cpu_p):
+        torch.testing.assert_close(host(a.detach()), b.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_optimizer_nonfinite_raises_and_changes_nothing():
+    dev_p = _opt_params(True)
+    dev_o = _thermo(dev_p)
+    for k in range(2):
+        for a, g in zip(dev_p, _grads(k)):
+            a.grad.copy_(g)
+        dev_o.step()
+    dev_p[3].grad[1] = float("nan")  # the second call: the first must stay untouched too
+    before = [host(p.detach()).clone() for p in dev_p]
+    with pytest.raises(FloatingPointError):
+        dev_o.step()
+    assert all(torch.equal(host(p.detach()), b) for p, b in zip(dev_p, before))
+
+
+def test_optimizer_capturable_graph_replay():
+    cap_p, eager_p = _opt_params(True), _opt_params(True)
+    cap_o, eager_o = _thermo(cap_p, capturable=True), _thermo(eager_p)
+    grads = [[g.to(DEV) for g in _grads(k)] for k in range(6)]
+
+    def set_grads(k):
+        for a, b, g in zip(cap_p, eager_p, grads[k]):
+            a.grad.copy_(g)
+            b.grad.copy_(g)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (the first step differs), as torch recommends
+        for k in range(2):
+            set_grads(k)
+            cap_o.step()
+            eager_o.step()
+    torch.cuda.current_stream().wait_stream(side)
+    sync()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cap_o.step()
+    for k in range(2, 6):
+        set_grads(k)
+        graph.replay()
+        eager_o.step()
+    sync()
+    for a, b in zip(cap_p, eager_p):
+        torch.testing.assert_close(host(a.detach()), host(b.detach()), rtol=1e-6, atol=1e-7)
+
+
+def test_build_info_reports_cuda():
+    info = thermo_ext.build_info()
+    assert info["cuda"] and info["cuda_available"]
+    assert "archs=" in info["cuda_archs"]

@@ -1,0 +1,927 @@
+"""The compiled CPU engine (thermo_ext.kernels.thermo_step) against the pure-PyTorch oracle
+(thermo_ext.reference.thermo_step), and the engine's own promises: bitwise determinism across
+thread counts and ISAs, sharding by global offsets, validation that changes nothing, non-finite
+checks, low-precision parameters.
+
+Tolerances: float64 1e-12 relative, float32 1e-6 relative, xi 1e-9 relative (the two usually
+agree bitwise; the thermostat sums differ in summation order).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import thermo_ext
+from thermo_ext import kernels, reference
+from thermo_ext.random import normal
+from thermo_ext.schemes import fold
+
+F32, F64 = torch.float32, torch.float64
+RTOL = {F32: 1e-6, F64: 1e-12}
+XI_RTOL = 1e-9
+BIG = 278011
+SIZES = [1, 3, 4097, BIG]
+SEED = 2**40 + 12345
+
+HYPER = dict(lr=0.1, gamma=1.0, tau=0.5, sigma=0.3, eps=0.0, weight_decay=0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+class State:
+    """Parameters, momenta and xi of one call, with the thermostat per tensor or per group."""
+
+    def __init__(self, shapes, dtype, scheme, *, gen, thermostat="tensor", zero_momenta=False):
+        self.scheme = fold(scheme) if isinstance(scheme, str) else scheme
+        self.dtype = dtype
+        self.shapes = [s if isinstance(s, tuple) else (s,) for s in shapes]
+        n = len(self.shapes)
+        self.params = [torch.randn(s, generator=gen, dtype=F64).to(dtype) for s in self.shapes]
+        mdt = kernels.momentum_dtype(dtype)
+        if self.scheme.uses_momentum:
+            self.momenta = [(torch.zeros(s, dtype=mdt) if zero_momenta else
+                             torch.randn(s, generator=gen, dtype=F64).to(mdt))
+                            for s in self.shapes]
+        else:
+            self.momenta = [None] * n
+        if thermostat == "tensor":
+            self.segments = list(range(n))
+        else:
+            self.segments = [0] * n
+        self.xi = 0.2 * torch.rand(max(self.segments) + 1, generator=gen, dtype=F64) - 0.05
+        self.uids = [(1 << 16) | i for i in range(n)]
+        self.offsets = [0] * n
+
+    def clone(self):
+        c = object.__new__(State)
+        c.__dict__.update(self.__dict__)
+        c.params = [p.clone() for p in self.params]
+        c.momenta = [m.clone() if m is not None else None for m in self.momenta]
+        c.xi = self.xi.clone()
+        return c
+
+    def tensors(self):
+        return [*self.params, *(m for m in self.momenta if m is not None), self.xi]
+
+    def step(self, impl, grads, *, step, first, **hyper):
+        kw = dict(HYPER)
+        kw.update(hyper)
+        return impl(self.params, self.momenta, grads, scheme=self.scheme, xi=self.xi,
+                    segments=self.segments, seed=kw.pop("seed", SEED), step=step,
+                    uids=self.uids, offsets=self.offsets, first=first, **kw)
+
+
+def make_grads(state, gen, n_steps):
+    return [[torch.randn(s, generator=gen, dtype=F64).to(state.dtype) for s in state.shapes]
+            for _ in range(n_steps)]
+
+
+def eps_for(state):
+    """A thermostat coupling that moves xi visibly but stays stable."""
+    return 1.0 / sum(math.prod(s) for s in state.shapes)
+
+
+def run_pair(state, grads_seq, *, step0=0, first=True, **hyper):
+    """Runs the engine and the reference on clones of state; returns both final states."""
+    eng, ref = state.clone(), state.clone()
+    for k, grads in enumerate(grads_seq):
+        a = eng.step(kernels.thermo_step, grads, step=step0 + k, first=first and k == 0, **hyper)
+        b = ref.step(reference.thermo_step, grads, step=step0 + k, first=first and k == 0,
+                     **hyper)
+        assert a is None and b is None, (a, b)
+    return eng, ref
+
+
+def assert_close(got, want, rtol, what=""):
+    """|got - want| <= rtol (|want| + max(1, max |want|)) elementwise, same dtype and shape."""
+    assert got.dtype == want.dtype and got.shape == want.shape, what
+    if want.numel() == 0:
+        return
+    w = want.double()
+    scale = max(1.0, float(w.abs().max()))
+    err = (got.double() - w).abs()
+    ok = err <= rtol * (w.abs() + scale)
+    if not bool(ok.all()):
+        i = int((~ok).nonzero()[0, 0]) if ok.dim() <= 1 else int((~ok).reshape(-1).nonzero()[0])
+        raise AssertionError(f"{what}: {int((~ok).sum())} of {ok.numel()} elements differ by "
+                             f"more than rtol={rtol}; first at flat index {i}: got "
+                             f"{float(got.reshape(-1)[i])!r}, want {float(w.reshape(-1)[i])!r}, "
+                             f"max error {float(err.max())!r}")
+
+
+def assert_states_close(eng, ref, start=None):
+    rtol = RTOL[kernels.momentum_dtype(eng.dtype)]
+    for i, (a, b) in enumerate(zip(eng.params, ref.params)):
+        assert a.dtype == b.dtype == eng.dtype and a.shape == b.shape
+        assert_close(a, b, rtol, f"params[{i}]")
+    for i, (a, b) in enumerate(zip(eng.momenta, ref.momenta)):
+        if b is None:
+            assert a is None
+        else:
+            assert_close(a, b, rtol, f"momenta[{i}]")
+    torch.testing.assert_close(eng.xi, ref.xi, rtol=XI_RTOL, atol=1e-15)
+    if start is not None:  # the step did something
+        for i, (a, b) in enumerate(zip(eng.params, start.params)):
+            assert not torch.equal(a, b), f"params[{i}] did not move"
+        if eng.scheme.n_e:
+            assert not torch.equal(eng.xi, start.xi), "xi did not move"
+
+
+def bits_equal(a, b):
+    """Bitwise equality that also holds for NaN."""
+    if a is None or b is None:
+        return a is None and b is None
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    it = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16,
+          torch.float16: torch.int16}[a.dtype]
+    return torch.equal(a.contiguous().view(it), b.contiguous().view(it))
+
+
+def assert_states_equal(a, b):
+    for x, y in zip(a.params, b.params):
+        assert torch.equal(x, y)
+    for x, y in zip(a.momenta, b.momenta):
+        assert (x is None and y is None) or torch.equal(x, y)
+    assert torch.equal(a.xi, b.xi)
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine vs reference
+# ---------------------------------------------------------------------------------------------
+
+# The smallest valid strings that exercise each letter (one letter alone is never valid: a scheme
+# needs an A and a B).
+MINIMAL = ["BA", "AB", "BAO", "OBA", "BAC", "BAD", "BAE", "BACE", "BADE", "BECA", "BAOD"]
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("thermostat", ["tensor", "group"])
+@pytest.mark.parametrize("scheme", MINIMAL)
+def test_minimal_schemes_match_reference(scheme, thermostat, dtype, gen):
+    st_ = State([1, 3, (7, 13), 4097], dtype, scheme, gen=gen, thermostat=thermostat)
+    st_.offsets = [0, 5, 2, 1 << 20]
+    grads = make_grads(st_, gen, 3)
+    eng, ref = run_pair(st_, grads, eps=eps_for(st_))
+    assert_states_close(eng, ref, start=st_)
+
+
+NAMED = ["BAOAB", "OBABO", "ABOBA", "BACDEDCAB", "overdamped", "OBACDEDCABO"]
+
+
+def test_named_schemes_are_their_strings():
+    assert fold("langevin").letters == fold("BAOAB").letters
+    assert fold("adl").letters == fold("BACDEDCAB").letters
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("thermostat", ["tensor", "group"])
+@pytest.mark.parametrize("scheme", NAMED)
+def test_schemes_match_reference(scheme, thermostat, dtype, gen):
+    st_ = State(SIZES, dtype, scheme, gen=gen, thermostat=thermostat)
+    st_.offsets = [3, 0, 7, 2**33 + 1]
+    grads = make_grads(st_, gen, 3)
+    eng, ref = run_pair(st_, grads, eps=eps_for(st_), weight_decay=0.01)
+    assert_states_close(eng, ref, start=st_)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("scheme", ["BAOAB", "OBABO", "adl", "overdamped"])
+def test_later_steps_from_a_large_step_counter(scheme, dtype, gen):
+    # not the first step, a step counter past 2**32 (the counter's field wraps)
+    st_ = State([5, 4099, 40000], dtype, scheme, gen=gen)
+    grads = make_grads(st_, gen, 3)
+    eng, ref = run_pair(st_, grads, step0=2**32 - 2, first=False, eps=eps_for(st_))
+    assert_states_close(eng, ref, start=st_)
+
+
+HYPER_VARIANTS = {
+    "weight_decay": dict(weight_decay=0.05),
+    "gamma_inf": dict(gamma=math.inf),
+    "gamma_zero": dict(gamma=0.0),
+    "tau_zero": dict(tau=0.0),
+    "sigma_zero": dict(sigma=0.0),
+    "eps_zero": dict(eps=0.0),
+    "lr_zero": dict(lr=0.0),
+    "big_lr": dict(lr=0.7, gamma=3.0, tau=2.0, sigma=1.0, weight_decay=0.3),
+}
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("variant", list(HYPER_VARIANTS))
+@pytest.mark.parametrize("scheme", ["BAOAB", "OBACDEDCABO", "overdamped"])
+def test_hyperparameter_variants_match_reference(scheme, variant, dtype, gen):
+    st_ = State([3, 4097, 40001], dtype, scheme, gen=gen, thermostat="group")
+    grads = make_grads(st_, gen, 2)
+    hyper = dict(eps=eps_for(st_))
+    hyper.update(HYPER_VARIANTS[variant])
+    eng, ref = run_pair(st_, grads, **hyper)
+    assert_states_close(eng, ref)
+    if variant != "lr_zero":
+        assert not torch.equal(eng.params[2], st_.params[2])
+    else:
+        for a, b in zip(eng.params, st_.params):
+            assert torch.equal(a, b)
+
+
+def test_many_tensors_in_one_call(gen):
+    sizes = [int(x) for x in torch.randint(1, 300, (250,), generator=gen)]
+    for scheme, thermostat in [("adl", "tensor"), ("BAOAB", "group"), ("OBACDEDCABO", "group"),
+                               ("overdamped", "tensor")]:
+        for dtype in (F32, F64):
+            st_ = State(sizes, dtype, scheme, gen=gen, thermostat=thermostat)
+            st_.uids = [(i // 100) << 16 | (i % 100) for i in range(len(sizes))]
+            st_.offsets = [i % 5 for i in range(len(sizes))]
+            grads = make_grads(st_, gen, 2)
+            eng, ref = run_pair(st_, grads, eps=eps_for(st_))
+            assert_states_close(eng, ref, start=st_)
+
+
+def test_empty_list_and_empty_tensor(gen):
+    assert kernels.thermo_step([], [], [], scheme=fold("adl"), xi=None, segments=[], seed=1,
+                               step=0, uids=[], **HYPER) is None
+    st_ = State([0, 5], F32, "adl", gen=gen)
+    grads = make_grads(st_, gen, 1)
+    eng, ref = run_pair(st_, grads, eps=0.1)
+    assert_states_close(eng, ref)
+
+
+@st.composite
+def valid_schemes(draw):
+    """Valid strings by construction: a B-run and an A-run with other letters, rotated."""
+    other = "OCDE"
+    b_part = "B" + draw(st.text(alphabet="BOCDE", max_size=5))
+    a_part = "A" + draw(st.text(alphabet="A" + other, max_size=5))
+    s = b_part + a_part
+    k = draw(st.integers(0, len(s) - 1))
+    return s[k:] + s[:k]
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(scheme=valid_schemes(), dtype=st.sampled_from([F32, F64]),
+       thermostat=st.sampled_from(["tensor", "group"]), first=st.booleans(),
+       lr=st.floats(0.01, 0.5), gamma=st.sampled_from([0.0, 0.5, 2.0, math.inf]),
+       tau=st.sampled_from([0.0, 0.1, 1.0]), wd=st.sampled_from([0.0, 0.1]),
+       step0=st.integers(0, 2**33))
+def test_random_schemes_match_reference(scheme, dtype, thermostat, first, lr, gamma, tau, wd,
+                                        step0, gen):
+    st_ = State([3, 70, 517], dtype, scheme, gen=gen, thermostat=thermostat)
+    st_.offsets = [1, 0, 6]
+    grads = make_grads(st_, gen, 2)
+    eng, ref = run_pair(st_, grads, step0=step0, first=first, lr=lr, gamma=gamma, tau=tau,
+                        sigma=0.2, eps=0.01, weight_decay=wd)
+    assert_states_close(eng, ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hand-written steps: the engine (and so the oracle) follows §2 and §3 literally
+# ---------------------------------------------------------------------------------------------
+
+def R(n, *, uid, step, draw, offset=0, seed=SEED):
+    return normal(n, seed=seed, uid=uid, step=step, draw=draw, offset=offset).double()
+
+
+def test_baoab_by_hand(gen):
+    n, h, gam, tau, wd = 5000, 0.3, 1.5, 0.7, 0.02
+    th, p, g1, g2 = (torch.randn(n, generator=gen, dtype=F64) for _ in range(4))
+    uid, off = (2 << 16) | 3, 9
+    T, P = th.clone(), p.clone()
+    kw = dict(scheme=fold("BAOAB"), lr=h, gamma=gam, tau=tau, sigma=0.0, eps=0.0,
+              weight_decay=wd, xi=None, segments=[0], seed=SEED, uids=[uid], offsets=[off])
+    assert kernels.thermo_step([T], [P], [g1], step=0, first=True, **kw) is None
+    assert kernels.thermo_step([T], [P], [g2], step=1, first=False, **kw) is None
+    a, b = math.exp(-gam * h), math.sqrt(tau * (1 - math.exp(-2 * gam * h)))
+    # first step: B(h/2) A(h/2) O(h) A(h/2)
+    p = p - h / 2 * (g1 + wd * th)
+    th = th + h / 2 * p
+    p = a * p + b * R(n, uid=uid, step=0, draw=0, offset=off)
+    th = th + h / 2 * p
+    # later step: B(h) A(h/2) O(h) A(h/2)
+    p = p - h * (g2 + wd * th)
+    th = th + h / 2 * p
+    p = a * p + b * R(n, uid=uid, step=1, draw=0, offset=off)
+    th = th + h / 2 * p
+    assert_close(T, th, 1e-12, "theta")
+    assert_close(P, p, 1e-12, "p")
+
+
+def test_obabo_first_step_uses_draw_one(gen):
+    # "BO·OBA": on the first step only O(h/2) B(h/2) A(h) run, and that O is draw 1
+    n, h, gam, tau = 999, 0.25, 0.8, 1.3
+    th, p, g = (torch.randn(n, generator=gen, dtype=F64) for _ in range(3))
+    T, P = th.clone(), p.clone()
+    assert kernels.thermo_step([T], [P], [g], scheme=fold("OBABO"), lr=h, gamma=gam, tau=tau,
+                               sigma=0.0, eps=0.0, weight_decay=0.0, xi=None, segments=[0],
+                               seed=SEED, step=4, uids=[11], first=True) is None
+    a, b = math.exp(-gam * h / 2), math.sqrt(tau * (1 - math.exp(-gam * h)))
+    p = a * p + b * R(n, uid=11, step=4, draw=1)
+    p = p - h / 2 * g
+    th = th + h * p
+    assert_close(T, th, 1e-12, "theta")
+    assert_close(P, p, 1e-12, "p")
+
+
+def test_adl_by_hand_group_thermostat(gen):
+    # later step of "B·BACDEDCA" with one xi for two tensors
+    sizes, h, tau, sig, eps = [300, 77], 0.2, 0.4, 0.3, 0.01
+    ths = [torch.randn(s, generator=gen, dtype=F64) for s in sizes]
+    ps = [torch.randn(s, generator=gen, dtype=F64) for s in sizes]
+    gs = [torch.randn(s, generator=gen, dtype=F64) for s in sizes]
+    xi0 = 0.3
+    T, P, XI = [t.clone() for t in ths], [t.clone() for t in ps], torch.tensor([xi0], dtype=F64)
+    uids = [5, 6]
+    assert kernels.thermo_step(T, P, gs, scheme=fold("adl"), lr=h, gamma=0.0, tau=tau, sigma=sig,
+                               eps=eps, weight_decay=0.0, xi=XI, segments=[0, 0], seed=SEED,
+                               step=3, uids=uids, first=False) is None
+    d = h / 2
+    for i in range(2):
+        ps[i] = ps[i] - h * gs[i]
+        ths[i] = ths[i] + d * ps[i]
+        ps[i] = math.exp(-xi0 * d) * ps[i]
+        ps[i] = ps[i] + sig * math.sqrt(d) * R(sizes[i], uid=uids[i], step=3, draw=0)
+    xi1 = xi0 + h * eps * (sum(float((q * q).sum()) for q in ps) - sum(sizes) * tau)
+    for i in range(2):
+        ps[i] = ps[i] + sig * math.sqrt(d) * R(sizes[i], uid=uids[i], step=3, draw=1)
+        ps[i] = math.exp(-xi1 * d) * ps[i]
+        ths[i] = ths[i] + d * ps[i]
+        assert_close(T[i], ths[i], 1e-12, "theta")
+        assert_close(P[i], ps[i], 1e-12, "p")
+    assert abs(float(XI) - xi1) <= 1e-9 * abs(xi1)
+    assert abs(xi1 - xi0) > 1e-3  # the test moved xi
+
+
+def test_overdamped_by_hand(gen):
+    n, h, tau, wd = 4099, 0.05, 0.3, 0.1
+    th, g = (torch.randn(n, generator=gen, dtype=F64) for _ in range(2))
+    T = th.clone()
+    assert kernels.thermo_step([T], [None], [g], scheme=fold("overdamped"), lr=h, gamma=1.0,
+                               tau=tau, sigma=0.0, eps=0.0, weight_decay=wd, xi=None,
+                               segments=[0], seed=SEED, step=7, uids=[1], offsets=[3]) is None
+    want = th - h * (g + wd * th) + math.sqrt(2 * h * tau) * R(n, uid=1, step=7, draw=0,
+                                                               offset=3)
+    assert_close(T, want, 1e-12, "theta")
+
+
+def test_gamma_inf_resamples_momentum(gen):
+    # later BAOAB step with gamma = inf: the stored p is exactly sqrt(tau) R (the O is last
+    # to touch p), whatever p was before
+    for dtype in (F32, F64):
+        st_ = State([5000], dtype, "BAOAB", gen=gen)
+        grads = make_grads(st_, gen, 1)
+        st_.step(kernels.thermo_step, grads[0], step=2, first=False, gamma=math.inf, tau=0.3)
+        want = math.sqrt(0.3) * R(5000, uid=st_.uids[0], step=2, draw=0)
+        assert_close(st_.momenta[0].double(), want, RTOL[dtype], "p")
+
+
+def test_tau_zero_has_no_noise(gen):
+    st_ = State([4097, 70000], F64, "OBACDEDCABO", gen=gen)
+    grads = make_grads(st_, gen, 1)[0]
+    a, b = st_.clone(), st_.clone()
+    a.step(kernels.thermo_step, grads, step=0, first=True, tau=0.0, sigma=0.0, seed=1)
+    b.step(kernels.thermo_step, grads, step=0, first=True, tau=0.0, sigma=0.0, seed=2)
+    assert_states_equal(a, b)
+    c = st_.clone()
+    c.step(kernels.thermo_step, grads, step=0, first=True, tau=0.5, sigma=0.0, seed=1)
+    assert not torch.equal(a.params[0], c.params[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Determinism: thread counts (in process and via OMP_NUM_THREADS) and ISAs
+# ---------------------------------------------------------------------------------------------
+
+DET_SIZES = [2**17 + 3, 5, 2**16, 70001]
+
+
+@pytest.mark.parametrize("scheme,thermostat", [("adl", "group"), ("adl", "tensor"),
+                                               ("BAOAB", "tensor"), ("overdamped", "tensor"),
+                                               ("OBACDEDCABO", "group")])
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+def test_bitwise_across_thread_counts(scheme, thermostat, dtype, gen, restore_threads):
+    st_ = State(DET_SIZES, dtype, scheme, gen=gen, thermostat=thermostat)
+    st_.offsets = [1, 0, 2**15 + 7, 3]
+    grads = make_grads(st_, gen, 3)
+    results = []
+    for threads in (1, 2, 1):
+        restore_threads(threads)
+        assert thermo_ext._C.get_num_threads() == threads
+        s = st_.clone()
+        for k, g in enumerate(grads):
+            assert s.step(kernels.thermo_step, g, step=k, first=k == 0, eps=eps_for(s)) is None
+        results.append(s)
+    assert_states_equal(results[0], results[1])
+    assert_states_equal(results[0], results[2])
+    if scheme == "adl":
+        assert not torch.equal(results[0].xi, st_.xi)
+
+
+SUBPROCESS_SCRIPT = textwrap.dedent(r"""
+    import sys, json, torch
+    import thermo_ext
+    from thermo_ext import kernels
+    from thermo_ext.schemes import fold
+    torch.manual_seed(0)
+    res = {}
+    sizes = [2**16 + 3, 5, 40001]
+    cases = [("adl", "group"), ("adl", "tensor"), ("BAOAB", "tensor"),
+             ("OBACDEDCABO", "group"), ("overdamped", "tensor")]
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for scheme, seg in (cases if dtype != torch.bfloat16 else cases[:3]):
+            f = fold(scheme)
+            mdt = kernels.momentum_dtype(dtype)
+            ps = [torch.randn(n, dtype=torch.float64).to(dtype) for n in sizes]
+            ms = [torch.randn(n, dtype=mdt) if f.uses_momentum else None for n in sizes]
+            segs = list(range(len(sizes))) if seg == "tensor" else [0] * len(sizes)
+            xi = torch.full((max(segs) + 1,), 0.1, dtype=torch.float64)
+            for k in range(2):
+                gs = [torch.randn(n, dtype=torch.float64).to(dtype) for n in sizes]
+                bad = kernels.thermo_step(ps, ms, gs, scheme=f, lr=0.1, gamma=1.0, tau=0.5,
+                                          sigma=0.3, eps=1e-5, weight_decay=0.01, xi=xi,
+                                          segments=segs, seed=2**40 + 1, step=k,
+                                          uids=[7, 8, 9], offsets=[1, 0, 2**15 + 7],
+                                          first=k == 0)
+                assert bad is None
+            res[f"{dtype}/{scheme}/{seg}"] = dict(params=ps, momenta=ms, xi=xi)
+    z = thermo_ext.random.normal(2**17 + 9, seed=5, uid=1, step=2, draw=3, offset=6)
+    res["normal"] = dict(params=[z], momenta=[], xi=torch.zeros(1, dtype=torch.float64))
+    torch.save(res, sys.argv[1])
+    print(json.dumps({"isa": thermo_ext.build_info()["isa"],
+                      "threads": thermo_ext._C.get_num_threads()}))
+""")
+
+
+class _Runs:
+    """The script run in fresh processes under given environments, each run once per module."""
+
+    def __init__(self, tmp):
+        self.tmp = tmp
+        self.cache = {}
+        (tmp / "det_script.py").write_text(SUBPROCESS_SCRIPT)
+
+    def __call__(self, threads, isa=None):
+        key = (threads, isa)
+        if key not in self.cache:
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads))  # isa None: as this process
+            if isa is not None:
+                env["THERMO_EXT_ISA"] = isa
+            path = self.tmp / f"run_{threads}_{isa}.pt"
+            proc = subprocess.run([sys.executable, str(self.tmp / "det_script.py"), str(path)],
+                                  env=env, capture_output=True, text=True, timeout=600)
+            assert proc.returncode == 0, proc.stderr
+            info = json.loads(proc.stdout.strip().splitlines()[-1])
+            self.cache[key] = info, torch.load(path)
+        return self.cache[key]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return _Runs(tmp_path_factory.mktemp("determinism"))
+
+
+def _assert_results_bitwise(a, b, what):
+    assert a.keys() == b.keys()
+    for key in a:
+        for field in ("params", "momenta"):
+            for i, (x, y) in enumerate(zip(a[key][field], b[key][field])):
+                assert bits_equal(x, y), f"{what}: {key} {field}[{i}] differ"
+        assert bits_equal(a[key]["xi"], b[key]["xi"]), f"{what}: {key} xi differs"
+
+
+def test_bitwise_across_omp_num_threads(runs):
+    info1, one = runs(1)
+    info2, two = runs(2)
+    assert info1["threads"] == 1 and info2["threads"] == 2
+    _assert_results_bitwise(one, two, "OMP_NUM_THREADS 1 vs 2")
+
+
+def test_bitwise_across_isas(runs):
+    isas = thermo_ext.build_info()["isas"]
+    default = thermo_ext.build_info()["isa"]
+    if len(isas) < 2:
+        pytest.skip(f"only one ISA on this machine: {isas}")
+    base_info, base = runs(2)
+    assert base_info["isa"] == default
+    for isa in isas:
+        if isa == default:
+            continue
+        info, res = runs(2, isa)
+        assert info["isa"] == isa
+        _assert_results_bitwise(base, res, f"ISA {default} vs {isa}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharding by global offsets
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cut", [1, 4097, 2**15 + 3])
+@pytest.mark.parametrize("scheme", ["BAOAB", "OBABO", "overdamped", "OBADAOB", "adl",
+                                    "OBACDEDCABO"])
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+def test_two_shards_equal_the_whole(scheme, cut, dtype, gen):
+    n = 2**17 + 5
+    whole = State([n], dtype, scheme, gen=gen)
+    whole.offsets = [0]
+    grads = make_grads(whole, gen, 2)
+    sharded = whole.clone()  # the shards are views into its tensors
+    p, m = sharded.params[0], sharded.momenta[0]
+    sp = [p[:cut], p[cut:]]
+    sm = [m[:cut], m[cut:]] if m is not None else [None, None]
+    uid = whole.uids[0]
+    has_e = whole.scheme.n_e > 0
+    for k, g in enumerate(grads):
+        kw = dict(HYPER, scheme=whole.scheme, seed=SEED, step=k, first=k == 0, eps=1e-6)
+        assert kernels.thermo_step(whole.params, whole.momenta, g, xi=whole.xi, segments=[0],
+                                   uids=[uid], offsets=[0], **kw) is None
+        # both shards in one call, the same uid, offsets 0 and cut, one thermostat segment
+        assert kernels.thermo_step(sp, sm, [g[0][:cut], g[0][cut:]], xi=sharded.xi,
+                                   segments=[0, 0], uids=[uid, uid], offsets=[0, cut],
+                                   **kw) is None
+    if has_e:
+        # the segment sums are added in another order: equal up to rounding
+        assert_states_close(sharded, whole)
+    else:
+        assert_states_equal(sharded, whole)
+
+
+@pytest.mark.parametrize("scheme", ["BAOAB", "OBABO", "overdamped", "OBADAOB"])
+def test_shards_in_separate_calls_equal_the_whole(scheme, gen):
+    # without E nothing couples elements: each shard may be stepped on its own (as a data-
+    # parallel rank would), with its global offset
+    n = 2**17 + 5
+    whole = State([n], F32, scheme, gen=gen)
+    grads = make_grads(whole, gen, 2)
+    sharded = whole.clone()
+    cuts = [0, 3, 2**15 + 1, 100000, n]
+    uid = whole.uids[0]
+    for k, g in enumerate(grads):
+        kw = dict(HYPER, scheme=whole.scheme, xi=None, seed=SEED, step=k, first=k == 0)
+        kernels.thermo_step(whole.params, whole.momenta, g, segments=[0], uids=[uid],
+                            offsets=[0], **kw)
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            m = sharded.momenta[0]
+            kernels.thermo_step([sharded.params[0][a:b]], [m[a:b] if m is not None else None],
+                                [g[0][a:b]], segments=[0], uids=[uid], offsets=[a], **kw)
+    assert_states_equal(sharded, whole)
+
+
+def test_seg_numel_and_sum_hook_match_reference(gen):
+    # a shard of a larger tensor: seg_numel counts the whole; sum_hook adds the other shards'
+    # sums (here: a constant), as a distributed all-reduce would
+    st_ = State([4097, 70001], F64, "OBACDEDCABO", gen=gen, thermostat="group")
+    grads = make_grads(st_, gen, 2)
+    seen = []
+
+    def hook(sums):
+        seen.append(sums.clone())
+        sums += 1234.5
+
+    extra = dict(seg_numel=[3 * 74098.0], sum_hook=hook, eps=1e-6)
+    eng, ref = run_pair(st_, grads, **extra)
+    assert_states_close(eng, ref, start=st_)
+    assert len(seen) == 4  # one E per step, engine and reference
+    torch.testing.assert_close(seen[0], seen[1], rtol=1e-12, atol=0)
+    # the hook path without a hook's effect equals the plain path
+    a, b = st_.clone(), st_.clone()
+    for k, g in enumerate(grads):
+        a.step(kernels.thermo_step, g, step=k, first=k == 0, eps=1e-6)
+        b.step(kernels.thermo_step, g, step=k, first=k == 0, eps=1e-6, sum_hook=lambda s: None)
+    assert_states_equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: named errors, nothing changed
+# ---------------------------------------------------------------------------------------------
+
+def _base_call(gen, scheme="adl", dtype=F32, sizes=(6, 4097)):
+    st_ = State(list(sizes), dtype, scheme, gen=gen)
+    grads = make_grads(st_, gen, 1)[0]
+    kw = dict(HYPER, scheme=st_.scheme, xi=st_.xi, segments=st_.segments, seed=SEED, step=0,
+              uids=st_.uids, offsets=st_.offsets, first=False, eps=0.01)
+    return st_, grads, kw
+
+
+def _assert_rejected(st_, grads, kw, exc, name, params=None, momenta=None, call_grads=None):
+    """The call with the (possibly replaced) lists raises exc with a message that starts with
+    the argument's name, and every original tensor of st_ and grads is bitwise unchanged."""
+    params = st_.params if params is None else params
+    momenta = st_.momenta if momenta is None else momenta
+    call_grads = grads if call_grads is None else call_grads
+    originals = [*st_.tensors(), *grads]
+    before = [t.clone() for t in originals]
+    with pytest.raises(exc) as e:
+        kernels.thermo_step(params, momenta, call_grads, **kw)
+    msg = str(e.value)
+    assert msg.startswith(name), f"message does not start with {name!r}: {msg}"
+    for x, y in zip(before, originals):
+        assert bits_equal(x, y)
+
+
+def _replace(lst, i, value):
+    out = list(lst)
+    out[i] = value
+    return out
+
+
+def _noncontig(t):
+    big = torch.zeros(t.numel() * 2, dtype=t.dtype)
+    big[::2] = t.reshape(-1)
+    return big[::2].view(t.shape)
+
+
+TENSOR_ERRORS = {
+    # name: (function (state, grads) -> (params, momenta, grads), exception, argument name)
+    "grad_shape": (lambda s, g: (s.params, s.momenta, _replace(g, 1, g[1][:-1])), ValueError,
+                   "grads[1]"),
+    "grad_dtype": (lambda s, g: (s.params, s.momenta, _replace(g, 0, g[0].double())), ValueError,
+                   "grads[0]"),
+    "grad_device": (lambda s, g: (s.params, s.momenta, _replace(g, 1, g[1].to("meta"))),
+                    ValueError, "grads[1]"),
+    "grad_noncontig": (lambda s, g: (s.params, s.momenta, _replace(g, 1, _noncontig(g[1]))),
+                       ValueError, "grads[1]"),
+    "grad_sparse": (lambda s, g: (s.params, s.momenta, _replace(g, 0, g[0].to_sparse())),
+                    ValueError, "grads[0]"),
+    "grad_none": (lambda s, g: (s.params, s.momenta, _replace(g, 1, None)), TypeError,
+                  "grads[1]"),
+    "mom_shape": (lambda s, g: (s.params, _replace(s.momenta, 1, s.momenta[1][:5]), g),
+                  ValueError, "momenta[1]"),
+    "mom_dtype": (lambda s, g: (s.params, _replace(s.momenta, 0, s.momenta[0].double()), g),
+                  ValueError, "momenta[0]"),
+    "mom_device": (lambda s, g: (s.params, _replace(s.momenta, 0, s.momenta[0].to("meta")), g),
+                   ValueError, "momenta[0]"),
+    "mom_noncontig": (lambda s, g: (s.params, _replace(s.momenta, 1, _noncontig(s.momenta[1])),
+                                    g), ValueError, "momenta[1]"),
+    "mom_none": (lambda s, g: (s.params, _replace(s.momenta, 1, None), g), TypeError,
+                 "momenta[1]"),
+    "param_dtype": (lambda s, g: (_replace(s.params, 1, s.params[1].double()), s.momenta, g),
+                    ValueError, "params[1]"),
+    "param_device": (lambda s, g: (_replace(s.params, 1, s.params[1].to("meta")), s.momenta, g),
+                     ValueError, "params[1]"),
+    "param_noncontig": (lambda s, g: (_replace(s.params, 1, _noncontig(s.params[1])), s.momenta,
+                                      g), ValueError, "params[1]"),
+    "param_int": (lambda s, g: (_replace(s.params, 0, s.params[0].to(torch.int32)), s.momenta,
+                                g), TypeError, "params[0]"),
+    "param_not_tensor": (lambda s, g: (_replace(s.params, 0, [1.0] * 6), s.momenta, g),
+                         TypeError, "params[0]"),
+    "lengths": (lambda s, g: (s.params, s.momenta, g[:1]), ValueError, "params, momenta, grads"),
+}
+
+
+@pytest.mark.parametrize("case", list(TENSOR_ERRORS))
+def test_bad_tensors_rejected(case, gen):
+    st_, grads, kw = _base_call(gen)
+    make, exc, name = TENSOR_ERRORS[case]
+    params, momenta, call_grads = make(st_, grads)
+    _assert_rejected(st_, grads, kw, exc, name, params=params, momenta=momenta,
+                     call_grads=call_grads)
+
+
+@pytest.mark.parametrize("value,exc", [(-0.1, ValueError), (math.nan, ValueError),
+                                       (math.inf, ValueError), (-math.inf, ValueError),
+                                       ("0.1", TypeError), (None, TypeError),
+                                       (True, TypeError)])
+@pytest.mark.parametrize("name", ["lr", "gamma", "tau", "sigma", "eps", "weight_decay"])
+def test_bad_hyperparameters_rejected(name, value, exc, gen):
+    if name == "gamma" and value == math.inf:
+        pytest.skip("gamma = inf is allowed (tested below)")
+    st_, grads, kw = _base_call(gen, scheme="OBACDEDCABO")
+    kw[name] = value
+    _assert_rejected(st_, grads, kw, exc, name)
+
+
+def test_gamma_inf_and_zero_values_allowed(gen):
+    st_, grads, kw = _base_call(gen, scheme="OBACDEDCABO")
+    kw.update(gamma=math.inf, lr=0.0, tau=0.0, sigma=0.0, eps=0.0, weight_decay=0.0)
+    assert kernels.thermo_step(st_.params, st_.momenta, grads, **kw) is None
+    kw.update(gamma=torch.tensor(2.0), lr=torch.tensor(0.1, dtype=F64))  # 0-d tensors work
+    assert kernels.thermo_step(st_.params, st_.momenta, grads, **kw) is None
+
+
+@pytest.mark.parametrize("case", ["xi_dtype", "xi_2d", "xi_none", "xi_short", "segments_len",
+                                  "uids_len"])
+def test_bad_thermostat_arguments_rejected(case, gen):
+    st_, grads, kw = _base_call(gen)
+    name = case.split("_")[0]
+    if case == "xi_dtype":
+        kw["xi"] = st_.xi.float()
+    elif case == "xi_2d":
+        kw["xi"] = st_.xi.view(1, -1)
+    elif case == "xi_none":
+        kw["xi"] = None
+    elif case == "xi_short":
+        kw["xi"] = st_.xi[:1].clone()
+        name = "segments"
+    elif case == "segments_len":
+        kw["segments"] = [0]
+    elif case == "uids_len":
+        kw["uids"] = [1]
+    _assert_rejected(st_, grads, kw, ValueError, name)
+
+
+@pytest.mark.parametrize("arg,value,exc", [
+    ("offsets", [-1, 0], ValueError),      # a negative global index
+    ("offsets", [0], ValueError),          # one entry for two tensors
+    ("uids", [2**32, 1], ValueError),      # would wrap to uid 0 in the counter
+    ("uids", [-1, 1], ValueError),
+    ("step", -1, ValueError),              # would become 2**32-1, the thermal-momenta step
+    ("seed", -1, ValueError),
+    ("seed", 2**64, ValueError),
+    ("seed", 1.5, TypeError),
+])
+def test_bad_counter_arguments_rejected(arg, value, exc, gen):
+    # §3's counters take seed in [0, 2**64), uid in [0, 2**32), offset >= 0, step >= 0
+    # (thermo_ext.random.normal rejects exactly these); §5: named error, nothing changed
+    st_, grads, kw = _base_call(gen, scheme="BAOAB")
+    kw[arg] = value
+    _assert_rejected(st_, grads, kw, exc, arg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite values: (index, kind) returned, nothing modified
+# ---------------------------------------------------------------------------------------------
+
+def _snapshot(st_, grads):
+    return [t.clone() for t in [*st_.tensors(), *grads]]
+
+
+def _unchanged(st_, grads, snap):
+    return all(bits_equal(x, y) for x, y in zip(snap, [*st_.tensors(), *grads]))
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("scheme", ["BAOAB", "adl", "overdamped"])
+@pytest.mark.parametrize("where,value,kind", [
+    ("grad", math.nan, "gradient"), ("grad", math.inf, "gradient"),
+    ("param", -math.inf, "parameter"), ("param", math.nan, "parameter"),
+    ("mom", math.nan, "momentum"),
+])
+@pytest.mark.parametrize("index,pos", [(0, 0), (2, 2**15 + 1)])
+def test_non_finite_is_reported_and_nothing_changes(scheme, where, value, kind, index, pos,
+                                                    dtype, gen):
+    fs = fold(scheme)
+    if where == "mom" and not fs.n_e:
+        pytest.skip("momenta are checked only by schemes with E (they are summed)")
+    st_ = State([7, 4097, 2**16 + 9], dtype, fs, gen=gen)
+    grads = make_grads(st_, gen, 1)[0]
+    target = {"grad": grads, "param": st_.params, "mom": st_.momenta}[where][index]
+    target.view(-1)[pos] = value
+    for impl in (kernels.thermo_step, reference.thermo_step):
+        snap = _snapshot(st_, grads)
+        got = st_.step(impl, grads, step=1, first=False, eps=1e-3)
+        assert got == (index, kind), impl.__module__
+        assert _unchanged(st_, grads, snap), impl.__module__
+
+
+def test_first_bad_tensor_is_reported(gen):
+    st_ = State([7, 4097, 70000], F32, "adl", gen=gen)
+    grads = make_grads(st_, gen, 1)[0]
+    grads[2][5] = math.nan
+    st_.params[1][4000] = math.inf
+    snap = _snapshot(st_, grads)
+    assert st_.step(kernels.thermo_step, grads, step=0, first=True) == (1, "parameter")
+    assert _unchanged(st_, grads, snap)
+    grads[1][0] = math.nan  # same tensor: the gradient is reported before the parameter
+    assert st_.step(kernels.thermo_step, grads, step=0, first=True) == (1, "gradient")
+
+
+@pytest.mark.parametrize("impl", [kernels.thermo_step, reference.thermo_step],
+                         ids=["engine", "reference"])
+@pytest.mark.parametrize("xi0,eps", [(-1e308, 0.0),   # exp(-xi delta) overflows in the first C
+                                     (-1e4, 0.0),     # exp finite, sum p^2 overflows in E
+                                     (0.1, 1e308)])   # xi itself overflows in E
+@pytest.mark.parametrize("thermostat", ["tensor", "group"])
+def test_thermostat_overflow_is_reported_and_nothing_changes(thermostat, xi0, eps, impl, gen):
+    st_ = State([7, 4097, 70000], F64, "adl", gen=gen, thermostat=thermostat)
+    grads = make_grads(st_, gen, 1)[0]
+    seg = st_.segments[-1]
+    st_.xi[seg] = xi0
+    if eps:
+        # every segment's xi moves by 0.1 eps sum p^2: the 7-element tensor's stays finite
+        # (sum p^2 < 17), the first to overflow is the 4097-element tensor's
+        assert float((st_.momenta[0].double() ** 2).sum()) < 17
+        seg = st_.segments[1]
+    snap = _snapshot(st_, grads)
+    got = st_.step(impl, grads, step=0, first=True, eps=eps, tau=0.0, lr=0.1, sigma=0.0)
+    assert got == (seg, "thermostat")
+    assert _unchanged(st_, grads, snap)
+
+
+def test_check_finite_false_skips_the_check(gen):
+    st_ = State([7, 4097], F32, "BAOAB", gen=gen)
+    grads = make_grads(st_, gen, 1)[0]
+    grads[1][3] = math.nan
+    assert st_.step(kernels.thermo_step, grads, step=0, first=True, check_finite=False) is None
+    assert torch.isnan(st_.params[1][3]) and torch.isfinite(st_.params[0]).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# bf16 / fp16 parameters with float32 momenta
+# ---------------------------------------------------------------------------------------------
+
+def _ulp_distance(a, b):
+    """Distance in units in the last place between two 16-bit float tensors (finite values)."""
+    def key(t):
+        bits = t.view(torch.int16).to(torch.int32)
+        mag = bits & 0x7FFF
+        return torch.where(bits < 0, -mag, mag)
+    return (key(a) - key(b)).abs()
+
+
+@pytest.mark.parametrize("stochastic", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("scheme", ["BAOAB", "adl", "OBACDEDCABO", "overdamped"])
+def test_low_precision_parameters_match_reference(scheme, dtype, stochastic, gen):
+    st_ = State([1, 3, 4097, 40001], dtype, scheme, gen=gen, thermostat="tensor")
+    st_.offsets = [0, 2, 5, 2**20 + 1]
+    grads = make_grads(st_, gen, 3)
+    eng, ref = run_pair(st_, grads, eps=eps_for(st_), stochastic_rounding=stochastic)
+    for i, (a, b) in enumerate(zip(eng.params, ref.params)):
+        assert a.dtype == dtype
+        d = _ulp_distance(a, b)
+        assert int(d.max()) <= 1, f"params[{i}]: {int(d.max())} ulp"
+    for i, (a, b) in enumerate(zip(eng.momenta, ref.momenta)):
+        if b is not None:
+            assert a.dtype == F32
+            # a parameter one ulp apart feeds the next B through weight decay only (0 here) and
+            # the next A by adding: p stays float32-close
+            assert_close(a, b, 1e-5, f"momenta[{i}]")
+    torch.testing.assert_close(eng.xi, ref.xi, rtol=XI_RTOL, atol=1e-15)
+    assert not torch.equal(eng.params[3], st_.params[3])
+
+
+def test_bf16_stochastic_rounding_is_unbiased_and_deterministic(gen):
+    # theta = 1 + 0.3 ulp(bf16) exactly in float32; stochastic rounding goes up with
+    # probability 0.3, round-to-nearest always down
+    n = 100000
+    ulp = 2.0**-7
+    for stochastic, want in [(True, 0.3), (False, 0.0)]:
+        p = torch.ones(n, dtype=torch.bfloat16)
+        m = torch.full((n,), 0.3 * ulp, dtype=F32)
+        g = torch.zeros(n, dtype=torch.bfloat16)
+        kw = dict(scheme=fold("BA"), lr=1.0, gamma=0.0, tau=0.0, sigma=0.0, eps=0.0,
+                  weight_decay=0.0, xi=None, segments=[0], seed=99, step=0, uids=[3],
+                  first=True, stochastic_rounding=stochastic)
+        assert kernels.thermo_step([p], [m], [g], **kw) is None
+        up = (p.float() == 1.0 + ulp).double().mean().item()
+        assert set(p.float().unique().tolist()) <= {1.0, 1.0 + ulp}
+        assert abs(up - want) < 5 * math.sqrt(0.3 * 0.7 / n), (stochastic, up)
+        q = torch.ones(n, dtype=torch.bfloat16)
+        reference.thermo_step([q], [torch.full((n,), 0.3 * ulp, dtype=F32)], [g], **kw)
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("scheme", ["adl", "BAOAB", "OBACDEDCABO"])
+def test_mode_pre_then_finish_equals_all(scheme, gen):
+    st_ = State([5, 4097, 70001], F64, scheme, gen=gen, thermostat="group")
+    grads = make_grads(st_, gen, 2)
+    a, b = st_.clone(), st_.clone()
+    ws = torch.empty(max(2 * a.scheme.n_e * a.xi.numel(), 1), dtype=F64)
+    for k, g in enumerate(grads):
+        assert a.step(kernels.thermo_step, g, step=k, first=k == 0, eps=1e-5) is None
+        snap = _snapshot(b, g)
+        assert b.step(kernels.thermo_step, g, step=k, first=k == 0, eps=1e-5, mode="pre",
+                      workspace=ws) is None
+        assert _unchanged(b, g, snap)  # "pre" writes nothing
+        assert b.step(kernels.thermo_step, g, step=k, first=k == 0, eps=1e-5, mode="finish",
+                      workspace=ws) is None
+    assert_states_equal(a, b)
+    with pytest.raises(ValueError, match="^mode"):
+        b.step(kernels.thermo_step, grads[0], step=0, first=True, mode="bogus")
+
+
+def test_mode_pre_finish_with_a_too_small_workspace(gen):
+    # "pre" leaves the xi versions in the caller's workspace for "finish". A workspace smaller
+    # than 2 * n_e * n_seg doubles must be refused (naming workspace) -- or used correctly; it
+    # must not be swapped silently for a fresh one, or "finish" runs on uninitialised xi versions.
+    st_ = State([1000, 40001], F64, "adl", gen=gen, thermostat="tensor")  # needs 2*1*2 doubles
+    grads = make_grads(st_, gen, 1)[0]
+    want = st_.clone()
+    assert want.step(kernels.thermo_step, grads, step=1, first=False, eps=1e-4) is None
+    got = st_.clone()
+    ws = torch.zeros(3, dtype=F64)
+    try:
+        got.step(kernels.thermo_step, grads, step=1, first=False, eps=1e-4, mode="pre",
+                 workspace=ws)
+        got.step(kernels.thermo_step, grads, step=1, first=False, eps=1e-4, mode="finish",
+                 workspace=ws)
+    except ValueError as e:
+        assert str(e).startswith("workspace"), str(e)
+        assert _unchanged(got, grads, _snapshot(st_, grads))
+        return
+    assert_states_close(got, want)
+
+
+def test_seg_numel_of_wrong_length_is_named(gen):
+    st_, grads, kw = _base_call(gen)  # two segments
+    kw["seg_numel"] = [4097.0]
+    _assert_rejected(st_, grads, kw, ValueError, "seg_numel")
