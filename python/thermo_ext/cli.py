@@ -19,6 +19,7 @@ import datetime
 import os
 import shlex
 import sys
+import textwrap
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -29,7 +30,7 @@ ALL_METHODS = "AdLaLa,LOL,LaLa,Langevin,AdL,Overdamped,SGD,Adam"
 #: two-core machine without a GPU (docs/RESULTS.md has the measured times). The paper's run is
 #: ``thermo-ext spiral --epochs 4000 --seeds 5``.
 SPIRAL_DEFAULTS = dict(epochs=1000, seeds=3, eval_every=10)
-DIGITS_DEFAULTS = dict(epochs=20, seeds=3, eval_every=1)
+DIGITS_DEFAULTS = dict(epochs=50, seeds=5, eval_every=1)
 ROBUSTNESS_DEFAULTS = dict(epochs=300, seeds=1, eval_every=50)
 
 
@@ -82,24 +83,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     sp = sub.add_parser("spiral", help="the paper's two-spiral comparison of all methods",
-                        description="Trains the paper's 2-100-1 net on two spirals with every "
-                                    "method and several seeds; prints a table and writes curves "
-                                    "and a figure. The paper's run: --epochs 4000 --seeds 5.")
+                        description=textwrap.fill(
+                            "Trains the paper's 2-100-1 net on two spirals with every method "
+                            "and several seeds; prints a table and writes curves and a figure. "
+                            "The paper's run: --epochs 4000 --seeds 5."))
     _add_run_options(sp, **SPIRAL_DEFAULTS)
     _add_spiral_options(sp)
 
     dg = sub.add_parser("digits", help="the same comparison on scikit-learn's digits",
-                        description="Trains a 64-100-10 net on scikit-learn's handwritten digits "
-                                    "(shipped with scikit-learn, no download) with every "
-                                    "method.")
+                        description=textwrap.fill(
+                            "Trains a 64-100-10 net on scikit-learn's handwritten digits "
+                            "(shipped with scikit-learn, no download) with every method."))
     _add_run_options(dg, **DIGITS_DEFAULTS)
     _add_digits_options(dg)
 
     rb = sub.add_parser("robustness", help="final accuracy over step sizes x init scales",
-                        description="Final test accuracy of every method over a grid of step "
-                                    "sizes (multiples of each method's default) and "
-                                    "initialisation scales (every initial parameter times s): "
-                                    "the paper's robustness claim.")
+                        description=textwrap.fill(
+                            "Final test accuracy of every method over a grid of step sizes "
+                            "(multiples of each method's default) and initialisation scales "
+                            "(every initial parameter times s): the paper's robustness claim."))
     _add_run_options(rb, **ROBUSTNESS_DEFAULTS)
     rb.add_argument("--task", choices=("spiral", "digits"), default="spiral",
                     help="problem (default spiral; its data options below)")
@@ -124,8 +126,21 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _methods_epilog() -> str:
+    from .experiments import METHODS
+
+    lines = ["methods and their defaults (change with --set METHOD.KEY=VALUE):"]
+    for m in METHODS.values():
+        defaults = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                             for k, v in m.defaults.items())
+        lines.append(f"  {m.name:<10} {defaults}; also settable: {', '.join(m.extra)}")
+    return "\n".join(lines)
+
+
 def _add_run_options(p: argparse.ArgumentParser, *, epochs: int, seeds: int,
                      eval_every: int) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = _methods_epilog()
     g = p.add_argument_group("runs")
     g.add_argument("--methods", default=ALL_METHODS, metavar="M,M,...",
                    help=f"methods to compare, comma-separated (default {ALL_METHODS})")
@@ -171,6 +186,9 @@ def _add_spiral_options(p: argparse.ArgumentParser) -> None:
                    help="training points, half per class (default 500)")
     g.add_argument("--test", type=at_least_two, default=1000,
                    help="test points, half per class (default 1000)")
+    g.add_argument("--loss", choices=("logits", "sigmoid"), default="logits",
+                   help="BCE computed from the logit (default: stable, exact gradient) or on "
+                        "sigmoid outputs with torch's BCELoss, exactly as the paper's notebook")
 
 
 def _add_digits_options(p: argparse.ArgumentParser) -> None:
@@ -185,7 +203,8 @@ def _task(args, name: str):
 
     if name == "spiral":
         return SpiralTask(turns=args.turns, noise=args.noise, train=args.train, test=args.test,
-                          hidden=args.hidden, data_seed=args.data_seed)
+                          hidden=args.hidden, data_seed=args.data_seed,
+                          loss_form=args.loss)
     return DigitsTask(test_fraction=args.test_fraction, hidden=args.hidden,
                       data_seed=args.data_seed)
 
@@ -220,7 +239,7 @@ def _seeds(args) -> List[int]:
     return list(range(args.first_seed, args.first_seed + args.seeds))
 
 
-def _header(args, task, methods, extra: str = "") -> Dict:
+def _header(args, task, methods) -> Dict:
     from .experiments import METHODS, machine_info
 
     return {
@@ -338,7 +357,9 @@ def cmd_robustness(args) -> int:
     with open(os.path.join(out, "robustness_table.txt"), "w") as f:
         f.write(f"$ {payload['command']}\n{text}\ntotal wall time {wall:.1f} s\n")
     ex.plot_robustness(os.path.join(out, "robustness.png"), table, args.lr_factors,
-                       args.init_scales, f"final test accuracy: {title}")
+                       args.init_scales,
+                       f"final test accuracy after {args.epochs} epochs (batch {args.batch}, "
+                       f"{len(seeds)} seed(s))\n{task.describe()}", task.chance)
     print(f"wrote {', '.join(os.path.join(out, f) for f in files)}")
     return 0
 

@@ -34,10 +34,11 @@ from torch import nn
 from . import data as te_data
 from .optim import LOL, AdL, AdLaLa, LaLa, Langevin, Overdamped
 
-__all__ = ["METHODS", "Method", "SettingsError", "SpiralTask", "DigitsTask", "RunSpec",
-           "parse_settings", "resolve_methods", "train_run", "run_many", "summarize",
+__all__ = ["METHODS", "Method", "SettingsError", "SpiralTask", "DigitsTask", "LOSS_FORMS",
+           "MLPGradient", "RunSpec", "init_model", "parse_settings", "check_settings",
+           "resolve_methods", "train_run", "run_many", "default_jobs", "summarize",
            "format_summary", "robustness_table", "format_robustness", "machine_info",
-           "plot_comparison", "plot_robustness", "write_json", "write_csv"]
+           "curve_rows", "plot_comparison", "plot_robustness", "write_json", "write_csv"]
 
 
 class SettingsError(ValueError):
@@ -79,15 +80,17 @@ def _by_params(cls):
     return lambda model, hyper, seed: cls(model.parameters(), seed=seed, **hyper)
 
 
+# torch's fused CPU kernels are its fastest Adam and SGD (about half the step time of the
+# default for-loop on the spiral net): the baselines get their best implementation.
 def _adam(model, hyper, seed):
-    hyper = dict(hyper)
+    hyper = {"fused": True, **hyper}
     if "betas" in hyper:  # given as "b1,b2" on the command line
         hyper["betas"] = tuple(hyper["betas"])
     return torch.optim.Adam(model.parameters(), **hyper)
 
 
 def _sgd(model, hyper, seed):
-    return torch.optim.SGD(model.parameters(), **hyper)
+    return torch.optim.SGD(model.parameters(), **{"fused": True, **hyper})
 
 
 _PAPER = "the paper's notebook (AdLaLa.ipynb) and DESIGN.md §1"
@@ -109,9 +112,10 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
            _by_params(AdL)),
     Method("Overdamped", dict(lr=0.05, tau=1e-4), _THERMO_EXTRA, True,
            "thermo_ext.optim.Overdamped defaults", _by_params(Overdamped)),
-    Method("SGD", dict(lr=0.1, momentum=0.0), ("weight_decay", "nesterov", "dampening"), False,
+    Method("SGD", dict(lr=0.1, momentum=0.0), ("weight_decay", "nesterov", "dampening", "fused"),
+           False,
            "this package's choice: plain SGD at lr 0.1", _sgd),
-    Method("Adam", dict(lr=0.005), ("betas", "eps", "weight_decay", "amsgrad"), False,
+    Method("Adam", dict(lr=0.005), ("betas", "eps", "weight_decay", "amsgrad", "fused"), False,
            "the paper's notebook (lr 0.005), torch's other defaults", _adam),
 )}
 
@@ -208,6 +212,18 @@ def optimizer_settings(opt: torch.optim.Optimizer) -> List[Dict[str, Any]]:
 
 
 # ============================================================================ tasks
+def _bce_on_sigmoid(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # Exactly the notebook's Sigmoid layer + nn.BCELoss. In float32 sigmoid(z) rounds to 1 for
+    # z > ~17, where BCELoss clamps the log at -100 and the gradient vanishes: a confidently
+    # wrong point stops pulling on the net.
+    return F.binary_cross_entropy(torch.sigmoid(out), y)
+
+
+#: Loss forms of the spiral task: "logits" (default) computes the same BCE from the logit,
+#: finite and with the exact gradient sigmoid(z) - y everywhere.
+LOSS_FORMS = {"logits": F.binary_cross_entropy_with_logits, "sigmoid": _bce_on_sigmoid}
+
+
 @dataclasses.dataclass(frozen=True)
 class SpiralTask:
     """The paper's notebook problem: two spirals, a 2-hidden-1 ReLU net, BCE on its logit."""
@@ -219,7 +235,14 @@ class SpiralTask:
     test: int = 1000
     hidden: int = 100
     data_seed: Optional[int] = None  # None: each seed draws its own data set
+    loss_form: str = "logits"  # or "sigmoid": the notebook's Sigmoid layer + BCELoss
     name = "spiral"
+    chance = 50.0  # accuracy % of a constant guess
+
+    def __post_init__(self):
+        if self.loss_form not in LOSS_FORMS:
+            raise ValueError(f"loss_form: expected one of {tuple(LOSS_FORMS)}, got "
+                             f"{self.loss_form!r}")
 
     def data(self, seed: int):
         return te_data.two_spirals(self.train, self.test, turns=self.turns, noise=self.noise,
@@ -229,20 +252,33 @@ class SpiralTask:
     def model(self) -> nn.Module:
         return nn.Sequential(nn.Linear(2, self.hidden), nn.ReLU(), nn.Linear(self.hidden, 1))
 
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return LOSS_FORMS[self.loss_form](out, y)
+
+    @property
+    def closed_form(self) -> bool:  # the clamped BCELoss of "sigmoid" needs autograd
+        return self.loss_form == "logits"
+
     @staticmethod
-    def loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        # The notebook's sigmoid + BCELoss, computed from the logit for stability.
-        return F.binary_cross_entropy_with_logits(out, y)
+    def grad_target(y: torch.Tensor) -> torch.Tensor:
+        return y
+
+    @staticmethod
+    def output_grad(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """d(summed loss)/d(logit): sigmoid(z) - y."""
+        return torch.sigmoid(out).sub_(target)
 
     @staticmethod
     def correct(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        # A non-finite output is never right (a diverged net must not score 50 % by luck).
+        # The notebook rounds sigmoid(out), i.e. thresholds the logit at 0. A non-finite output
+        # is never right (a diverged net must not score 50 % by luck).
         return (((out > 0) == (y > 0.5)) & torch.isfinite(out)).sum()
 
     def describe(self) -> str:
         data = "its own data per seed" if self.data_seed is None else f"data seed {self.data_seed}"
+        loss = "BCE on the logit" if self.loss_form == "logits" else "sigmoid + BCELoss"
         return (f"two spirals ({self.turns:g} turns, noise {self.noise:g}, {self.train} train / "
-                f"{self.test} test points, {data}), 2-{self.hidden}-1 ReLU net, BCE loss")
+                f"{self.test} test points, {data}), 2-{self.hidden}-1 ReLU net, {loss}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,6 +289,7 @@ class DigitsTask:
     hidden: int = 100
     data_seed: Optional[int] = None
     name = "digits"
+    chance = 10.0
 
     def data(self, seed: int):
         return te_data.digits(self.test_fraction,
@@ -264,6 +301,17 @@ class DigitsTask:
     @staticmethod
     def loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(out, y)
+
+    closed_form = True
+
+    @staticmethod
+    def grad_target(y: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(y, 10).float()
+
+    @staticmethod
+    def output_grad(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """d(summed loss)/d(logits): softmax(z) - onehot(y)."""
+        return torch.softmax(out, 1).sub_(target)
 
     @staticmethod
     def correct(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -292,6 +340,43 @@ def init_model(task: Task, seed: int, scale: float = 1.0) -> nn.Module:
     return model
 
 
+class MLPGradient:
+    """The mean loss's gradient for a Linear-ReLU-Linear net, written into each ``p.grad``.
+
+    Why: on these tiny nets autograd's fixed cost per ``backward()`` (about 200 µs on the
+    2-core machines of docs/RESULTS.md, against about 50 µs for the forward pass) is most of a
+    training step. The same numbers follow from eight small tensor operations (backpropagation
+    written out), so runs take about half the time. ``tests/test_cli.py`` checks them against
+    autograd.
+    """
+
+    def __init__(self, model: nn.Module, task: Task):
+        first, _, second = model
+        self.w1, self.b1, self.w2, self.b2 = (first.weight, first.bias, second.weight,
+                                              second.bias)
+        self.output_grad = task.output_grad
+        for p in (self.w1, self.b1, self.w2, self.b2):
+            p.grad = torch.zeros_like(p)  # written in place by every call
+
+    @classmethod
+    def applies(cls, model: nn.Module, task: Task) -> bool:
+        return (getattr(task, "closed_form", False) and isinstance(model, nn.Sequential)
+                and len(model) == 3 and isinstance(model[0], nn.Linear)
+                and isinstance(model[1], nn.ReLU) and isinstance(model[2], nn.Linear)
+                and model[0].bias is not None and model[2].bias is not None)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, target: torch.Tensor) -> None:
+        h = torch.addmm(self.b1, x, self.w1.t()).clamp_(min=0)
+        out = torch.addmm(self.b2, h, self.w2.t())
+        d_out = self.output_grad(out, target).div_(len(x))  # mean over the batch
+        torch.mm(d_out.t(), h, out=self.w2.grad)
+        torch.sum(d_out, 0, out=self.b2.grad)
+        d_h = torch.mm(d_out, self.w2).mul_(h > 0)  # ReLU passes gradient where h > 0
+        torch.mm(d_h.t(), x, out=self.w1.grad)
+        torch.sum(d_h, 0, out=self.b1.grad)
+
+
 # ============================================================================ one run
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
@@ -307,6 +392,7 @@ class RunSpec:
     lr_factor: float = 1.0
     init_scale: float = 1.0
     keep_model: bool = False
+    closed_form: bool = True  # use MLPGradient where it applies (False: always autograd)
 
     @property
     def label(self) -> str:
@@ -338,17 +424,22 @@ def train_run(spec: RunSpec, progress: Optional[Callable[[int], None]] = None) -
     longer finite at an evaluation) stops there; its remaining evaluation points repeat its
     last evaluation, so a diverged run counts with the accuracy of the net it left behind.
     """
-    t0 = time.perf_counter()
     task = spec.task
     (x, y), (x_test, y_test) = task.data(spec.seed)
     model = init_model(task, spec.seed, spec.init_scale)
     hyper = dict(spec.hyper)
     hyper["lr"] = hyper["lr"] * spec.lr_factor
     opt = METHODS[spec.method].build(model, hyper, seed=te_data.derive_seed(spec.seed, "noise"))
+    # Timed from here: the first optimizer a process builds pays torch's lazy imports (seconds),
+    # which says nothing about the method.
+    t0 = time.perf_counter()
     shuffle = te_data.generator(spec.seed, "shuffle")
     params = list(model.parameters())
     n, batch = len(x), spec.batch
     loss_fn = task.loss
+    gradient = MLPGradient(model, task) if (spec.closed_form and
+                                            MLPGradient.applies(model, task)) else None
+    targets = task.grad_target(y) if gradient is not None else y
     curves: Dict[str, List[float]] = {k: [] for k in
                                       ("epoch", "train_loss", "train_acc", "test_loss",
                                        "test_acc")}
@@ -363,12 +454,15 @@ def train_run(spec: RunSpec, progress: Optional[Callable[[int], None]] = None) -
     diverged_at = None
     for epoch in range(1, spec.epochs + 1):
         perm = torch.randperm(n, generator=shuffle)
-        xs, ys = x[perm], y[perm]
+        xs, ts = x[perm], targets[perm]
         try:
             for i in range(0, n, batch):
-                for p in params:
-                    p.grad = None
-                loss_fn(model(xs[i:i + batch]), ys[i:i + batch]).backward()
+                if gradient is not None:
+                    gradient(xs[i:i + batch], ts[i:i + batch])
+                else:
+                    for p in params:
+                        p.grad = None
+                    loss_fn(model(xs[i:i + batch]), ts[i:i + batch]).backward()
                 opt.step()
         except FloatingPointError:  # thermo_ext's check: nothing was updated by that step
             diverged_at = epoch
@@ -394,7 +488,8 @@ def train_run(spec: RunSpec, progress: Optional[Callable[[int], None]] = None) -
         "final_test_acc": curves["test_acc"][-1], "final_test_loss": curves["test_loss"][-1],
         "final_train_acc": curves["train_acc"][-1],
         "final_train_loss": curves["train_loss"][-1],
-        "diverged_at": diverged_at, "wall_s": wall, "curves": curves,
+        "diverged_at": diverged_at, "wall_s": wall,
+        "gradient": "closed-form" if gradient is not None else "autograd", "curves": curves,
     }
     if spec.keep_model:
         result["model_state"] = {k: v.tolist() for k, v in model.state_dict().items()}
@@ -731,33 +826,39 @@ def _colors(methods: Sequence[str]) -> Dict[str, Any]:
     return {m: cmap(i % 10) for i, m in enumerate(METHODS) if m in methods}
 
 
-def _mean_curve(runs, key):
+def _curve_stats(runs, key):
+    """(epochs, mean, std, median) over the runs of one evaluation series."""
     import numpy as np
 
     arr = np.array([r["curves"][key] for r in runs], dtype=float)
     arr[~np.isfinite(arr)] = np.nan
     with np.errstate(all="ignore"):
-        return np.array(runs[0]["curves"]["epoch"]), np.nanmean(arr, 0), np.nanstd(arr, 0)
+        return (np.array(runs[0]["curves"]["epoch"]), np.nanmean(arr, 0), np.nanstd(arr, 0),
+                np.nanmedian(arr, 0))
 
 
-def _plot_curves(ax, results, methods, key, ylabel, log=False) -> None:
+def _plot_curves(ax, results, methods, key, ylabel) -> None:
+    """Accuracy: mean ± std over seeds. Loss: the median over seeds, no band (one seed whose
+    loss explodes would otherwise paint the whole panel)."""
     colors = _colors(methods)
+    is_loss = key.endswith("loss")
     for m in methods:
         runs = [r for r in results if r["method"] == m]
         if not runs:
             continue
-        epochs, mean, std = _mean_curve(runs, key)
-        ax.plot(epochs, mean, color=colors[m], lw=1.6 if m in ("AdLaLa", "Adam") else 1.0,
-                label=m)
-        if len(runs) > 1:
-            lo = mean - std
-            if log:
-                lo = [max(v, 1e-8) for v in lo]
-            ax.fill_between(epochs, lo, mean + std, color=colors[m], alpha=0.12, lw=0)
+        epochs, mean, std, median = _curve_stats(runs, key)
+        ax.plot(epochs, median if is_loss else mean, color=colors[m],
+                lw=1.6 if m in ("AdLaLa", "Adam") else 1.0, label=m)
+        if len(runs) > 1 and not is_loss:
+            ax.fill_between(epochs, mean - std, mean + std, color=colors[m], alpha=0.12, lw=0)
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
-    if log:
-        ax.set_yscale("log")
+    if is_loss:
+        # A diverging method's loss would flatten every other curve: cap the axis at 1.5 times
+        # the initial loss.
+        first = [r["curves"][key][0] for r in results if math.isfinite(r["curves"][key][0])]
+        if first:
+            ax.set_ylim(0, 1.5 * max(first))
     ax.grid(alpha=0.3)
 
 
@@ -797,8 +898,8 @@ def plot_comparison(path: str, task, results, methods, title: str,
     axes = fig.subplots(rows, 2, squeeze=False)
     _plot_curves(axes[0][0], results, methods, "test_acc", "test accuracy %")
     axes[0][0].set_title("test accuracy (mean ± std over seeds)", fontsize=10)
-    _plot_curves(axes[0][1], results, methods, "test_loss", "test loss", log=True)
-    axes[0][1].set_title("test loss (mean ± std over seeds)", fontsize=10)
+    _plot_curves(axes[0][1], results, methods, "test_loss", "test loss")
+    axes[0][1].set_title("test loss (median over seeds)", fontsize=10)
     axes[0][0].legend(fontsize=8, ncol=2, loc="lower right")
     for k, run in enumerate(boundary_runs[:2]):
         _plot_boundary(axes[1][k], task, run)
@@ -809,7 +910,7 @@ def plot_comparison(path: str, task, results, methods, title: str,
 
 
 def plot_robustness(path: str, table: Dict[str, Dict[str, Any]], lr_factors, init_scales,
-                    title: str) -> None:
+                    title: str, chance: float = 50.0) -> None:
     """One heat-map panel per method: final test accuracy over (init scale, lr factor)."""
     import numpy as np
 
@@ -821,7 +922,7 @@ def plot_robustness(path: str, table: Dict[str, Dict[str, Any]], lr_factors, ini
     image = None
     for ax, (m, t) in zip([a for row in axes for a in row], table.items()):
         grid = np.array(t["grid"])
-        image = ax.imshow(grid, vmin=50, vmax=100, cmap="viridis", origin="lower",
+        image = ax.imshow(grid, vmin=chance, vmax=100, cmap="viridis", origin="lower",
                           aspect="auto")
         ax.set_xticks(range(len(lr_factors)), [f"{f:g}" for f in lr_factors])
         ax.set_yticks(range(len(init_scales)), [f"{s:g}" for s in init_scales])
