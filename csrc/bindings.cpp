@@ -182,13 +182,13 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "update_xi",
-      [](const Plan& p, intptr_t stream, int k, intptr_t flag) {
+      [](const Plan& p, intptr_t stream, int k, intptr_t flag, bool check) {
         const StepArgs a = p.args();
         if (k < 0 || k >= a.prog->n_e) throw std::invalid_argument("update_xi: no such E");
         if (p.device >= 0) return cuda_update_xi(a, p.device, stream, k, (int32_t*)flag);
-        return cpu_update_xi(a, k);
+        return cpu_update_xi(a, k, check);
       },
-      py::arg("plan"), py::arg("stream"), py::arg("k"), py::arg("flag"));
+      py::arg("plan"), py::arg("stream"), py::arg("k"), py::arg("flag"), py::arg("check") = true);
 
   m.def(
       "fill_normal",

@@ -81,4 +81,10 @@ TE_HD bool nonfinite_bits(double x) {
   return ((u >> 52) & 0x7FFu) == 0x7FFu;
 }
 
+// A C factor exp(-xi delta) that the compute type cannot hold (float32 for every parameter
+// dtype but float64): the runaway-thermostat check of DESIGN.md.
+TE_HD bool factor_overflows(double f, bool compute_double) {
+  return nonfinite_bits(f) || (!compute_double && f > 3.4028234663852886e38);
+}
+
 }  // namespace te

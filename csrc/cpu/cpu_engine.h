@@ -9,7 +9,8 @@ namespace te {
 
 struct CpuKernels {
   const char* isa;
-  // Runs phase `phase` of a.prog (see engine.h); returns -1 or a BadKind code.
+  // Runs phase `phase` of a.prog (see engine.h); returns -1 or a BadKind code. `check`: the
+// non-finite checks (inputs in phase 0 when it sums; the C factors of the phase).
   int (*run_phase)(const StepArgs& a, int phase, int check);
   // The read-only check of parameters and gradients; -1 or tensor * 4 + kind.
   int (*check_inputs)(const StepArgs& a);
@@ -41,8 +42,8 @@ inline double xi_version(const StepArgs& a, int v, int s) {
 }
 
 // Applies one E between phases: version k+1 = version k + eps delta (sum_k - N tau), per segment.
-// Returns -1, or segment * 4 + kBadThermostat when a sum or the new xi is not finite.
-int cpu_update_xi(const StepArgs& a, int k);
+// Returns -1, or (when `check`) segment * 4 + kBadThermostat if a sum or the new xi is not finite.
+int cpu_update_xi(const StepArgs& a, int k, int check);
 
 // Everything of a step that can fail, without touching theta, p or xi: the input check (fused
 // into phase 0 when it sums), every sum phase and xi update, and the C factors of the writing

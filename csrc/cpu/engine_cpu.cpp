@@ -53,14 +53,14 @@ int cpu_isas(const CpuKernels** out, int max) {
   return n;
 }
 
-int cpu_update_xi(const StepArgs& a, int k) {
+int cpu_update_xi(const StepArgs& a, int k, int check) {
   const Op& e = a.prog->ops[a.prog->e_pos[k]];
   const double* from = k == 0 ? a.xi : a.ws + (int64_t)(k - 1) * a.n_seg;
   double* to = a.ws + (int64_t)k * a.n_seg;
   const double* sums = a.ws + (int64_t)(a.prog->n_e + k) * a.n_seg;
   for (int s = 0; s < a.n_seg; ++s) {
     to[s] = thermostat_E(from[s], sums[s], a.seg_n[s], e.c[0], e.c[1]);
-    if (!isfinite(sums[s]) || !isfinite(to[s])) return s * 4 + kBadThermostat;
+    if (check && (!isfinite(sums[s]) || !isfinite(to[s]))) return s * 4 + kBadThermostat;
   }
   return -1;
 }
@@ -71,14 +71,16 @@ int cpu_pre(const StepArgs& a, int check) {
   int bad;
   if (check && pg.n_e == 0 && (bad = k.check_inputs(a)) >= 0) return bad;
   for (int phase = 0; phase < pg.n_e; ++phase) {
-    if ((bad = k.run_phase(a, phase, check && phase == 0)) >= 0) return bad;
-    if ((bad = cpu_update_xi(a, phase)) >= 0) return bad;
+    if ((bad = k.run_phase(a, phase, check)) >= 0) return bad;
+    if ((bad = cpu_update_xi(a, phase, check)) >= 0) return bad;
   }
+  if (!check) return -1;
   for (int o = 0; o < pg.n_ops; ++o)
     if (pg.ops[o].letter == kC)
       for (int t = 0; t < a.n_tensors; ++t) {
         const int s = a.tensors[t].seg;
-        if (!isfinite(exp(-xi_version(a, pg.ops[o].xi_version, s) * pg.ops[o].c[0])))
+        const double f = exp(-xi_version(a, pg.ops[o].xi_version, s) * pg.ops[o].c[0]);
+        if (factor_overflows(f, a.dtype == kFloat64))
           return s * 4 + kBadThermostat;
       }
   return -1;

@@ -150,7 +150,7 @@ int phase_impl(const StepArgs& a, int phase, bool check) {
       if (op.letter != kC) continue;
       const int s = a.tensors[t].seg;
       const double f = exp(-xi_version(a, op.xi_version, s) * op.c[0]);
-      if (!isfinite(f)) return s * 4 + kBadThermostat;
+      if (check && factor_overflows(f, sizeof(T) == 8)) return s * 4 + kBadThermostat;
       cfac[(size_t)t * n_ops + o] = f;
     }
 

@@ -135,7 +135,7 @@ struct SegHeader {
   const double* xi;
   int32_t* flag;
   int32_t n_cops;
-  int32_t pad;
+  int32_t compute_double;  // float64 parameters: C factors need only fit a double
   double cop_c0[kMaxOps];  // the next phase's C letters: delta and xi version
   int32_t cop_ver[kMaxOps];
 };
@@ -322,7 +322,7 @@ __global__ void __launch_bounds__(kThreads)
       const double x = xi_version_dev(c.xi, c.ws, c.n_seg, c.ops[o].xi_version, d.seg);
       const double f = exp(-x * c.ops[o].c[0]);
       s_fac[o] = f;
-      if (c.check_cfac && nonfinite_bits(f)) flag_min(c.flag, d.seg * 4 + kBadThermostat + 1);
+      if (c.check_cfac && factor_overflows(f, sizeof(T) == 8)) flag_min(c.flag, d.seg * 4 + kBadThermostat + 1);
     }
   }
   if (threadIdx.x == 0) s_bad = 0;
@@ -507,7 +507,7 @@ __global__ void __launch_bounds__(kSegThreads) seg_kernel(const __grid_constant_
       if ((h.mode & kSegCheck) && e.present) {
         for (int o = 0; o < h.n_cops; ++o) {
           const double x = xi_version_dev(h.xi, h.ws, h.n_seg, h.cop_ver[o], s);
-          bad = bad || nonfinite_bits(exp(-x * h.cop_c0[o]));
+          bad = bad || factor_overflows(exp(-x * h.cop_c0[o]), h.compute_double != 0);
         }
       }
       if (bad) atomicMin(&s_min, s);
@@ -728,6 +728,7 @@ void launch_seg(const StepArgs& a, const Plan* plan, int mode, int k, int next_o
   h.k = k;
   h.n_e = pg.n_e;
   h.n_seg = a.n_seg;
+  h.compute_double = a.dtype == kFloat64;
   if (mode & kSegUpdate) {
     const Op& e = pg.ops[pg.e_pos[k]];
     h.e_c0 = e.c[0];

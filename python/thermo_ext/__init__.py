@@ -13,12 +13,13 @@ import torch  # noqa: F401  (the compiled module takes tensors' raw pointers)
 from . import _C
 from . import kernels, partition, random, reference, schemes
 from .chains import Chains
+from .kernels import get_num_threads, set_num_threads
 from .optim import (LOL, AdL, AdLaLa, LaLa, Langevin, Overdamped, TemperatureScheduler,
                     Thermo)
 
 __all__ = ["Chains", "Thermo", "Langevin", "AdL", "Overdamped", "LaLa", "AdLaLa", "LOL",
-           "TemperatureScheduler", "build_info", "kernels", "partition", "random", "reference",
-           "schemes", "__version__"]
+           "TemperatureScheduler", "build_info", "get_num_threads", "set_num_threads", "kernels",
+           "partition", "random", "reference", "schemes", "__version__"]
 
 
 def build_info() -> dict:
@@ -29,7 +30,7 @@ def build_info() -> dict:
         "cuda": cuda,
         "cuda_archs": _C.cuda_build_info() if cuda else "",
         "cuda_available": cuda and torch.cuda.is_available(),
-        "openmp_threads": int(_C.get_num_threads()),
+        "openmp_threads": get_num_threads(),
         "isa": _C.isa(),
         "isas": list(_C.isas()),
         "torch": torch.__version__,

@@ -150,6 +150,16 @@ def _stream(device: int) -> int:
     return torch.cuda.current_stream(device).cuda_stream if device >= 0 else 0
 
 
+def set_num_threads(n: int) -> None:
+    """Threads of the CPU engine. With torch's bundled libgomp (Linux wheels) the engine shares
+    torch's OpenMP runtime, so this and ``torch.set_num_threads`` set the same number."""
+    _C.set_num_threads(check_int("n", n, 1, 2**16))
+
+
+def get_num_threads() -> int:
+    return int(_C.get_num_threads())
+
+
 def fill_normal(out: torch.Tensor, *, seed: int, uid: int, step: int, draw: int,
                 offset: int = 0) -> torch.Tensor:
     """Fills a contiguous float32 tensor with the normals of §3."""
@@ -254,19 +264,19 @@ class EnginePlan:
         sum_hook = self.sum_hook or (lambda sums: None)
         n_e, n_seg, ws = self.scheme.n_e, self.n_seg, self.workspace
         stream = self.stream()
-        if mode == "finish":
-            return _C.run_phase(self.plan, stream, n_e, False, flag_ptr)
+        if mode == "finish":  # the write phase checks its C factors before writing anything
+            return _C.run_phase(self.plan, stream, n_e, check, flag_ptr)
         if n_e == 0:
             return _C.run_phase(self.plan, stream, -1 if mode == "all" else -2, check, flag_ptr)
         for k in range(n_e):
-            bad = _C.run_phase(self.plan, stream, k, check and k == 0, flag_ptr)
+            bad = _C.run_phase(self.plan, stream, k, check, flag_ptr)
             if bad >= 0:
                 return bad
             sum_hook(ws[(n_e + k) * n_seg:(n_e + k + 1) * n_seg])
-            bad = _C.update_xi(self.plan, stream, k, flag_ptr)
+            bad = _C.update_xi(self.plan, stream, k, flag_ptr, check)
             if bad >= 0:
                 return bad
-        return _C.run_phase(self.plan, stream, n_e, False, flag_ptr) if mode == "all" else -1
+        return _C.run_phase(self.plan, stream, n_e, check, flag_ptr) if mode == "all" else -1
 
 
 _MODES = {"all": -1, "pre": -2, "finish": -3}
@@ -285,8 +295,10 @@ def run_plans(plans: Sequence[EnginePlan], *, check: bool, flag: Optional[torch.
             if bad >= 0:
                 return i, bad // 4, BAD_KINDS[bad % 4]
         if staged:
-            for pl in plans:
-                pl.run_phases(False, flag_ptr, "finish")
+            for i, pl in enumerate(plans):
+                bad = pl.run_phases(check, flag_ptr, "finish")
+                if bad >= 0:
+                    return i, bad // 4, BAD_KINDS[bad % 4]
         return None
     streams = [pl.stream() if pl.device >= 0 else 0 for pl in plans]
     i, bad = _C.run_plans([pl.plan for pl in plans], streams, bool(check), flag_ptr,

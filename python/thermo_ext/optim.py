@@ -91,7 +91,7 @@ class _Call:
 
     __slots__ = ("group_index", "positions", "chain", "sources", "dtensor", "params", "momenta",
                  "segments", "seg_numel", "offsets", "xi", "xi_index", "xi_full", "workspace",
-                 "step_tensor", "seed", "sum_hook", "plan")
+                 "step_tensor", "seed", "sum_hook", "staged", "plan")
 
     def __init__(self, **kw):
         self.plan = None
@@ -105,6 +105,18 @@ def _is_dtensor(t) -> bool:
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if _is_dtensor(t) else t
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """Its elements fill its storage span exactly once: a permutation of a contiguous layout
+    (channels_last, a transpose), so a contiguous copy holds the same elements."""
+    dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1)
+    expected = 1
+    for st, sz in dims:
+        if st != expected:
+            return False
+        expected *= sz
+    return True
 
 
 def _flat_offset(p) -> int:
@@ -202,6 +214,7 @@ class Thermo(Optimizer):
         self._host_steps: Dict[int, int] = {}
         self._flags: Dict[torch.device, torch.Tensor] = {}
         self._cache: Dict[int, tuple] = {}  # group -> (key, hyper, scheme, calls)
+        self._new_state: list = []  # state created by the running step (undone if it fails)
         self._version = 0  # bumped whenever state is replaced wholesale
         super().__init__(params, defaults)
 
@@ -211,13 +224,19 @@ class Thermo(Optimizer):
         where = f"param group {gi}: "
         if gi >= _MAX_GROUPS:
             raise ValueError(f"{where}at most {_MAX_GROUPS} param groups")
+        if not isinstance(param_group, dict) or "params" not in param_group:
+            raise TypeError(f"{where}expected a dict with a 'params' entry")
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         _check_group(merged, where)
         params = param_group["params"]
-        n = 1 if isinstance(params, torch.Tensor) else len(list(params))
-        if n >= _MAX_GROUPS:
+        # A list now: a generator would be used up here and reach torch empty.
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if len(params) >= _MAX_GROUPS:
             raise ValueError(f"{where}at most {_MAX_GROUPS - 1} tensors per group")
-        super().add_param_group(param_group)
+        if len({id(p) for p in params}) != len(params):
+            # torch only warns; the engine would move such a tensor twice per step
+            raise ValueError(f"{where}a parameter appears more than once in the group")
+        super().add_param_group({**param_group, "params": params})
         if hasattr(self, "_version"):
             self._version += 1
         group = self.param_groups[-1]
@@ -253,6 +272,7 @@ class Thermo(Optimizer):
         shape = (group["chains"], n) if group["chains"] else (n,)
         xi = group["xi"]
         if xi is None or tuple(xi.shape) != shape:
+            self._new_state.append(("xi", group, xi))
             xi = torch.full(shape, float(group["xi0"]), dtype=torch.float64, device=device)
             group["xi"] = xi
         elif xi.device != device:
@@ -288,9 +308,11 @@ class Thermo(Optimizer):
             if p.device != device:
                 raise ValueError(f"{where}parameters on {device} and {p.device}; a group must "
                                  f"live on one device")
-            if not _local(p).is_contiguous():
-                raise ValueError(f"{where}parameter {pos}: expected a contiguous tensor (the "
-                                 f"engine updates it in place)")
+            local = _local(p)
+            if not (local.is_contiguous() or _is_dense(local)):
+                raise ValueError(f"{where}parameter {pos}: expected a dense tensor (contiguous, "
+                                 f"or a permutation such as channels_last); got strides "
+                                 f"{tuple(local.stride())} for shape {tuple(local.shape)}")
             if chains and (_is_dtensor(p) or p.dim() == 0 or p.shape[0] != chains):
                 raise ValueError(f"{where}parameter {pos}: with chains={chains} every parameter "
                                  f"is a plain tensor stacked on a leading dimension of {chains}; "
@@ -317,6 +339,7 @@ class Thermo(Optimizer):
                     m = state.get("momentum_buffer")
                     if m is None:
                         m = state["momentum_buffer"] = self._init_momentum(p, gi, pos, group)
+                        self._new_state.append(("momentum", p, None))
                 momenta.append(m)
             dtensor = any(_is_dtensor(p) for p in sources)
             numels = [p.numel() // max(chains, 1) for p in sources]  # whole tensors, all shards
@@ -339,9 +362,17 @@ class Thermo(Optimizer):
                 if scheme.n_e:
                     workspace = torch.empty(2 * scheme.n_e * xi_call.numel(),
                                             dtype=torch.float64, device=device)
+                engine_params, staged = [], []
+                for p in sources:
+                    t = pick(_local(p))
+                    if not t.is_contiguous():  # dense but permuted: step a contiguous copy
+                        buf = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+                        staged.append((t, buf))
+                        t = buf
+                    engine_params.append(t)
                 calls.append(_Call(
                     group_index=gi, positions=positions, chain=chain, sources=sources,
-                    dtensor=dtensor, params=[pick(_local(p)) for p in sources],
+                    dtensor=dtensor, params=engine_params, staged=staged,
                     momenta=[None if m is None else pick(_local(m)) for m in momenta],
                     segments=segments, seg_numel=seg_numel,
                     offsets=[_flat_offset(p) for p in sources], xi=xi_call, xi_index=xi_index,
@@ -437,21 +468,49 @@ class Thermo(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None):
-        """One step of every group's scheme from the gradients in ``.grad``."""
+        """One step of every group's scheme from the gradients in ``.grad``. A step that raises
+        changes nothing: no parameter, momentum, ξ or counter, and no state it created."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._new_state = []
+        try:
+            self._step()
+        except BaseException:
+            self._rollback()
+            raise
+        finally:
+            self._new_state = []
+        return loss
+
+    def _rollback(self) -> None:
+        """Forgets the momenta and ξ a failed step created (a retry starts afresh)."""
+        for kind, obj, old in reversed(self._new_state):
+            if kind == "momentum":
+                st = self.state.get(obj)
+                if st is not None:
+                    st.pop("momentum_buffer", None)
+                    if not st:
+                        del self.state[obj]
+            else:
+                obj["xi"] = old
+        if self._new_state:
+            self._cache.clear()
+
+    def _step(self) -> None:
         calls = []
         for gi, group in enumerate(self.param_groups):
             calls.extend(self._group_calls(gi, group))
         if not calls:
             self._advance()
-            return loss
+            return
         grads = [self._grads(c) for c in calls]
         for c in calls:
             if c.xi_index is not None:
                 torch.index_select(c.xi_full, 0, c.xi_index, out=c.xi)
+            for src, buf in c.staged:  # dense but permuted (e.g. channels_last) parameters
+                buf.copy_(src)
         check = self.check_finite
         flag = None
         devices = {c.params[0].device for c in calls}
@@ -471,17 +530,18 @@ class Thermo(Optimizer):
                 self._raise_nonfinite(calls[bad[0]], bad[1], bad[2])
         else:
             self._reference_step(calls, grads, check)
-        for c in calls:
-            if c.xi_index is not None:
-                c.xi_full.index_copy_(0, c.xi_index, c.xi)
         if flag is not None and not any(g["capturable"] for g in self.param_groups):
             code = int(flag.item()) - 1  # one device-to-host read: the documented cost
             if code >= 0:  # the kernels skipped the step on the device
                 raise FloatingPointError(
                     f"a non-finite {kernels.BAD_KINDS[code % 4]} was found on {flag.device} "
                     f"(entry {code // 4} of a call); the step was skipped and nothing was updated")
+        for c in calls:
+            if c.xi_index is not None:
+                c.xi_full.index_copy_(0, c.xi_index, c.xi)
+            for src, buf in c.staged:
+                src.copy_(buf)
         self._advance()
-        return loss
 
     def _reference_step(self, calls, grads, check):
         staged = check and len(calls) > 1
@@ -576,32 +636,42 @@ class Thermo(Optimizer):
         if len(groups) != len(self.param_groups):
             raise ValueError(f"state_dict: {len(groups)} param groups, this optimizer has "
                              f"{len(self.param_groups)}")
+        required = set(self.defaults) | {"step", "xi"}
         for gi, (saved, group) in enumerate(zip(groups, self.param_groups)):
             where = f"state_dict param group {gi}: "
             if not isinstance(saved, dict) or not isinstance(saved.get("params"), list):
                 raise ValueError(f"{where}expected a dict with a 'params' list")
+            missing = sorted(required - set(saved))
+            if missing:
+                raise ValueError(f"{where}missing {missing}: not a thermo_ext optimizer's state")
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"{where}{len(saved['params'])} parameters, this optimizer's "
                                  f"group has {len(group['params'])}")
-            merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
-            _check_group(merged, where)
-            step = merged.get("step", 0)
+            try:
+                scheme = _check_group(saved, where)
+            except TypeError as e:
+                raise ValueError(str(e)) from None
+            step = saved["step"]
             if isinstance(step, torch.Tensor):
-                ok = step.numel() == 1 and not step.is_floating_point() and int(step) >= 0
+                ok = (step.numel() == 1 and not step.is_floating_point() and not step.is_complex()
+                      and step.dtype != torch.bool and 0 <= int(step) < 2**63)
             else:
-                ok = isinstance(step, int) and not isinstance(step, bool) and step >= 0
+                ok = isinstance(step, int) and not isinstance(step, bool) and 0 <= step < 2**64
             if not ok:
-                raise ValueError(f"{where}step: expected an int >= 0, got {step!r}")
-            xi = merged.get("xi")
+                raise ValueError(f"{where}step: expected an int in [0, 2**64), got {step!r}")
+            xi = saved["xi"]
             if xi is not None:
-                n = 1 if merged["thermostat"] == "group" else len(group["params"])
-                shape = (merged["chains"], n) if merged["chains"] else (n,)
-                if not isinstance(xi, torch.Tensor) or tuple(xi.shape) != shape:
-                    raise ValueError(f"{where}xi: expected a tensor of shape {shape} for "
-                                     f"thermostat={merged['thermostat']!r}, got "
-                                     f"{getattr(xi, 'shape', type(xi).__name__)}")
+                n = 1 if saved["thermostat"] == "group" else len(group["params"])
+                shape = (saved["chains"], n) if saved["chains"] else (n,)
+                if (not isinstance(xi, torch.Tensor) or not xi.is_floating_point()
+                        or tuple(xi.shape) != shape):
+                    raise ValueError(f"{where}xi: expected a floating tensor of shape {shape} "
+                                     f"for thermostat={saved['thermostat']!r}, got "
+                                     f"{getattr(xi, 'dtype', type(xi).__name__)} "
+                                     f"{tuple(getattr(xi, 'shape', ()))}")
                 if not torch.isfinite(xi).all():
                     raise ValueError(f"{where}xi: non-finite thermostat values")
+            n_moms = 0
             for pos, (pid, p) in enumerate(zip(saved["params"], group["params"])):
                 entry = sd["state"].get(pid, {})
                 if not isinstance(entry, dict):
@@ -609,6 +679,7 @@ class Thermo(Optimizer):
                 m = entry.get("momentum_buffer")
                 if m is None:
                     continue
+                n_moms += 1
                 if (not isinstance(m, torch.Tensor) or tuple(m.shape) != tuple(p.shape)
                         or not m.is_floating_point()):
                     raise ValueError(f"{where}parameter {pos}: momentum_buffer must be a floating "
@@ -618,6 +689,10 @@ class Thermo(Optimizer):
                 if not torch.isfinite(_local(m)).all():
                     raise ValueError(f"{where}parameter {pos}: momentum_buffer has non-finite "
                                      f"values")
+            if (xi is not None and int(step) > 0 and scheme.uses_momentum and n_moms == 0
+                    and len(group["params"])):
+                raise ValueError(f"{where}a thermostatted group that has stepped but no momenta: "
+                                 f"the momenta are missing from the state dict")
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """As torch.optim's, after validating the whole state (shapes, dtypes, scheme, seed,
