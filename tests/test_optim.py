@@ -482,3 +482,37 @@ def test_bf16_parameters_keep_float32_momenta_across_load():
     opt2.load_state_dict(opt.state_dict())
     assert opt2.state[p0]["momentum_buffer"].dtype == torch.float32
     assert torch.equal(opt2.state[p0]["momentum_buffer"], opt.state[p0]["momentum_buffer"])
+
+
+def test_step_hooks_and_profiler_label():
+    m = mlp()
+    opt = te.Langevin(m, seed=1)
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: seen.append("post"))
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    h = register_optimizer_step_pre_hook(lambda o, a, k: seen.append("g"))
+    try:
+        x, y = data()
+        train(m, opt, 1, x, y)
+    finally:
+        h.remove()
+    assert seen == ["g", "pre", "post"]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        train(m, opt, 1, x, y)
+    assert any(e.name == "Optimizer.step#Thermo.step" for e in prof.events())
+
+
+def test_closure_is_called_with_grad_enabled():
+    m = mlp()
+    opt = te.AdLaLa(m, seed=1)
+    x, y = data()
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.binary_cross_entropy_with_logits(m(x), y)
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert loss.requires_grad and [g["step"] for g in opt.param_groups] == [1, 1]

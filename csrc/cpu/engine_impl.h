@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../engine.h"
@@ -32,6 +33,18 @@ struct Item {
   int64_t lo, hi;  // local element range of tensor t
   double sum;
 };
+
+// body(i) for i < n: on the OpenMP team when `parallel`, else inline on this thread (skipping
+// the runtime's fork/join, which costs more than a small step).
+template <class F>
+void for_each_item(int64_t n, bool parallel, F&& body) {
+  if (!parallel) {
+    for (int64_t i = 0; i < n; ++i) body(i);
+    return;
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) body(i);
+}
 
 // The work items of a call are global-aligned chunks of each tensor: the same decomposition for
 // any thread count, so every reduction below has a fixed order.
@@ -161,9 +174,9 @@ int phase_impl(const StepArgs& a, int phase, bool check) {
   const int64_t n_items = (int64_t)items.size();
   const bool sum_phase = !write;
   const bool fused_check = check && sum_phase && phase == 0;
+  constexpr bool kSameTypes = std::is_same<P, T>::value && std::is_same<M, T>::value;
 
-#pragma omp parallel for schedule(static) if (total >= kParallelMin)
-  for (int64_t it = 0; it < n_items; ++it) {
+  for_each_item(n_items, total >= kParallelMin, [&](int64_t it) {
     Item& item = items[it];
     const TensorDesc& d = a.tensors[item.t];
     P* __restrict theta = (P*)d.theta;
@@ -177,24 +190,40 @@ int phase_impl(const StepArgs& a, int phase, bool check) {
     for (int64_t lo = item.lo; lo < item.hi;) {
       const int64_t g0 = d.offset + lo;
       const int len = (int)std::min(item.hi - lo, kBlock - g0 % kBlock);
-      for (int j = 0; j < len; ++j) th[j] = to_compute<T>(theta[lo + j]);
-      for (int j = 0; j < len; ++j) gr[j] = to_compute<T>(grad[lo + j]);
-      if (mom)
-        for (int j = 0; j < len; ++j) pm[j] = (T)mom[lo + j];
+      // A writing phase on float32/float64 works on the buffers in place (the block stays in
+      // L1 across the letters); a sum phase and low-precision storage work on local copies.
+      T* __restrict thb = th;
+      T* __restrict pmb = pm;
+      const T* __restrict grb = gr;
+      bool copied = true;
+      if constexpr (kSameTypes) {
+        if (!sum_phase) {
+          thb = (T*)(theta + lo);
+          grb = (const T*)(grad + lo);
+          if (mom) pmb = (T*)(mom + lo);
+          copied = false;
+        }
+      }
+      if (copied) {
+        for (int j = 0; j < len; ++j) th[j] = to_compute<T>(theta[lo + j]);
+        for (int j = 0; j < len; ++j) gr[j] = to_compute<T>(grad[lo + j]);
+        if (mom)
+          for (int j = 0; j < len; ++j) pm[j] = (T)mom[lo + j];
+      }
       if (fused_check) {
-        bad |= nonfinite_any(gr, len) << kBadGrad;
-        bad |= nonfinite_any(th, len) << kBadParam;
-        if (mom) bad |= nonfinite_any(pm, len) << kBadMom;
+        bad |= nonfinite_any(grb, len) << kBadGrad;
+        bad |= nonfinite_any(thb, len) << kBadParam;
+        if (mom) bad |= nonfinite_any(pmb, len) << kBadMom;
       }
       for (int o = 0; o < n_ops; ++o) {
         const Op& op = pg.ops[o];
         const T c0 = (T)op.c[0], c1 = (T)op.c[1];
         switch (op.letter) {
           case kA:
-            for (int j = 0; j < len; ++j) th[j] = letter_A(th[j], pm[j], c0);
+            for (int j = 0; j < len; ++j) thb[j] = letter_A(thb[j], pmb[j], c0);
             break;
           case kB:
-            for (int j = 0; j < len; ++j) pm[j] = letter_B(pm[j], th[j], gr[j], c0, c1);
+            for (int j = 0; j < len; ++j) pmb[j] = letter_B(pmb[j], thb[j], grb[j], c0, c1);
             break;
           case kO: {
             const float* z = zbuf;
@@ -202,12 +231,12 @@ int phase_impl(const StepArgs& a, int phase, bool check) {
               z = noise_block(zbuf, make_key(a.seed, d.uid, step, op.draw), g0, len);
             else
               memset(zbuf, 0, sizeof(zbuf));
-            for (int j = 0; j < len; ++j) pm[j] = letter_O(pm[j], (T)z[j], c0, c1);
+            for (int j = 0; j < len; ++j) pmb[j] = letter_O(pmb[j], (T)z[j], c0, c1);
             break;
           }
           case kC: {
             const T f = (T)fac[o];
-            for (int j = 0; j < len; ++j) pm[j] = letter_C(pm[j], f);
+            for (int j = 0; j < len; ++j) pmb[j] = letter_C(pmb[j], f);
             break;
           }
           case kD: {
@@ -216,7 +245,7 @@ int phase_impl(const StepArgs& a, int phase, bool check) {
               z = noise_block(zbuf, make_key(a.seed, d.uid, step, op.draw), g0, len);
             else
               memset(zbuf, 0, sizeof(zbuf));
-            for (int j = 0; j < len; ++j) pm[j] = letter_D(pm[j], (T)z[j], c0);
+            for (int j = 0; j < len; ++j) pmb[j] = letter_D(pmb[j], (T)z[j], c0);
             break;
           }
           case kV: {
@@ -226,7 +255,8 @@ int phase_impl(const StepArgs& a, int phase, bool check) {
               z = noise_block(zbuf, make_key(a.seed, d.uid, step, op.draw), g0, len);
             else
               memset(zbuf, 0, sizeof(zbuf));
-            for (int j = 0; j < len; ++j) th[j] = letter_V(th[j], gr[j], (T)z[j], c0, c1, c2);
+            for (int j = 0; j < len; ++j)
+              thb[j] = letter_V(thb[j], grb[j], (T)z[j], c0, c1, c2);
             break;
           }
           default:  // an E inside the phase: only xi moves, and the engine did that between phases
@@ -234,8 +264,8 @@ int phase_impl(const StepArgs& a, int phase, bool check) {
         }
       }
       if (sum_phase) {
-        sum_squares(acc, pm, len);
-      } else {
+        sum_squares(acc, pmb, len);
+      } else if (copied) {
         store_theta(theta + lo, th, len, a.stochastic_rounding,
                     make_key(a.seed, d.uid, step, kRoundingDraw), g0);
         if (mom)
@@ -245,7 +275,7 @@ int phase_impl(const StepArgs& a, int phase, bool check) {
     }
     item.bad = bad;
     item.sum = reduce_lanes(acc);
-  }
+  });
 
   if (fused_check)
     for (const Item& item : items)
@@ -267,14 +297,13 @@ int check_impl(const StepArgs& a) {
   int64_t total;
   std::vector<Item>& items = build_items(a, total);
   const int64_t n_items = (int64_t)items.size();
-#pragma omp parallel for schedule(static) if (total >= kParallelMin)
-  for (int64_t it = 0; it < n_items; ++it) {
+  for_each_item(n_items, total >= kParallelMin, [&](int64_t it) {
     Item& item = items[it];
     const TensorDesc& d = a.tensors[item.t];
     const int len = (int)(item.hi - item.lo);
     item.bad = nonfinite_any((const P*)d.grad + item.lo, len) << kBadGrad |
                nonfinite_any((const P*)d.theta + item.lo, len) << kBadParam;
-  }
+  });
   for (const Item& item : items)
     for (int kind = 0; kind < 2; ++kind)
       if (item.bad >> kind & 1) return item.t * 4 + kind;

@@ -256,6 +256,13 @@ class EnginePlan:
         prog = build_program(self.scheme, first, lr, gamma, tau, sigma, eps, weight_decay)
         self.plan.set([g.data_ptr() for g in grads], prog, step % 2**32, stochastic_rounding)
 
+    def set_fast(self, grads: Sequence[torch.Tensor], hyper: tuple, step: int, first: bool,
+                 stochastic_rounding: bool) -> None:
+        """``set`` for callers that validated ``hyper`` = (lr, gamma, tau, sigma, eps,
+        weight_decay) and the gradients already (the optimizer's hot path)."""
+        prog = build_program(self.scheme, first, *hyper)
+        self.plan.set([g.data_ptr() for g in grads], prog, step % 2**32, stochastic_rounding)
+
     def stream(self) -> int:
         return _stream(self.device)
 

@@ -150,6 +150,12 @@ def _mesh_sum_hook(p) -> Callable[[torch.Tensor], None]:
     return hook
 
 
+try:  # the hook registries torch.optim.Optimizer's step wrapper runs
+    from torch.optim.optimizer import _global_optimizer_post_hooks as _GLOBAL_POST_HOOKS
+    from torch.optim.optimizer import _global_optimizer_pre_hooks as _GLOBAL_PRE_HOOKS
+except ImportError:  # pragma: no cover
+    _GLOBAL_PRE_HOOKS, _GLOBAL_POST_HOOKS = {}, {}
+
 try:  # torch >= 2.4 has the public DTensor; keep the import optional for minimal builds
     from torch.distributed.tensor import DTensor as _DTensor
 except Exception:  # pragma: no cover
@@ -383,21 +389,23 @@ class Thermo(Optimizer):
         return calls
 
     def _group_calls(self, gi: int, group: Dict[str, Any]) -> List[_Call]:
+        """The group's engine calls for this step, rebuilt only when its tensors, buffers or
+        structural settings change; hyperparameters are revalidated whenever they change."""
         params = group["params"]
         active = tuple(k for k, p in enumerate(params) if p.grad is not None)
         if not active:
             return []
-        hyper = (group["scheme"], group["lr"], group["gamma"], group["tau"], group["sigma"],
-                 group["eps"], group["weight_decay"], group["xi0"], group["thermostat"],
+        hyper = (group["lr"], group["gamma"], group["tau"], group["sigma"], group["eps"],
+                 group["weight_decay"], group["scheme"], group["xi0"], group["thermostat"],
                  group["momentum_init"], group["seed"], group["capturable"], group["chains"])
         cached = self._cache.get(gi)
         if cached is not None and cached[1] == hyper:
             scheme = cached[2]
         else:  # users and schedulers edit groups: validate what changed before using it
             scheme = _check_group(group, f"param group {gi}: ")
-        key = (active, tuple(_local(params[k]).data_ptr() for k in active),
-               self._buffers_id(group), self._version, group["scheme"], group["thermostat"],
-               group["seed"], group["capturable"], group["chains"])
+        key = (active, tuple(_local(params[k]).data_ptr() if type(params[k]) is _DTensor
+                             else params[k].data_ptr() for k in active),
+               self._buffers_id(group), self._version, hyper[6:])
         if cached is None or cached[0] != key:
             calls = self._build_calls(gi, group, scheme, active)
             key = key[:2] + (self._buffers_id(group),) + key[3:]  # xi/step are made lazily
@@ -412,8 +420,10 @@ class Thermo(Optimizer):
         s = group["step"]
         return id(group["xi"]), id(s) if isinstance(s, torch.Tensor) else None
 
-    def _plan(self, call: _Call, group: Dict[str, Any], scheme: FoldedScheme, grads):
+    def _plan(self, call: _Call, grads) -> "kernels.EnginePlan":
         gi = call.group_index
+        group = self.param_groups[gi]
+        _, hyper, scheme, _ = self._cache[gi]
         if call.plan is None:
             call.plan = kernels.EnginePlan(
                 call.params, call.momenta, scheme=scheme, xi=call.xi, segments=call.segments,
@@ -421,27 +431,25 @@ class Thermo(Optimizer):
                 uids=[(gi << 16) | k for k in call.positions], offsets=call.offsets,
                 step_tensor=call.step_tensor, workspace=call.workspace)
         host_step = self._host_step(gi, group)
-        call.plan.set(grads, lr=float(group["lr"]), gamma=float(group["gamma"]),
-                      tau=float(group["tau"]), sigma=float(group["sigma"]),
-                      eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
-                      step=host_step, first=host_step == 0,
-                      stochastic_rounding=self.stochastic_rounding)
+        call.plan.set_fast(grads, hyper[:6], host_step, host_step == 0,
+                           self.stochastic_rounding)
         return call.plan
 
     def _grads(self, call: _Call) -> list:
-        grads = []
-        for pos, src, p in zip(call.positions, call.sources, call.params):
-            g = _local(src.grad)
+        """The gradients the engine reads. torch's ``.grad`` setter already guarantees the
+        parameter's shape, dtype and device; what is left is the layout."""
+        if call.chain is None and not call.dtensor:
+            grads = [src.grad for src in call.sources]
+        else:
+            grads = [_local(src.grad) for src in call.sources]
             if call.chain is not None:
-                g = g[call.chain]
-            if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
-                raise ValueError(f"param group {call.group_index}: parameter {pos}: gradient of "
-                                 f"shape {tuple(g.shape)}, {g.dtype} on {g.device} does not match "
-                                 f"the parameter's {tuple(p.shape)}, {p.dtype} on {p.device}")
-            if g.layout != torch.strided:
-                raise ValueError(f"param group {call.group_index}: parameter {pos}: sparse "
-                                 f"gradients are not supported")
-            grads.append(g if g.is_contiguous() else g.contiguous())
+                grads = [g[call.chain] for g in grads]
+        for k, g in enumerate(grads):
+            if g.layout is not torch.strided:
+                raise ValueError(f"param group {call.group_index}: parameter "
+                                 f"{call.positions[k]}: sparse gradients are not supported")
+            if not g.is_contiguous():
+                grads[k] = g.contiguous()
         return grads
 
     def _flag(self, device: torch.device) -> torch.Tensor:
@@ -466,17 +474,45 @@ class Thermo(Optimizer):
             f"param group {call.group_index}: {label} of shape {shape} has a non-finite {kind}; "
             f"nothing was updated (pass check_finite=False to skip this check)")
 
-    @torch.no_grad()
+    def _patch_step_function(self) -> None:
+        # torch wraps step() in a profiler record_function on every call, which costs more
+        # than a small model's whole update; step() below runs the same hooks itself and
+        # opens the record_function only while a profiler is running.
+        self._zero_grad_profile_name = f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"
+
     def step(self, closure: Optional[Callable[[], Any]] = None):
         """One step of every group's scheme from the gradients in ``.grad``. A step that raises
-        changes nothing: no parameter, momentum, ξ or counter, and no state it created."""
+        changes nothing: no parameter, momentum, ξ or counter, and no state it created.
+        Step pre/post hooks (global and registered) run as for any torch optimizer."""
+        args, kwargs = (self,), {"closure": closure}
+        for pre_hook in (*_GLOBAL_PRE_HOOKS.values(), *self._optimizer_step_pre_hooks.values()):
+            result = pre_hook(self, args, kwargs)
+            if result is not None:
+                if not (isinstance(result, tuple) and len(result) == 2):
+                    raise RuntimeError(f"step pre hook must return None or (new_args, "
+                                       f"new_kwargs), got {result}")
+                args, kwargs = result
+        if torch.autograd.profiler._is_profiler_enabled:
+            with torch.autograd.profiler.record_function(
+                    f"Optimizer.step#{type(self).__name__}.step"):
+                loss = self._step_with_closure(*args[1:], **kwargs)
+        else:
+            loss = self._step_with_closure(*args[1:], **kwargs)
+        self._optimizer_step_code()
+        for post_hook in (*self._optimizer_step_post_hooks.values(),
+                          *_GLOBAL_POST_HOOKS.values()):
+            post_hook(self, args, kwargs)
+        return loss
+
+    def _step_with_closure(self, closure: Optional[Callable[[], Any]] = None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         self._new_state = []
         try:
-            self._step()
+            with torch.no_grad():
+                self._step()
         except BaseException:
             self._rollback()
             raise
@@ -513,16 +549,14 @@ class Thermo(Optimizer):
                 buf.copy_(src)
         check = self.check_finite
         flag = None
-        devices = {c.params[0].device for c in calls}
-        cuda = [d for d in devices if d.type == "cuda"]
-        if check and cuda:
+        if check and any(c.params[0].is_cuda for c in calls):
+            devices = {c.params[0].device for c in calls}
             if len(devices) > 1:  # one flag per step: keep the fast path to one device
                 raise ValueError("check_finite with CUDA needs all groups on one device")
-            flag = self._flag(cuda[0])
+            flag = self._flag(devices.pop())
             flag.zero_()
         if self.backend == "engine":
-            plans = [self._plan(c, self.param_groups[c.group_index],
-                                self._cache[c.group_index][2], g) for c, g in zip(calls, grads)]
+            plans = [self._plan(c, g) for c, g in zip(calls, grads)]
             for c, pl in zip(calls, plans):
                 pl.sum_hook = self.sum_hook or c.sum_hook
             bad = kernels.run_plans(plans, check=check, flag=flag)
