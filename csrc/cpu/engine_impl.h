@@ -89,6 +89,8 @@ void normals_from_blocks(float* __restrict out, const NoiseKey& k, uint64_t b0, 
     }
 #endif
     float* __restrict o = out + 4 * i0;
+    // Unrolled so that independent vectors' long log/sqrt/sincos chains overlap.
+#pragma GCC unroll 2
     for (int i = 0; i < cnt; ++i) {
       float z0, z1, z2, z3;
       box_muller(w0[i], w1[i], z0, z1);
