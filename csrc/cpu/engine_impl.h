@@ -189,6 +189,15 @@ int phase_impl(const StepArgs& a, int phase, bool check) {
     alignas(64) double acc[kSumLanes] = {0};
     const double* fac = cfac_all + (size_t)item.t * n_ops;
     int bad = 0;
+    // The normals of a noise letter for this block; zeros when its coefficient is 0 (tau = 0 or
+    // sigma = 0), which give the same bits without drawing.
+    auto noise = [&](const Op& op, double coef, int64_t g0, int len) -> const float* {
+      if (coef == 0.0) {
+        memset(zbuf, 0, sizeof(zbuf));
+        return zbuf;
+      }
+      return noise_block(zbuf, make_key(a.seed, d.uid, step, op.draw), g0, len);
+    };
     for (int64_t lo = item.lo; lo < item.hi;) {
       const int64_t g0 = d.offset + lo;
       const int len = (int)std::min(item.hi - lo, kBlock - g0 % kBlock);
@@ -228,11 +237,7 @@ int phase_impl(const StepArgs& a, int phase, bool check) {
             for (int j = 0; j < len; ++j) pmb[j] = letter_B(pmb[j], thb[j], grb[j], c0, c1);
             break;
           case kO: {
-            const float* z = zbuf;
-            if (op.c[1] != 0.0)
-              z = noise_block(zbuf, make_key(a.seed, d.uid, step, op.draw), g0, len);
-            else
-              memset(zbuf, 0, sizeof(zbuf));
+            const float* z = noise(op, op.c[1], g0, len);
             for (int j = 0; j < len; ++j) pmb[j] = letter_O(pmb[j], (T)z[j], c0, c1);
             break;
           }
@@ -242,21 +247,13 @@ int phase_impl(const StepArgs& a, int phase, bool check) {
             break;
           }
           case kD: {
-            const float* z = zbuf;
-            if (op.c[0] != 0.0)
-              z = noise_block(zbuf, make_key(a.seed, d.uid, step, op.draw), g0, len);
-            else
-              memset(zbuf, 0, sizeof(zbuf));
+            const float* z = noise(op, op.c[0], g0, len);
             for (int j = 0; j < len; ++j) pmb[j] = letter_D(pmb[j], (T)z[j], c0);
             break;
           }
           case kV: {
             const T c2 = (T)op.c[2];
-            const float* z = zbuf;
-            if (op.c[2] != 0.0)
-              z = noise_block(zbuf, make_key(a.seed, d.uid, step, op.draw), g0, len);
-            else
-              memset(zbuf, 0, sizeof(zbuf));
+            const float* z = noise(op, op.c[2], g0, len);
             for (int j = 0; j < len; ++j)
               thb[j] = letter_V(thb[j], grb[j], (T)z[j], c0, c1, c2);
             break;

@@ -288,6 +288,15 @@ __device__ __forceinline__ double block_sum(double x, double* warp_sums) {
 // ----------------------------------------------------------------------------------------------
 // The phase kernel.
 
+// The normals of elements 4q .. 4q+3 for a noise letter; zeros when its coefficient is 0 (the same
+// bits as the CPU engine, without drawing).
+__device__ __forceinline__ void quad_noise(uint64_t seed, uint32_t uid, uint64_t step,
+                                           const Op& op, double coef, int64_t q, float z[4]) {
+  z[0] = z[1] = z[2] = z[3] = 0.0f;
+  if (coef != 0.0)
+    normal4(make_key(seed, uid, step, (uint32_t)op.draw), (uint64_t)q, z[0], z[1], z[2], z[3]);
+}
+
 template <class P, class M, class T, int kMode, int kCap>
 __global__ void __launch_bounds__(kThreads)
     phase_kernel(const __grid_constant__ LaunchArgs<kCap> la) {
@@ -390,10 +399,8 @@ __global__ void __launch_bounds__(kThreads)
           for (int l = 0; l < 4; ++l) pm[l] = letter_B(pm[l], th[l], gr[l], c0, c1);
           break;
         case kO: {
-          float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-          if (op.c[1] != 0.0)
-            normal4(make_key(c.seed, d.uid, step, (uint32_t)op.draw), (uint64_t)q, z[0], z[1],
-                    z[2], z[3]);
+          float z[4];
+          quad_noise(c.seed, d.uid, step, op, op.c[1], q, z);
 #pragma unroll
           for (int l = 0; l < 4; ++l) pm[l] = letter_O(pm[l], (T)z[l], c0, c1);
           break;
@@ -405,20 +412,16 @@ __global__ void __launch_bounds__(kThreads)
           break;
         }
         case kD: {
-          float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-          if (op.c[0] != 0.0)
-            normal4(make_key(c.seed, d.uid, step, (uint32_t)op.draw), (uint64_t)q, z[0], z[1],
-                    z[2], z[3]);
+          float z[4];
+          quad_noise(c.seed, d.uid, step, op, op.c[0], q, z);
 #pragma unroll
           for (int l = 0; l < 4; ++l) pm[l] = letter_D(pm[l], (T)z[l], c0);
           break;
         }
         case kV: {
           const T c2 = (T)op.c[2];
-          float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-          if (op.c[2] != 0.0)
-            normal4(make_key(c.seed, d.uid, step, (uint32_t)op.draw), (uint64_t)q, z[0], z[1],
-                    z[2], z[3]);
+          float z[4];
+          quad_noise(c.seed, d.uid, step, op, op.c[2], q, z);
 #pragma unroll
           for (int l = 0; l < 4; ++l) th[l] = letter_V(th[l], gr[l], (T)z[l], c0, c1, c2);
           break;
