@@ -70,13 +70,7 @@ enum SegMode : int { kSegFinish = 1, kSegUpdate = 2, kSegCheck = 4 };
 // Kernel arguments, passed by value.
 
 struct KTensor {
-  void* theta;
-  void* mom;
-  const void* grad;
-  int64_t numel;
-  int64_t offset;
-  uint32_t uid;
-  int32_t seg;
+  TensorDesc desc;      // the call's descriptor, as engine.h defines it
   int32_t tidx;         // index in the call (the flag's tensor number)
   int32_t slot_base;    // first partial-sum slot (kSum)
   int32_t block_begin;  // first block of this tensor in the launch
@@ -311,8 +305,9 @@ __global__ void __launch_bounds__(kThreads)
     if (la.t[mid].block_begin <= b) lo = mid;
     else hi = mid - 1;
   }
-  const KTensor& d = la.t[lo];
-  const int64_t chunk = b - d.block_begin;
+  const KTensor& kt = la.t[lo];
+  const TensorDesc& d = kt.desc;
+  const int64_t chunk = b - kt.block_begin;
   const int64_t cbase = (d.offset / kChunk + chunk) * kChunk;
   const int64_t g_lo = d.offset > cbase ? d.offset : cbase;
   const int64_t g_end = d.offset + d.numel;
@@ -451,14 +446,14 @@ __global__ void __launch_bounds__(kThreads)
 
   if (kMode == kSum) {
     const double total = block_sum(acc, s_warp);
-    if (threadIdx.x == 0) c.partials[d.slot_base + chunk] = total;
+    if (threadIdx.x == 0) c.partials[kt.slot_base + chunk] = total;
   }
   if (kMode == kCheck || check) {
     if (bad) atomicOr(&s_bad, bad);
     __syncthreads();
     if (threadIdx.x == 0 && s_bad) {
       const int kind = __ffs(s_bad) - 1;
-      flag_min(c.flag, d.tidx * 4 + kind + 1);
+      flag_min(c.flag, kt.tidx * 4 + kind + 1);
     }
   }
 }
@@ -688,13 +683,7 @@ void launch_phase_t(const StepArgs& a, const Plan& plan, const KCommon& common,
     if (la.n_t == kMaxT || blocks + nc > kMaxBlocksPerLaunch) flush();
     const TensorDesc& d = a.tensors[t];
     KTensor& k = la.t[la.n_t++];
-    k.theta = d.theta;
-    k.mom = d.mom;
-    k.grad = d.grad;
-    k.numel = d.numel;
-    k.offset = d.offset;
-    k.uid = d.uid;
-    k.seg = d.seg;
+    k.desc = d;
     k.tidx = t;
     k.slot_base = plan.slot_base[t];
     k.block_begin = (int32_t)blocks;
