@@ -925,3 +925,14 @@ def test_seg_numel_of_wrong_length_is_named(gen):
     st_, grads, kw = _base_call(gen)  # two segments
     kw["seg_numel"] = [4097.0]
     _assert_rejected(st_, grads, kw, ValueError, "seg_numel")
+
+
+def test_cuda_tensor_with_cpu_only_build_says_how_to_rebuild(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(kernels._C, "cuda_compiled", lambda: False)
+    fake = SimpleNamespace(device=torch.device("cuda", 0))
+    with pytest.raises(RuntimeError, match="built without CUDA.*THERMO_EXT_CUDA=ON"):
+        kernels._device_index(fake)
+    with pytest.raises(ValueError, match="cpu and cuda tensors only"):
+        kernels._device_index(SimpleNamespace(device=torch.device("meta")))

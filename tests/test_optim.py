@@ -516,3 +516,35 @@ def test_closure_is_called_with_grad_enabled():
 
     loss = opt.step(closure)
     assert loss.requires_grad and [g["step"] for g in opt.param_groups] == [1, 1]
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(), "capturable=True"),                       # counter on the host
+    (dict(backend="reference"), "backend='reference'"),
+])
+def test_graph_capture_without_capturable_is_refused(monkeypatch, kw, match):
+    # Under CUDA graph capture only device work is recorded, so a step whose counter or whose
+    # tensors live on the host must refuse to be captured, before it changes anything.
+    model = mlp()
+    opt = te.Langevin(model, seed=3, **kw)
+    x, y = data()
+    train(model, opt, 1, x, y)
+    before = [p.detach().clone() for p in model.parameters()]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match=match):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert opt.param_groups[0]["step"] == 1
+
+
+def test_graph_capture_of_the_first_step_is_refused(monkeypatch):
+    # The first step runs a different program: capturing it would replay that program forever.
+    model = mlp()
+    opt = te.Langevin(model, seed=3, capturable=True)
+    nn.functional.mse_loss(model(data()[0]), data()[1]).backward()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="first step"):
+        opt.step()
+    assert opt.param_groups[0]["step"] == 0 and not opt.state

@@ -534,7 +534,37 @@ class Thermo(Optimizer):
         if self._new_state:
             self._cache.clear()
 
+    def _check_capture(self) -> None:
+        """Inside CUDA graph capture only device work is recorded: every group must keep its
+        counter on the device, and the first step (a different program) must run eagerly."""
+        if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+            return
+        if self.backend != "engine":
+            raise RuntimeError("step() is being captured into a CUDA graph, but "
+                               "backend='reference' reads its step counter on the host; "
+                               "use backend='engine' with capturable=True")
+        for gi, group in enumerate(self.param_groups):
+            where = f"param group {gi}: "
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                s = group["step"]
+                known = not isinstance(s, torch.Tensor) or gi in self._host_steps
+                if not known or self._host_step(gi, group) == 0:
+                    raise RuntimeError(
+                        f"{where}the first step of a scheme runs a different program and "
+                        f"cannot be captured: take at least one eager step (warm-up, as "
+                        f"torch.cuda.graphs recommends) before capturing")
+                if _local(p).device.type != "cuda" or not group["capturable"]:
+                    raise RuntimeError(
+                        f"{where}step() is being captured into a CUDA graph; that needs CUDA "
+                        f"parameters and capturable=True (the step counter then lives on the "
+                        f"device), got capturable={group['capturable']} on "
+                        f"{_local(p).device}")
+                break
+
     def _step(self) -> None:
+        self._check_capture()
         calls = []
         for gi, group in enumerate(self.param_groups):
             calls.extend(self._group_calls(gi, group))
