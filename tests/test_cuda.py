@@ -505,6 +505,19 @@ def test_graph_capture_replay(scheme):
     assert_close_state(live, c)
 
 
+@pytest.mark.parametrize("scheme", ["adl", "langevin", "overdamped"])
+def test_step_tensor_matches_host_step(scheme):
+    # capturable: the kernels read the counter from a device tensor, not the call's argument.
+    state = State(SIZES, F32, scheme, seed=18)
+    host_counted, dev_counted = state.to_dut(), state.to_dut()
+    for step in (0, 1, 2**32 + 9):
+        host_counted.step(step=step, first=step == 0, flag=new_flag())
+        step_t = dut(torch.tensor(step, dtype=torch.int64))
+        dev_counted.step(step=12345, first=step == 0, flag=new_flag(), step_tensor=step_t)
+    sync()
+    assert_equal_state(dev_counted, host_counted)
+
+
 def test_tensor_over_2_31_elements():
     n = 2**31 + 4099
     need = 3 * 4 * n + (3 << 30)
@@ -602,6 +615,46 @@ def test_optimizer_nonfinite_raises_and_changes_nothing():
     with pytest.raises(FloatingPointError):
         dev_o.step()
     assert all(torch.equal(host(p.detach()), b) for p, b in zip(dev_p, before))
+
+
+def test_optimizer_device_counter_matches_host_counter():
+    # Without a graph, capturable=True keeps the counter on the device and changes nothing else.
+    cap_p, plain_p = _opt_params(True), _opt_params(True)
+    cap_o, plain_o = _thermo(cap_p, capturable=True), _thermo(plain_p)
+    for k in range(3):
+        for a, b, g in zip(cap_p, plain_p, _grads(k)):
+            a.grad.copy_(dut(g))
+            b.grad.copy_(dut(g))
+        cap_o.step()
+        plain_o.step()
+    sync()
+    for a, b in zip(cap_p, plain_p):
+        assert torch.equal(host(a.detach()), host(b.detach()))
+    for group in cap_o.param_groups:
+        assert isinstance(group["step"], torch.Tensor) and int(host(group["step"])) == 3
+
+
+def test_optimizer_device_counter_skips_nonfinite_step():
+    # capturable=True cannot raise (no host read): a flagged step changes nothing and is counted.
+    dev_p = _opt_params(True)
+    dev_o = _thermo(dev_p, capturable=True)
+    for k in range(2):
+        for a, g in zip(dev_p, _grads(k)):
+            a.grad.copy_(dut(g))
+        dev_o.step()
+    assert int(host(dev_o.skipped_steps())) == 0
+    dev_p[3].grad[1] = float("nan")
+    before = [host(p.detach()).clone() for p in dev_p]
+    dev_o.step()
+    sync()
+    assert all(torch.equal(host(p.detach()), b) for p, b in zip(dev_p, before))
+    assert int(host(dev_o.skipped_steps())) == 1
+    for a, g in zip(dev_p, _grads(3)):
+        a.grad.copy_(dut(g))
+    dev_o.step()
+    sync()
+    assert int(host(dev_o.skipped_steps())) == 1
+    assert not torch.equal(host(dev_p[0].detach()), before[0])
 
 
 def test_optimizer_capturable_graph_replay():

@@ -548,3 +548,16 @@ def test_graph_capture_of_the_first_step_is_refused(monkeypatch):
     with pytest.raises(RuntimeError, match="first step"):
         opt.step()
     assert opt.param_groups[0]["step"] == 0 and not opt.state
+
+
+def test_skipped_steps_is_zero_where_steps_raise():
+    # On the CPU (and on CUDA without capturable) a non-finite step raises instead of skipping.
+    model = mlp()
+    opt = te.AdLaLa(model, seed=3)
+    x, y = data()
+    train(model, opt, 2, x, y)
+    next(model.parameters()).grad[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError):
+        opt.step()
+    skipped = opt.skipped_steps()
+    assert skipped.dtype == torch.int64 and skipped.dim() == 0 and int(skipped) == 0

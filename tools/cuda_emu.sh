@@ -8,7 +8,8 @@
 # Usage: tools/cuda_emu.sh [pytest args...]
 # Environment: PYTHON (default python3; needs torch, pytest, hypothesis, pybind11 and
 #   scikit-build-core), TE_EMU_DIR (build and install directory; default a new mktemp -d,
-#   removed afterwards), TE_EMU_REUSE=1 (skip the build when TE_EMU_DIR holds one).
+#   removed afterwards), TE_EMU_REUSE=1 (skip the build, Python package included, when TE_EMU_DIR
+#   holds one).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -31,10 +32,9 @@ else
       -C cmake.define.THERMO_EXT_CUDA_EMULATION=ON .)
 fi
 
-# What cannot be emulated: CUDA graph capture (no graphs here), the optimizer's device flag
-# (it keys on tensor.is_cuda, false for the emulation's CPU tensors) and the 2**31-element test
+# What cannot be emulated: CUDA graph capture (no graphs here) and the 2**31-element test
 # (memory and time).
-DESELECT="not graph and not capturable and not 2_31 and not optimizer_nonfinite"
+DESELECT="not graph and not capturable and not 2_31"
 if [[ $# -eq 0 ]]; then
   set -- tests/test_cuda.py -k "$DESELECT"
 fi

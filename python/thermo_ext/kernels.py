@@ -146,6 +146,12 @@ def _device_index(t: torch.Tensor) -> int:
     raise ValueError(f"device {t.device}: thermo_ext runs on cpu and cuda tensors only")
 
 
+def on_device(t: torch.Tensor) -> bool:
+    """Whether the CUDA engine steps ``t`` (whose step then signals failures through a device
+    flag instead of a return value)."""
+    return _device_index(t) >= 0
+
+
 def _stream(device: int) -> int:
     return torch.cuda.current_stream(device).cuda_stream if device >= 0 else 0
 

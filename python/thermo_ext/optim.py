@@ -188,7 +188,8 @@ class Thermo(Optimizer):
             parameter and leaves every parameter, momentum and ξ unchanged. Costs one read-only
             pass over θ and g for schemes without E (free for schemes with E, whose first phase
             reads everything anyway). On CUDA it costs one device-to-host read per step, unless
-            ``capturable``, where a flagged step is skipped on the device instead of raising.
+            ``capturable``, where a flagged step is skipped on the device instead of raising
+            and counted by :meth:`skipped_steps`.
         stochastic_rounding: bf16 parameters are rounded stochastically from float32 results.
         backend: ``"engine"`` (compiled) or ``"reference"`` (plain torch, slow; the oracle).
     """
@@ -219,6 +220,7 @@ class Thermo(Optimizer):
         self.sum_hook: Optional[Callable[[torch.Tensor], None]] = None
         self._host_steps: Dict[int, int] = {}
         self._flags: Dict[torch.device, torch.Tensor] = {}
+        self._skipped: Dict[torch.device, torch.Tensor] = {}  # capturable steps skipped on device
         self._cache: Dict[int, tuple] = {}  # group -> (key, hyper, scheme, calls)
         self._new_state: list = []  # state created by the running step (undone if it fails)
         self._version = 0  # bumped whenever state is replaced wholesale
@@ -332,7 +334,7 @@ class Thermo(Optimizer):
             raise ValueError(f"{where}thermostat='group' with an E letter needs one dtype per "
                              f"group; got {sorted(str(d) for d in by_dtype)}: split the group")
         step_tensor = None
-        if group["capturable"] and device.type == "cuda":
+        if group["capturable"] and kernels.on_device(_local(group["params"][active[0]])):
             step_tensor = self._step_tensor(gi, group, device)
         calls = []
         for dtype, positions in by_dtype.items():
@@ -579,7 +581,8 @@ class Thermo(Optimizer):
                 buf.copy_(src)
         check = self.check_finite
         flag = None
-        if check and any(c.params[0].is_cuda for c in calls):
+        if check and self.backend == "engine" and any(kernels.on_device(c.params[0])
+                                                      for c in calls):
             devices = {c.params[0].device for c in calls}
             if len(devices) > 1:  # one flag per step: keep the fast path to one device
                 raise ValueError("check_finite with CUDA needs all groups on one device")
@@ -594,7 +597,14 @@ class Thermo(Optimizer):
                 self._raise_nonfinite(calls[bad[0]], bad[1], bad[2])
         else:
             self._reference_step(calls, grads, check)
-        if flag is not None and not any(g["capturable"] for g in self.param_groups):
+        if flag is not None and any(g["capturable"] for g in self.param_groups):
+            # No host read (it would break graph capture): count the skipped step on the device.
+            skipped = self._skipped.get(flag.device)
+            if skipped is None:
+                skipped = self._skipped[flag.device] = torch.zeros((), dtype=torch.int64,
+                                                                   device=flag.device)
+            skipped.add_(flag[0].ne(0))
+        elif flag is not None:
             code = int(flag.item()) - 1  # one device-to-host read: the documented cost
             if code >= 0:  # the kernels skipped the step on the device
                 raise FloatingPointError(
@@ -684,6 +694,15 @@ class Thermo(Optimizer):
             xi = self._xi(group, scheme, device)
             out.append([xi[..., k] for k in range(xi.shape[-1])])
         return out
+
+    def skipped_steps(self) -> torch.Tensor:
+        """Steps skipped on the device because of a non-finite value, with ``capturable=True``
+        (where ``step()`` cannot raise without a host read): a 0-dim int64 tensor on the device,
+        counted without synchronising; read it where you synchronise anyway (logging). Zero
+        when no step was skipped; steps that raised are not counted."""
+        if not self._skipped:
+            return torch.zeros((), dtype=torch.int64)
+        return sum(self._skipped.values())
 
     @property
     def seed(self) -> int:
