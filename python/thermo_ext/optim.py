@@ -457,7 +457,10 @@ class Thermo(Optimizer):
     def _flag(self, device: torch.device) -> torch.Tensor:
         f = self._flags.get(device)
         if f is None:
+            # Made together and outside any graph capture (an eager step precedes it), so that
+            # a captured step only ever updates them.
             f = self._flags[device] = torch.zeros(1, dtype=torch.int32, device=device)
+            self._skipped[device] = torch.zeros((), dtype=torch.int64, device=device)
         return f
 
     def _raise_nonfinite(self, call: _Call, index: int, kind: str):
@@ -547,23 +550,21 @@ class Thermo(Optimizer):
                                "use backend='engine' with capturable=True")
         for gi, group in enumerate(self.param_groups):
             where = f"param group {gi}: "
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                s = group["step"]
-                known = not isinstance(s, torch.Tensor) or gi in self._host_steps
-                if not known or self._host_step(gi, group) == 0:
-                    raise RuntimeError(
-                        f"{where}the first step of a scheme runs a different program and "
-                        f"cannot be captured: take at least one eager step (warm-up, as "
-                        f"torch.cuda.graphs recommends) before capturing")
-                if _local(p).device.type != "cuda" or not group["capturable"]:
-                    raise RuntimeError(
-                        f"{where}step() is being captured into a CUDA graph; that needs CUDA "
-                        f"parameters and capturable=True (the step counter then lives on the "
-                        f"device), got capturable={group['capturable']} on "
-                        f"{_local(p).device}")
-                break
+            p = next((p for p in group["params"] if p.grad is not None), None)
+            if p is None:
+                continue
+            s = group["step"]
+            known = not isinstance(s, torch.Tensor) or gi in self._host_steps
+            if not known or self._host_step(gi, group) == 0:
+                raise RuntimeError(
+                    f"{where}the first step of a scheme runs a different program and cannot be "
+                    f"captured: take at least one eager step (warm-up, as torch.cuda.graphs "
+                    f"recommends) before capturing")
+            if _local(p).device.type != "cuda" or not group["capturable"]:
+                raise RuntimeError(
+                    f"{where}step() is being captured into a CUDA graph; that needs CUDA "
+                    f"parameters and capturable=True (the step counter then lives on the "
+                    f"device), got capturable={group['capturable']} on {_local(p).device}")
 
     def _step(self) -> None:
         self._check_capture()
@@ -599,11 +600,7 @@ class Thermo(Optimizer):
             self._reference_step(calls, grads, check)
         if flag is not None and any(g["capturable"] for g in self.param_groups):
             # No host read (it would break graph capture): count the skipped step on the device.
-            skipped = self._skipped.get(flag.device)
-            if skipped is None:
-                skipped = self._skipped[flag.device] = torch.zeros((), dtype=torch.int64,
-                                                                   device=flag.device)
-            skipped.add_(flag[0].ne(0))
+            self._skipped[flag.device].add_(flag[0].ne(0))
         elif flag is not None:
             code = int(flag.item()) - 1  # one device-to-host read: the documented cost
             if code >= 0:  # the kernels skipped the step on the device
