@@ -70,7 +70,8 @@ run_stage() {
 # pip refuses an externally managed interpreter, not after a compile error.
 install_pkg() {
   set -o pipefail  # runs in a child bash (bash -c install_pkg)
-  local args=(--no-build-isolation --no-deps -v
+  # Its own build directory: the sm_90-only CMake cache must not leak into later builds.
+  local args=(--no-build-isolation --no-deps -v -C build-dir=build/gpu_check
     -C cmake.define.CMAKE_CUDA_ARCHITECTURES=90 -C cmake.define.THERMO_EXT_CUDA=ON)
   local out
   out=$(mktemp)

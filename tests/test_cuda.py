@@ -291,6 +291,22 @@ def test_bitwise_repeatable():
         assert_equal_state(a, b)
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-3])
+@pytest.mark.parametrize("scheme", ["adl", "BCAEDEACB"])
+def test_sum_phase_without_weight_decay_leaves_theta_unread(scheme, weight_decay):
+    # An unchecked read-only phase without a weight-decay B skips loading theta (4 of its 12
+    # bytes per element): the same bits as the checked step, which reads theta to check it.
+    state = State(SIZES, F32, scheme, seed=23)
+    checked, unchecked, c = state.to_dut(), state.to_dut(), state.to_host()
+    for step, first in ((0, True), (5, False)):
+        checked.step(step=step, first=first, flag=new_flag(), weight_decay=weight_decay)
+        unchecked.step(step=step, first=first, check_finite=False, weight_decay=weight_decay)
+        c.step(step=step, first=first, check_finite=False, weight_decay=weight_decay)
+    sync()
+    assert_equal_state(unchecked, checked)
+    assert_close_state(unchecked, c)
+
+
 def test_segments_in_any_order():
     # Tensors whose segments are not sorted, and a segment without tensors (its xi keeps moving
     # by the E with a zero sum and N = 0, as on the CPU).

@@ -936,3 +936,27 @@ def test_cuda_tensor_with_cpu_only_build_says_how_to_rebuild(monkeypatch):
         kernels._device_index(fake)
     with pytest.raises(ValueError, match="cpu and cuda tensors only"):
         kernels._device_index(SimpleNamespace(device=torch.device("meta")))
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+@pytest.mark.parametrize("dtype", [F32, F64, torch.bfloat16])
+@pytest.mark.parametrize("scheme", ["adl", "BACDEDCAB", "OBACEOCAB", "BCAEDEACB"])
+def test_sum_phase_without_weight_decay_leaves_theta_unread(scheme, dtype, weight_decay, gen):
+    # Without weight decay nothing carries theta into p before an E, so an unchecked read-only
+    # phase skips loading theta and running A: the step must be bitwise the one that reads it
+    # (the checked step, whose first phase reads theta to check it). With weight decay both read.
+    shapes = [5, 4099, 33000]
+    state = State(shapes, dtype, scheme, gen=gen)
+    grads = make_grads(state, gen, 3)
+    checked, unchecked = state.clone(), state.clone()
+    for k, g in enumerate(grads):
+        kw = dict(step=k, first=k == 0, weight_decay=weight_decay, eps=eps_for(state))
+        assert checked.step(kernels.thermo_step, g, check_finite=True, **kw) is None
+        assert unchecked.step(kernels.thermo_step, g, check_finite=False, **kw) is None
+    for a, b in zip(checked.tensors(), unchecked.tensors()):
+        assert torch.equal(a, b)
+    ref = state.clone()
+    for k, g in enumerate(grads):
+        ref.step(reference.thermo_step, g, step=k, first=k == 0, weight_decay=weight_decay,
+                 eps=eps_for(state), check_finite=False)
+    torch.testing.assert_close(unchecked.xi, ref.xi, rtol=1e-10, atol=1e-12)

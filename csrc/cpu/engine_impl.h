@@ -176,6 +176,8 @@ int phase_impl(const StepArgs& a, int phase, bool check) {
   const int64_t n_items = (int64_t)items.size();
   const bool sum_phase = !write;
   const bool fused_check = check && sum_phase && phase == 0;
+  // A sum phase reads theta only to check it or for a weight-decay B (substeps.h).
+  const bool skip_theta = sum_phase && !fused_check && !sum_needs_theta(pg.ops, n_ops);
   constexpr bool kSameTypes = std::is_same<P, T>::value && std::is_same<M, T>::value;
 
   for_each_item(n_items, total >= kParallelMin, [&](int64_t it) {
@@ -189,6 +191,7 @@ int phase_impl(const StepArgs& a, int phase, bool check) {
     alignas(64) double acc[kSumLanes] = {0};
     const double* fac = cfac_all + (size_t)item.t * n_ops;
     int bad = 0;
+    if (skip_theta) memset(th, 0, sizeof(th));  // B reads 0 * theta; A does not run
     // The normals of a noise letter for this block; zeros when its coefficient is 0 (tau = 0 or
     // sigma = 0), which give the same bits without drawing.
     auto noise = [&](const Op& op, double coef, int64_t g0, int len) -> const float* {
@@ -216,7 +219,8 @@ int phase_impl(const StepArgs& a, int phase, bool check) {
         }
       }
       if (copied) {
-        for (int j = 0; j < len; ++j) th[j] = to_compute<T>(theta[lo + j]);
+        if (!skip_theta)
+          for (int j = 0; j < len; ++j) th[j] = to_compute<T>(theta[lo + j]);
         for (int j = 0; j < len; ++j) gr[j] = to_compute<T>(grad[lo + j]);
         if (mom)
           for (int j = 0; j < len; ++j) pm[j] = (T)mom[lo + j];
@@ -231,6 +235,7 @@ int phase_impl(const StepArgs& a, int phase, bool check) {
         const T c0 = (T)op.c[0], c1 = (T)op.c[1];
         switch (op.letter) {
           case kA:
+            if (skip_theta) break;
             for (int j = 0; j < len; ++j) thb[j] = letter_A(thb[j], pmb[j], c0);
             break;
           case kB:

@@ -93,6 +93,8 @@ struct KCommon {
   int32_t check_data;  // set the flag for non-finite theta/g(/p)
   int32_t check_cfac;  // set the flag for a non-finite exp(-xi delta)
   int32_t early_exit;  // do nothing when *flag != 0 (only where no block of this kernel sets it)
+  int32_t skip_theta;  // kSum: theta unread and A undone (substeps.h: sum_needs_theta)
+  int32_t pad;
 };
 
 // Two sizes of every kernel's arguments: up to the 32764-byte limit of CUDA 12.1+ (Volta and
@@ -348,7 +350,13 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t i0 = gq - d.offset;  // local index of lane 0 (>= -3)
 
     P rt[4], rg[4];
-    load_quad(theta + i0, l0, l1, rt);
+    const bool skip_theta = kMode == kSum && c.skip_theta;
+    if (skip_theta) {
+#pragma unroll
+      for (int l = 0; l < 4; ++l) rt[l] = P{};
+    } else {
+      load_quad(theta + i0, l0, l1, rt);
+    }
     load_quad(grad + i0, l0, l1, rg);
     T th[4], gr[4], pm[4];
 #pragma unroll
@@ -386,6 +394,7 @@ __global__ void __launch_bounds__(kThreads)
       const T c0 = (T)op.c[0], c1 = (T)op.c[1];
       switch (op.letter) {
         case kA:
+          if (skip_theta) break;
 #pragma unroll
           for (int l = 0; l < 4; ++l) th[l] = letter_A(th[l], pm[l], c0);
           break;
@@ -787,6 +796,7 @@ void sum_phase(const StepArgs& a, const Plan& plan, int k, bool all, int check, 
       launch_seg(a, &plan, kSegCheck, k, n_ops, flag, st);
     c.early_exit = flag != nullptr;
   }
+  c.skip_theta = !c.check_data && !sum_needs_theta(pg.ops, n_ops);
   launch_phase<kSum>(a, plan, c, st);
   int mode = kSegFinish, next_ops = 0;
   if (all) {
