@@ -704,6 +704,27 @@ def test_optimizer_capturable_graph_replay():
         torch.testing.assert_close(host(a.detach()), host(b.detach()), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("kw,eager_steps,match", [
+    (dict(capturable=True), 0, "first step"),      # the first step's program differs
+    (dict(), 1, "capturable=True"),                # the counter would stay on the host
+])
+def test_optimizer_graph_capture_refused(kw, eager_steps, match):
+    params = _opt_params(True)
+    opt = _thermo(params, **kw)
+    for k in range(eager_steps):
+        for a, g in zip(params, _grads(k)):
+            a.grad.copy_(dut(g))
+        opt.step()
+    sync()
+    before = [host(p.detach()).clone() for p in params]
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match=match):
+        with torch.cuda.graph(graph):
+            opt.step()
+    sync()
+    assert all(torch.equal(host(p.detach()), b) for p, b in zip(params, before))
+
+
 def test_build_info_reports_cuda():
     info = thermo_ext.build_info()
     assert info["cuda"] and info["cuda_available"]
