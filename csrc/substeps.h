@@ -64,10 +64,11 @@ TE_HD double thermostat_E(double xi, double sum_p2, double n, double eps_delta, 
   return xi + eps_delta * (sum_p2 - n * tau);
 }
 
-// Whether a read-only phase of ops [0, n) needs theta: only a B with weight decay carries it
-// into p. A moves theta alone, which such a phase discards, so without that B the phase can
-// leave theta unread (and A undone) and still sum the same p^2 for finite inputs.
-TE_HD bool sum_needs_theta(const Op* ops, int n) {
+// Whether a read-only phase of ops [0, n) reads theta: to check it, or because a B with weight
+// decay carries it into p. A moves theta alone, which such a phase discards, so otherwise the
+// phase leaves theta unread (and A undone) and still sums the same p^2 for finite inputs.
+TE_HD bool sum_reads_theta(const Op* ops, int n, bool checked) {
+  if (checked) return true;
   for (int i = 0; i < n; ++i)
     if (ops[i].letter == kB && ops[i].c[1] != 0.0) return true;
   return false;

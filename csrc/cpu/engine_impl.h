@@ -176,8 +176,7 @@ int phase_impl(const StepArgs& a, int phase, bool check) {
   const int64_t n_items = (int64_t)items.size();
   const bool sum_phase = !write;
   const bool fused_check = check && sum_phase && phase == 0;
-  // A sum phase reads theta only to check it or for a weight-decay B (substeps.h).
-  const bool skip_theta = sum_phase && !fused_check && !sum_needs_theta(pg.ops, n_ops);
+  const bool skip_theta = sum_phase && !sum_reads_theta(pg.ops, n_ops, fused_check);
   constexpr bool kSameTypes = std::is_same<P, T>::value && std::is_same<M, T>::value;
 
   for_each_item(n_items, total >= kParallelMin, [&](int64_t it) {

@@ -93,7 +93,7 @@ struct KCommon {
   int32_t check_data;  // set the flag for non-finite theta/g(/p)
   int32_t check_cfac;  // set the flag for a non-finite exp(-xi delta)
   int32_t early_exit;  // do nothing when *flag != 0 (only where no block of this kernel sets it)
-  int32_t skip_theta;  // kSum: theta unread and A undone (substeps.h: sum_needs_theta)
+  int32_t skip_theta;  // kSum: theta unread and A undone (substeps.h: sum_reads_theta)
   int32_t pad;
 };
 
@@ -796,7 +796,7 @@ void sum_phase(const StepArgs& a, const Plan& plan, int k, bool all, int check, 
       launch_seg(a, &plan, kSegCheck, k, n_ops, flag, st);
     c.early_exit = flag != nullptr;
   }
-  c.skip_theta = !c.check_data && !sum_needs_theta(pg.ops, n_ops);
+  c.skip_theta = !sum_reads_theta(pg.ops, n_ops, c.check_data != 0);
   launch_phase<kSum>(a, plan, c, st);
   int mode = kSegFinish, next_ops = 0;
   if (all) {

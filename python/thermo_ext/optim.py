@@ -187,9 +187,10 @@ class Thermo(Optimizer):
             before anything is written; a failed check raises ``FloatingPointError`` naming the
             parameter and leaves every parameter, momentum and ξ unchanged. Costs one read-only
             pass over θ and g for schemes without E; for schemes with E a read of θ in their
-            first, read-only phase (which reads only p and g unchecked, unless weight decay). On CUDA it costs one device-to-host read per step, unless
-            ``capturable``, where a flagged step is skipped on the device instead of raising
-            and counted by :meth:`skipped_steps`.
+            first, read-only phase (which reads only p and g unchecked, unless weight decay).
+            On CUDA it costs one device-to-host read per step, unless ``capturable``, where a
+            flagged step is skipped on the device instead of raising and counted by
+            :meth:`skipped_steps`.
         stochastic_rounding: bf16 parameters are rounded stochastically from float32 results.
         backend: ``"engine"`` (compiled) or ``"reference"`` (plain torch, slow; the oracle).
     """
