@@ -1,6 +1,15 @@
-"""Worker functions for tests/test_distributed.py, run in spawned processes (gloo, CPU)."""
+"""Worker functions for tests/test_distributed.py, run in spawned processes (gloo, CPU).
 
+Every worker is wrapped in :func:`clean_exit`: once its results are on disk it tears down the
+process group and leaves with ``os._exit``, so that gloo's worker threads, still alive during
+interpreter shutdown, cannot abort a process whose work is done ("terminate called without an
+active exception", SIGABRT; plain torch DDP does the same on torch 2.13).
+"""
+
+import functools
 import os
+import sys
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -9,6 +18,29 @@ from torch import nn
 import thermo_ext as te
 
 STEPS = 20
+
+
+def clean_exit(fn):
+    @functools.wraps(fn)
+    def run(rank, *args):
+        code = 0
+        try:
+            fn(rank, *args)
+        except BaseException:  # noqa: BLE001 - reported, then the exit code fails the test
+            traceback.print_exc()
+            code = 1
+        finally:
+            try:
+                if dist.is_initialized():
+                    dist.destroy_process_group()
+            except BaseException:  # noqa: BLE001
+                traceback.print_exc()
+                code = code or 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+
+    return run
 
 
 def make_model():
@@ -52,6 +84,7 @@ def _init(rank, world, port):
     torch.set_num_threads(1)
 
 
+@clean_exit
 def ddp_worker(rank, world, port, out_dir, scheme):
     _init(rank, world, port)
     torch.manual_seed(1000 + rank)  # the optimizer must take rank 0's seed anyway
@@ -64,9 +97,9 @@ def ddp_worker(rank, world, port, out_dir, scheme):
     train(ddp, opt, x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n], STEPS)
     torch.save({"params": [p.detach() for p in model.parameters()],
                 "seed": opt.param_groups[0]["seed"]}, os.path.join(out_dir, f"ddp{rank}.pt"))
-    dist.destroy_process_group()
 
 
+@clean_exit
 def fsdp_worker(rank, world, port, out_dir, scheme):
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     import torch.distributed.checkpoint as dcp
@@ -105,4 +138,3 @@ def fsdp_worker(rank, world, port, out_dir, scheme):
     torch.save({"params": full, "resumed": resumed, "xis": xis,
                 "kt": [None if t is None else float(t) for t in opt.kinetic_temperature()]},
                os.path.join(out_dir, f"fsdp{rank}.pt"))
-    dist.destroy_process_group()

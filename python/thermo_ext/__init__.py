@@ -14,8 +14,9 @@ from . import _C
 from . import kernels, partition, random, reference, schemes
 from .chains import Chains
 from .kernels import get_num_threads, set_num_threads
-from .optim import (LOL, AdL, AdLaLa, LaLa, Langevin, Overdamped, TemperatureScheduler,
-                    Thermo)
+from .methods import LOL, AdL, AdLaLa, LaLa, Langevin, Overdamped
+from .optim import Thermo
+from .schedulers import TemperatureScheduler
 
 __all__ = ["Chains", "Thermo", "Langevin", "AdL", "Overdamped", "LaLa", "AdLaLa", "LOL",
            "TemperatureScheduler", "build_info", "get_num_threads", "set_num_threads", "kernels",

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data as te_data
-from .optim import LOL, AdL, AdLaLa, LaLa, Langevin, Overdamped
+from .methods import LOL, AdL, AdLaLa, LaLa, Langevin, Overdamped
 
 __all__ = ["METHODS", "Method", "SettingsError", "SpiralTask", "DigitsTask", "LOSS_FORMS",
            "MLPGradient", "RunSpec", "init_model", "parse_settings", "check_settings",
@@ -679,9 +679,9 @@ def format_summary(rows: Sequence[Dict[str, Any]], title: str,
             cells[0] += f" [{r['diverged']} diverged]"
         body.append(cells)
     return _table(title, head, body,
-                  note=(f"mean ± std over seeds of the test accuracy after the last epoch; best "
-                        f"= best seed; epochs to x% = median over seeds of the first evaluation "
-                        f"at or above x% (in brackets: seeds that got there)"))
+                  note=("mean ± std over seeds of the test accuracy after the last epoch; best "
+                        "= best seed; epochs to x% = median over seeds of the first evaluation "
+                        "at or above x% (in brackets: seeds that got there)"))
 
 
 def _table(title: str, head: Sequence[str], body: Sequence[Sequence[str]],
@@ -735,8 +735,8 @@ def format_robustness(table: Dict[str, Dict[str, Any]], lr_factors: Sequence[flo
         body = [[f"{s:g}", *(f"{v:5.1f}" + ("*" if d else " ") for v, d in zip(row, drow))]
                 for s, row, drow in zip(init_scales, t["grid"], t["diverged"])]
         parts.append(_table("", head, body))
-    parts.append(f"final test accuracy %, mean over seeds; lr × f = f times the method's default "
-                 f"step size; init × s = every initial parameter times s; * = a run diverged")
+    parts.append("final test accuracy %, mean over seeds; lr × f = f times the method's default "
+                 "step size; init × s = every initial parameter times s; * = a run diverged")
     return "\n".join(parts)
 
 

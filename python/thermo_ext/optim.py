@@ -10,19 +10,16 @@ with its defaults. ``step()`` gathers each group's tensors and hands them to a f
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch.optim import Optimizer
 
 from . import kernels, reference
 from . import random as te_random
-from .chains import Chains
-from .partition import ModelLike, first_and_rest, layers
 from .schemes import FoldedScheme, fold
 
-__all__ = ["Thermo", "Langevin", "AdL", "Overdamped", "LaLa", "AdLaLa", "LOL",
-           "TemperatureScheduler"]
+__all__ = ["Thermo"]
 
 _THERMOSTATS = ("tensor", "group", "chain")
 _MOMENTUM_INITS = ("zero", "thermal")
@@ -802,125 +799,3 @@ class Thermo(Optimizer):
                                                       copy=True)
             if isinstance(group.get("step"), torch.Tensor):
                 group["step"] = group["step"].detach().to(device=device, copy=True)
-
-
-# ------------------------------------------------------------------------------- named methods
-def _params(params, kwargs) -> list:
-    if isinstance(params, Chains):
-        kwargs.setdefault("chains", params.num_chains)
-        kwargs.setdefault("thermostat", "chain")
-    if isinstance(params, torch.nn.Module):
-        return list(params.parameters())
-    return params
-
-
-def _partitions(model, kwargs) -> list:
-    if isinstance(model, Chains):
-        kwargs.setdefault("chains", model.num_chains)
-        kwargs.setdefault("thermostat", "chain")
-        return model.partitions()
-    return layers(model)
-
-
-def Langevin(params, lr: float = 0.25, gamma: float = 0.1, tau: float = 1e-4, **kwargs) -> Thermo:
-    """BAOAB Langevin dynamics on all parameters (one group)."""
-    return Thermo(_params(params, kwargs), lr=lr, scheme="langevin", gamma=gamma, tau=tau, **kwargs)
-
-
-def AdL(params, lr: float = 0.25, sigma: float = 0.01, eps: float = 0.05, tau: float = 1e-4,
-        xi0: float = 0.1, **kwargs) -> Thermo:
-    """Adaptive Langevin (Nosé–Hoover–Langevin, scheme BACDEDCAB) on all parameters."""
-    return Thermo(_params(params, kwargs), lr=lr, scheme="adl", sigma=sigma, eps=eps, tau=tau, xi0=xi0,
-                  **kwargs)
-
-
-def Overdamped(params, lr: float = 0.05, tau: float = 1e-4, **kwargs) -> Thermo:
-    """Euler–Maruyama overdamped Langevin, θ ← θ − h∇L + √(2hτ) R (no momentum)."""
-    return Thermo(_params(params, kwargs), lr=lr, scheme="overdamped", tau=tau, **kwargs)
-
-
-def _first_and_rest(model, kwargs):
-    parts = _partitions(model, kwargs)
-    return first_and_rest(parts)
-
-
-def _per_layer(name: str, value, n: int) -> list:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return [value] * n
-    values = list(value)
-    if len(values) != n:
-        raise ValueError(f"{name}: expected a number or {n} values (one per layer), got "
-                         f"{len(values)}")
-    return values
-
-
-def LaLa(model: ModelLike, lr: float = 0.25, gamma: Union[float, Sequence[float]] = 0.1,
-         tau: Union[float, Sequence[float]] = 1e-4, **kwargs) -> Thermo:
-    """Langevin per layer: one BAOAB group per layer, each with its own γ and τ."""
-    parts = _partitions(model, kwargs)
-    gammas = _per_layer("gamma", gamma, len(parts))
-    taus = _per_layer("tau", tau, len(parts))
-    groups = [dict(params=p, gamma=g, tau=t) for p, g, t in zip(parts, gammas, taus)]
-    return Thermo(groups, lr=lr, scheme="langevin", **kwargs)
-
-
-def AdLaLa(model: ModelLike, lr: float = 0.25, tau1: float = 1e-4, tau2: float = 1e-4,
-           gamma: float = 0.1, sigma: float = 0.01, eps: float = 0.05, xi0: float = 0.1,
-           **kwargs) -> Thermo:
-    """Adaptive Langevin on the first layer, Langevin on the rest (the paper's AdLaLa)."""
-    first, rest = _first_and_rest(model, kwargs)
-    groups = [dict(params=first, scheme="adl", tau=tau1),
-              dict(params=rest, scheme="langevin", tau=tau2)]
-    return Thermo(groups, lr=lr, gamma=gamma, sigma=sigma, eps=eps, xi0=xi0, **kwargs)
-
-
-def LOL(model: ModelLike, lr: float = 0.25, tau1: float = 1e-4, tau2: float = 1e-4,
-        gamma: float = 0.1, **kwargs) -> Thermo:
-    """Langevin on the first layer, overdamped Langevin (BAOAB with γ = ∞) on the rest."""
-    first, rest = _first_and_rest(model, kwargs)
-    groups = [dict(params=first, scheme="langevin", tau=tau1, gamma=gamma),
-              dict(params=rest, scheme="langevin", tau=tau2, gamma=math.inf)]
-    return Thermo(groups, lr=lr, **kwargs)
-
-
-# ------------------------------------------------------------------------------- schedules
-class TemperatureScheduler:
-    """Scales each group's τ from its initial value: τ = τ₀ · factor(step), like LambdaLR.
-
-    ``factor`` is a function of the scheduler's step count, or a list of them, one per group.
-    Call ``step()`` after ``optimizer.step()``.
-    """
-
-    def __init__(self, optimizer: Thermo, factor, last_step: int = -1):
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"optimizer: expected a torch optimizer, got "
-                            f"{type(optimizer).__name__}")
-        n = len(optimizer.param_groups)
-        factors = list(factor) if isinstance(factor, (list, tuple)) else [factor] * n
-        if len(factors) != n or not all(callable(f) for f in factors):
-            raise ValueError(f"factor: expected a callable or {n} callables (one per group)")
-        self.optimizer = optimizer
-        self.factors = factors
-        for group in optimizer.param_groups:
-            group.setdefault("initial_tau", group["tau"])
-        self.last_step = last_step
-        self.step()
-
-    def step(self) -> None:
-        step = self.last_step + 1
-        values = [float(f(step)) for f in self.factors]
-        for v in values:  # all checked before any group changes
-            if not math.isfinite(v) or v < 0:
-                raise ValueError(f"factor({step}) = {v}: expected a finite number >= 0")
-        self.last_step = step
-        for group, v in zip(self.optimizer.param_groups, values):
-            group["tau"] = group["initial_tau"] * v
-
-    def get_last_tau(self) -> List[float]:
-        return [g["tau"] for g in self.optimizer.param_groups]
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"last_step": self.last_step}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.last_step = state["last_step"]

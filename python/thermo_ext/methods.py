@@ -1,0 +1,93 @@
+"""The paper's named methods: each builds a :class:`~thermo_ext.optim.Thermo` with the partitions
+(param groups) and the schemes of the method (DESIGN.md §1)."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence, Union
+
+import torch
+
+from .chains import Chains
+from .optim import Thermo
+from .partition import ModelLike, first_and_rest, layers
+
+__all__ = ["Langevin", "AdL", "Overdamped", "LaLa", "AdLaLa", "LOL"]
+
+
+def _params(params, kwargs) -> list:
+    if isinstance(params, Chains):
+        kwargs.setdefault("chains", params.num_chains)
+        kwargs.setdefault("thermostat", "chain")
+    if isinstance(params, torch.nn.Module):
+        return list(params.parameters())
+    return params
+
+
+def _partitions(model, kwargs) -> list:
+    if isinstance(model, Chains):
+        kwargs.setdefault("chains", model.num_chains)
+        kwargs.setdefault("thermostat", "chain")
+        return model.partitions()
+    return layers(model)
+
+
+def Langevin(params, lr: float = 0.25, gamma: float = 0.1, tau: float = 1e-4, **kwargs) -> Thermo:
+    """BAOAB Langevin dynamics on all parameters (one group)."""
+    return Thermo(_params(params, kwargs), lr=lr, scheme="langevin", gamma=gamma, tau=tau, **kwargs)
+
+
+def AdL(params, lr: float = 0.25, sigma: float = 0.01, eps: float = 0.05, tau: float = 1e-4,
+        xi0: float = 0.1, **kwargs) -> Thermo:
+    """Adaptive Langevin (Nosé–Hoover–Langevin, scheme BACDEDCAB) on all parameters."""
+    return Thermo(_params(params, kwargs), lr=lr, scheme="adl", sigma=sigma, eps=eps, tau=tau, xi0=xi0,
+                  **kwargs)
+
+
+def Overdamped(params, lr: float = 0.05, tau: float = 1e-4, **kwargs) -> Thermo:
+    """Euler–Maruyama overdamped Langevin, θ ← θ − h∇L + √(2hτ) R (no momentum)."""
+    return Thermo(_params(params, kwargs), lr=lr, scheme="overdamped", tau=tau, **kwargs)
+
+
+def _first_and_rest(model, kwargs):
+    parts = _partitions(model, kwargs)
+    return first_and_rest(parts)
+
+
+def _per_layer(name: str, value, n: int) -> list:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [value] * n
+    values = list(value)
+    if len(values) != n:
+        raise ValueError(f"{name}: expected a number or {n} values (one per layer), got "
+                         f"{len(values)}")
+    return values
+
+
+def LaLa(model: ModelLike, lr: float = 0.25, gamma: Union[float, Sequence[float]] = 0.1,
+         tau: Union[float, Sequence[float]] = 1e-4, **kwargs) -> Thermo:
+    """Langevin per layer: one BAOAB group per layer, each with its own γ and τ."""
+    parts = _partitions(model, kwargs)
+    gammas = _per_layer("gamma", gamma, len(parts))
+    taus = _per_layer("tau", tau, len(parts))
+    groups = [dict(params=p, gamma=g, tau=t) for p, g, t in zip(parts, gammas, taus)]
+    return Thermo(groups, lr=lr, scheme="langevin", **kwargs)
+
+
+def AdLaLa(model: ModelLike, lr: float = 0.25, tau1: float = 1e-4, tau2: float = 1e-4,
+           gamma: float = 0.1, sigma: float = 0.01, eps: float = 0.05, xi0: float = 0.1,
+           **kwargs) -> Thermo:
+    """Adaptive Langevin on the first layer, Langevin on the rest (the paper's AdLaLa)."""
+    first, rest = _first_and_rest(model, kwargs)
+    groups = [dict(params=first, scheme="adl", tau=tau1),
+              dict(params=rest, scheme="langevin", tau=tau2)]
+    return Thermo(groups, lr=lr, gamma=gamma, sigma=sigma, eps=eps, xi0=xi0, **kwargs)
+
+
+def LOL(model: ModelLike, lr: float = 0.25, tau1: float = 1e-4, tau2: float = 1e-4,
+        gamma: float = 0.1, **kwargs) -> Thermo:
+    """Langevin on the first layer, overdamped Langevin (BAOAB with γ = ∞) on the rest."""
+    first, rest = _first_and_rest(model, kwargs)
+    groups = [dict(params=first, scheme="langevin", tau=tau1, gamma=gamma),
+              dict(params=rest, scheme="langevin", tau=tau2, gamma=math.inf)]
+    return Thermo(groups, lr=lr, **kwargs)
