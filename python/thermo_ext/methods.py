@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
-from typing import Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 
@@ -12,7 +14,53 @@ from .chains import Chains
 from .optim import Thermo
 from .partition import ModelLike, first_and_rest, layers
 
-__all__ = ["Langevin", "AdL", "Overdamped", "LaLa", "AdLaLa", "LOL"]
+__all__ = ["Langevin", "AdL", "Overdamped", "LaLa", "AdLaLa", "LOL", "PRESETS", "preset_values"]
+
+#: Named settings, one argument away: ``te.AdLaLa(model, preset="paper")``. A preset fills in the
+#: keywords the caller did not pass; anything passed explicitly wins.
+#: "paper": the paper's tuned two-spiral setting (h = 0.25, tau = 1e-4, gamma = 0.1, sigma = 0.01,
+#: eps = 0.05, xi0 = 0.1; Overdamped: this package's spiral setting), used by ``thermo-ext
+#: spiral`` and ``robustness``.
+PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
+    "paper": {
+        "Langevin": dict(lr=0.25, gamma=0.1, tau=1e-4),
+        "AdL": dict(lr=0.25, sigma=0.01, eps=0.05, tau=1e-4, xi0=0.1),
+        "Overdamped": dict(lr=0.05, tau=1e-4),
+        "LaLa": dict(lr=0.25, gamma=0.1, tau=1e-4),
+        "AdLaLa": dict(lr=0.25, tau1=1e-4, tau2=1e-4, gamma=0.1, sigma=0.01, eps=0.05, xi0=0.1),
+        "LOL": dict(lr=0.25, tau1=1e-4, tau2=1e-4, gamma=0.1),
+    },
+}
+
+
+def preset_values(method: str, name: str) -> Dict[str, Any]:
+    """The keyword arguments of preset ``name`` for the named method ``method`` (a copy)."""
+    if name not in PRESETS:
+        raise ValueError(f"preset: expected one of {tuple(PRESETS)}, got {name!r}")
+    values = PRESETS[name].get(method)
+    if values is None:
+        raise ValueError(f"preset {name!r} has no setting for {method}")
+    return dict(values)
+
+
+def _named(fn):
+    """Adds ``preset=`` to a named method: the preset's values for the keywords not passed."""
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def build(*args, preset: Optional[str] = None, **kwargs):
+        if preset is not None:
+            given = sig.bind_partial(*args, **kwargs).arguments
+            for key, value in preset_values(fn.__name__, preset).items():
+                if key not in given and key not in given.get("kwargs", {}):
+                    kwargs[key] = value
+        return fn(*args, **kwargs)
+
+    params = list(sig.parameters.values())
+    params.insert(len(params) - 1, inspect.Parameter("preset", inspect.Parameter.KEYWORD_ONLY,
+                                                     default=None, annotation=Optional[str]))
+    build.__signature__ = sig.replace(parameters=params)
+    return build
 
 
 def _params(params, kwargs) -> list:
@@ -32,11 +80,13 @@ def _partitions(model, kwargs) -> list:
     return layers(model)
 
 
+@_named
 def Langevin(params, lr: float = 0.25, gamma: float = 0.1, tau: float = 1e-4, **kwargs) -> Thermo:
     """BAOAB Langevin dynamics on all parameters (one group)."""
     return Thermo(_params(params, kwargs), lr=lr, scheme="langevin", gamma=gamma, tau=tau, **kwargs)
 
 
+@_named
 def AdL(params, lr: float = 0.25, sigma: float = 0.01, eps: float = 0.05, tau: float = 1e-4,
         xi0: float = 0.1, **kwargs) -> Thermo:
     """Adaptive Langevin (Nosé–Hoover–Langevin, scheme BACDEDCAB) on all parameters."""
@@ -44,6 +94,7 @@ def AdL(params, lr: float = 0.25, sigma: float = 0.01, eps: float = 0.05, tau: f
                   **kwargs)
 
 
+@_named
 def Overdamped(params, lr: float = 0.05, tau: float = 1e-4, **kwargs) -> Thermo:
     """Euler–Maruyama overdamped Langevin, θ ← θ − h∇L + √(2hτ) R (no momentum)."""
     return Thermo(_params(params, kwargs), lr=lr, scheme="overdamped", tau=tau, **kwargs)
@@ -64,6 +115,7 @@ def _per_layer(name: str, value, n: int) -> list:
     return values
 
 
+@_named
 def LaLa(model: ModelLike, lr: float = 0.25, gamma: Union[float, Sequence[float]] = 0.1,
          tau: Union[float, Sequence[float]] = 1e-4, **kwargs) -> Thermo:
     """Langevin per layer: one BAOAB group per layer, each with its own γ and τ."""
@@ -74,6 +126,7 @@ def LaLa(model: ModelLike, lr: float = 0.25, gamma: Union[float, Sequence[float]
     return Thermo(groups, lr=lr, scheme="langevin", **kwargs)
 
 
+@_named
 def AdLaLa(model: ModelLike, lr: float = 0.25, tau1: float = 1e-4, tau2: float = 1e-4,
            gamma: float = 0.1, sigma: float = 0.01, eps: float = 0.05, xi0: float = 0.1,
            **kwargs) -> Thermo:
@@ -84,6 +137,7 @@ def AdLaLa(model: ModelLike, lr: float = 0.25, tau1: float = 1e-4, tau2: float =
     return Thermo(groups, lr=lr, gamma=gamma, sigma=sigma, eps=eps, xi0=xi0, **kwargs)
 
 
+@_named
 def LOL(model: ModelLike, lr: float = 0.25, tau1: float = 1e-4, tau2: float = 1e-4,
         gamma: float = 0.1, **kwargs) -> Thermo:
     """Langevin on the first layer, overdamped Langevin (BAOAB with γ = ∞) on the rest."""
