@@ -658,7 +658,7 @@ LEAK_SCRIPT = textwrap.dedent("""
     n1 = len(gc.get_objects())
     print(json.dumps(dict(rss0=r0, rss1=r1, objects0=n0, objects1=n1,
                           programs=kernels.build_program.cache_info().currsize,
-                          cache=len(opt._cache), state=len(opt.state),
+                          cache=len(opt._records), state=len(opt.state),
                           step=int(opt.param_groups[0]["step"]))))
 """)
 

@@ -12,6 +12,7 @@ from torch import nn
 
 import thermo_ext as te
 from thermo_ext import random as te_random
+from thermo_ext.groups import init_momentum
 
 METHODS = {
     "AdLaLa": lambda m, **k: te.AdLaLa(m, **k),
@@ -352,10 +353,8 @@ def test_thermal_momentum_init():
     p0 = list(m.parameters())[0]
     m2 = mlp()
     opt2 = te.Langevin(m2, tau=0.04, momentum_init="thermal", seed=3)
-    opt2._init_momentum(p0, 0, 0, opt2.param_groups[0])
     z = te_random.normal(p0.numel(), seed=3, uid=0, step=te_random.THERMAL_STEP, draw=0)
-    torch.testing.assert_close(opt2._init_momentum(p0, 0, 0, opt2.param_groups[0]).flatten(),
-                               0.2 * z)
+    torch.testing.assert_close(init_momentum(p0, 0, 0, opt2.param_groups[0]).flatten(), 0.2 * z)
 
 
 @pytest.mark.parametrize("key,value", [("lr", -0.1), ("gamma", -1.0), ("tau", -1e-4),

@@ -101,12 +101,15 @@ def check_tensors(params: Sequence[torch.Tensor], momenta: Sequence[Optional[tor
 
 
 def coefficients(letter: str, delta: float, *, lr: float, gamma: float, tau: float,
-                 sigma: float, eps: float, weight_decay: float) -> Tuple[float, float, float]:
-    """The engine's (c0, c1, c2) for one letter (see csrc/substeps.h)."""
+                 sigma: float, eps: float, weight_decay: float,
+                 maximize: bool = False) -> Tuple[float, float, float]:
+    """The engine's (c0, c1, c2) for one letter (see csrc/substeps.h). ``maximize`` runs the
+    dynamics of −L (B and V see −g; weight decay still pulls θ towards 0)."""
+    sign = -1.0 if maximize else 1.0
     if letter == "A":
         return delta, 0.0, 0.0
     if letter == "B":
-        return delta, weight_decay, 0.0
+        return sign * delta, sign * weight_decay, 0.0
     if letter == "O":
         if math.isinf(gamma):
             return 0.0, math.sqrt(tau), 0.0
@@ -118,17 +121,18 @@ def coefficients(letter: str, delta: float, *, lr: float, gamma: float, tau: flo
     if letter == "E":
         return eps * delta, tau, 0.0
     if letter == "V":
-        return lr, weight_decay, math.sqrt(2.0 * lr * tau)
+        return sign * lr, sign * weight_decay, math.sqrt(2.0 * lr * tau)
     raise ValueError(f"unknown letter {letter!r}")
 
 
 @functools.lru_cache(maxsize=256)
 def build_program(scheme: FoldedScheme, first: bool, lr: float, gamma: float, tau: float,
-                  sigma: float, eps: float, weight_decay: float) -> "_C.Program":
+                  sigma: float, eps: float, weight_decay: float,
+                  maximize: bool = False) -> "_C.Program":
     ops = []
     for x in scheme.program(first):
         c = coefficients(x.letter, x.factor * lr, lr=lr, gamma=gamma, tau=tau, sigma=sigma,
-                         eps=eps, weight_decay=weight_decay)
+                         eps=eps, weight_decay=weight_decay, maximize=maximize)
         ops.append((LETTER_CODES[x.letter], x.draw or 0, x.xi_version, *c))
     return _C.Program(ops)
 
@@ -258,19 +262,46 @@ class EnginePlan:
         self.sum_hook: Optional[Callable[[torch.Tensor], None]] = None
 
     def set(self, grads: Sequence[torch.Tensor], *, lr, gamma, tau, sigma, eps, weight_decay,
-            step: int, first: bool, stochastic_rounding: bool = True) -> None:
-        prog = build_program(self.scheme, first, lr, gamma, tau, sigma, eps, weight_decay)
+            step: int, first: bool, stochastic_rounding: bool = True,
+            maximize: bool = False) -> None:
+        prog = build_program(self.scheme, first, lr, gamma, tau, sigma, eps, weight_decay,
+                             maximize)
         self.plan.set([g.data_ptr() for g in grads], prog, step % 2**32, stochastic_rounding)
 
     def set_fast(self, grads: Sequence[torch.Tensor], hyper: tuple, step: int, first: bool,
                  stochastic_rounding: bool) -> None:
         """``set`` for callers that validated ``hyper`` = (lr, gamma, tau, sigma, eps,
-        weight_decay) and the gradients already (the optimizer's hot path)."""
+        weight_decay[, maximize]) and the gradients already (the optimizer's hot path)."""
         prog = build_program(self.scheme, first, *hyper)
         self.plan.set([g.data_ptr() for g in grads], prog, step % 2**32, stochastic_rounding)
 
     def stream(self) -> int:
         return _stream(self.device)
+
+    def check_phase(self, check: bool, flag: Optional[torch.Tensor]) -> Optional[tuple]:
+        """This rank's local checks of a distributed step, without a collective: the first
+        read-only phase (checked, its sums into the workspace) or, for a scheme without E, the
+        input check. Returns None or (index, kind)."""
+        phase = 0 if self.scheme.n_e else -2
+        bad = _C.run_phase(self.plan, self.stream(), phase, check, _ptr(flag))
+        return None if bad < 0 else (bad // 4, BAD_KINDS[bad % 4])
+
+    def reduce_phases(self, check: bool, flag: Optional[torch.Tensor]) -> Optional[tuple]:
+        """The rest of a distributed step's read-only half after :meth:`check_phase`: each E's
+        sums reduced by ``sum_hook``, the thermostat updated, the next read-only phase."""
+        n_e, n_seg, ws = self.scheme.n_e, self.n_seg, self.workspace
+        sum_hook = self.sum_hook or (lambda sums: None)
+        stream, flag_ptr = self.stream(), _ptr(flag)
+        for k in range(n_e):
+            if k > 0:
+                bad = _C.run_phase(self.plan, stream, k, check, flag_ptr)
+                if bad >= 0:
+                    return bad // 4, BAD_KINDS[bad % 4]
+            sum_hook(ws[(n_e + k) * n_seg:(n_e + k + 1) * n_seg])
+            bad = _C.update_xi(self.plan, stream, k, flag_ptr, check)
+            if bad >= 0:
+                return bad // 4, BAD_KINDS[bad % 4]
+        return None
 
     def run_phases(self, check: bool, flag_ptr: int, mode: str) -> int:
         """The step phase by phase, with ``sum_hook`` reducing each E's sums (distributed)."""
@@ -332,7 +363,8 @@ def thermo_step(params: List[torch.Tensor], momenta: List[Optional[torch.Tensor]
                 sum_hook: Optional[Callable[[torch.Tensor], None]] = None,
                 step_tensor: Optional[torch.Tensor] = None,
                 flag: Optional[torch.Tensor] = None,
-                validate: bool = True, mode: str = "all") -> Optional[Tuple[int, str]]:
+                validate: bool = True, mode: str = "all",
+                maximize: bool = False) -> Optional[Tuple[int, str]]:
     """One step of ``scheme`` on the tensors, in place. Returns None, or (index, kind) of the
     first non-finite value found by the check (kind in BAD_KINDS; for "thermostat" the index is
     the segment), in which case nothing was modified.
@@ -378,7 +410,7 @@ def thermo_step(params: List[torch.Tensor], momenta: List[Optional[torch.Tensor]
                       step_tensor=step_tensor, workspace=workspace)
     plan.set(grads, lr=float(lr), gamma=float(gamma), tau=float(tau), sigma=float(sigma),
              eps=float(eps), weight_decay=float(weight_decay), step=int(step), first=bool(first),
-             stochastic_rounding=stochastic_rounding)
+             stochastic_rounding=stochastic_rounding, maximize=bool(maximize))
     plan.sum_hook = sum_hook
     bad = run_plans([plan], check=bool(check_finite), flag=flag, mode=mode)
     return None if bad is None else bad[1:]

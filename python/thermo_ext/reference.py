@@ -55,9 +55,10 @@ def thermo_step(params: List[torch.Tensor], momenta: List[Optional[torch.Tensor]
                 first: bool = False, check_finite: bool = True,
                 stochastic_rounding: bool = True, workspace=None,
                 sum_hook: Optional[Callable[[torch.Tensor], None]] = None,
-                step_tensor=None, flag=None, validate: bool = True, mode: str = "all"
-                ) -> Optional[Tuple[int, str]]:
-    """Letter by letter on copies; commits only when every check passed (and mode != "pre")."""
+                step_tensor=None, flag=None, validate: bool = True, mode: str = "all",
+                maximize: bool = False) -> Optional[Tuple[int, str]]:
+    """Letter by letter on copies; commits only when every check passed (and mode != "pre").
+    ``mode="check"`` only runs the input checks; ``maximize`` steps on −g."""
     n = len(params)
     if n == 0:
         return None
@@ -73,10 +74,12 @@ def thermo_step(params: List[torch.Tensor], momenta: List[Optional[torch.Tensor]
                 return i, "parameter"
             if m is not None and scheme.n_e and not torch.isfinite(m).all():
                 return i, "momentum"
+    if mode == "check":
+        return None
 
     th = [p.detach().to(cdt).clone() for p in params]
     mo = [m.detach().clone() if m is not None else None for m in momenta]
-    gr = [g.detach().to(cdt) for g in grads]
+    gr = [(-g if maximize else g).detach().to(cdt) for g in grads]
     xi_now = xi.detach().clone() if xi is not None else None
     if seg_numel is None and xi is not None:
         seg_numel = [0.0] * xi.numel()

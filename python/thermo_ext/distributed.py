@@ -1,0 +1,160 @@
+"""torch.distributed glue: DTensor (FSDP2) shards, the seed every rank shares, the thermostat's
+all-reduced sums, and the agreement of all ranks on a refused step (docs/DESIGN.md, "Failure
+model").
+
+A DTensor parameter is stepped through its local shard, with the shard's global offset feeding
+the noise counter, so that the sharded run draws the noise of the unsharded one. The E letter's
+Σp² is all-reduced over the mesh. A step that one rank must refuse (a non-finite value in its
+shard) is refused by every rank: the ranks agree on the verdict before anything is written or any
+thermostat sum is exchanged, so no rank writes alone and none waits forever in a collective.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from ._compat import DTensor, compute_local_shape_and_global_offset
+
+__all__ = ["is_dtensor", "local", "flat_offset", "mesh_sum_hook", "broadcast_seed",
+           "all_reduce_sum", "Agreement"]
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist
+
+
+def initialized() -> bool:
+    return torch.distributed.is_available() and _dist().is_initialized()
+
+
+def is_dtensor(t) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor the engine steps: a DTensor's local shard, or the tensor itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def flat_offset(p) -> int:
+    """Global index of the first element of a DTensor's local shard (0 for plain tensors)."""
+    if not is_dtensor(p):
+        return 0
+    from torch.distributed.tensor import Replicate, Shard
+
+    for pl in p.placements:
+        if not isinstance(pl, (Shard, Replicate)) or (isinstance(pl, Shard) and pl.dim != 0):
+            raise ValueError(f"DTensor parameters must be sharded on dim 0 (FSDP2) or "
+                             f"replicated; got placements {p.placements}")
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    row = 1
+    for d in p.shape[1:]:
+        row *= d
+    return int(offset[0]) * row if len(offset) else 0
+
+
+def mesh_group(p):
+    """The process group of a DTensor's mesh."""
+    return p.device_mesh.get_group()
+
+
+def mesh_sum_hook(p) -> Callable[[torch.Tensor], None]:
+    """All-reduces an E phase's segment sums over the DTensor's mesh (one small all-reduce)."""
+    dist = _dist()
+    group = mesh_group(p)
+
+    def hook(sums: torch.Tensor) -> None:
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+
+    return hook
+
+
+def _collective_device():
+    dist = _dist()
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def broadcast_seed(seed: int) -> int:
+    """Under an initialised process group every rank takes rank 0's seed (DDP/FSDP replicas
+    must draw the same noise)."""
+    if not initialized():
+        return seed
+    t = torch.tensor([seed >> 32, seed & 0xFFFFFFFF], dtype=torch.int64,
+                     device=_collective_device())
+    _dist().broadcast(t, src=0)
+    hi, lo = t.tolist()
+    return (hi << 32) | lo
+
+
+def all_reduce_sum(t: torch.Tensor, like) -> torch.Tensor:
+    """Sums ``t`` over the mesh of the DTensor ``like`` (in place); plain tensors: unchanged."""
+    if is_dtensor(like):
+        _dist().all_reduce(t, group=mesh_group(like))
+    return t
+
+
+class Agreement:
+    """All ranks' verdict on one step: the step is refused everywhere if any rank refuses it.
+
+    ``group`` is the process group of the step's collectives (the DTensors' mesh, or the default
+    group). :meth:`verdict` is a collective: every rank calls it once per step at the same
+    point, with its own local result.
+    """
+
+    def __init__(self, group=None):
+        self.group = group
+
+    @staticmethod
+    def for_tensors(tensors: Sequence[torch.Tensor], needs: bool) -> Optional["Agreement"]:
+        """The agreement a step over ``tensors`` needs: when any is a DTensor shard (its rank
+        holds a different part of the model) or ``needs`` (a collective in the step), under an
+        initialised process group; None otherwise (every rank sees the same values)."""
+        meshes = [mesh_group(t) for t in tensors if is_dtensor(t)]
+        if not initialized() or not (meshes or needs):
+            return None
+        groups = {id(g): g for g in meshes}
+        # One mesh: its group; several (or none, a user's sum_hook): the default group.
+        return Agreement(next(iter(groups.values())) if len(groups) == 1 else None)
+
+    def rank(self) -> int:
+        return _dist().get_rank(self.group) if self.group is not None else _dist().get_rank()
+
+    def verdict(self, local_bad: Optional[tuple], flag: Optional[torch.Tensor] = None,
+                host: bool = True) -> Optional[tuple]:
+        """Agrees on the step. On the CPU ``local_bad`` is this rank's first failure (or None);
+        with a device ``flag`` (int32, its first entry the engine's code + 1, 0 when clean) the
+        flags are combined on the device (MAX), and read on the host only when ``host``
+        (capturable steps skip on the device everywhere instead).
+
+        Returns None when every rank's check passed, else (rank, local failure) of the lowest
+        failing rank, which every rank then raises."""
+        dist = _dist()
+        if flag is not None:
+            mine = flag.clone()
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+            if not host or int(flag[0].item()) == 0:
+                return None
+            codes = self._gather(mine)
+            rank = next(r for r, c in enumerate(codes) if int(c[0]) != 0)
+            return rank, int(codes[rank][0]) - 1
+        mine = torch.tensor([0 if local_bad is None else 1], dtype=torch.int64,
+                            device=_collective_device())
+        dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=self.group)
+        if int(mine.item()) == 0:
+            return None
+        everyone: List[Optional[tuple]] = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(everyone, local_bad, group=self.group)
+        rank = next(r for r, b in enumerate(everyone) if b is not None)
+        return rank, everyone[rank]
+
+    def _gather(self, t: torch.Tensor) -> List[torch.Tensor]:
+        dist = _dist()
+        out = [torch.empty_like(t) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(out, t, group=self.group)
+        return [o.cpu() for o in out]

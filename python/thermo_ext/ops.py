@@ -1,0 +1,67 @@
+"""The engine as torch.library ops: what ``torch.compile`` sees of a thermo_ext step
+(docs/DESIGN.md, "torch.compile").
+
+``thermo_ext::step(int optimizer, Tensor(a!)[] params, Tensor(b!)[] state, Tensor[] grads)``
+is one whole optimizer step. Its schema declares every tensor the step writes (parameters;
+momenta, thermostats, step counters and the device flag) and reads (gradients), so the compiler
+orders it correctly and keeps it in place; its fake implementation does nothing (a step returns
+nothing and allocates nothing the graph sees). Caching, validation, locks and address checks
+all live in the implementation, which the compiler never traces: it runs the optimizer's own
+eager step (:meth:`thermo_ext.Thermo._step_undoable`), so a compiled step gives eager's bits.
+
+An eager ``Thermo.step()`` calls that implementation directly: the dispatcher would cost more
+than a small model's whole step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from typing import List
+
+import torch
+
+__all__ = ["register", "STEP_SCHEMA"]
+
+STEP_SCHEMA = ("step(int optimizer, Tensor(a!)[] params, Tensor(b!)[] state, Tensor[] grads) "
+               "-> ()")
+
+_OPTIMIZERS: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
+_NEXT = itertools.count(1)
+
+
+def register(optimizer) -> int:
+    """A handle for ``optimizer`` that the compiled graph passes to the op (weakly held)."""
+    handle = next(_NEXT)
+    _OPTIMIZERS[handle] = optimizer
+    return handle
+
+
+def _step(optimizer: int, params: List[torch.Tensor], state: List[torch.Tensor],
+          grads: List[torch.Tensor]) -> None:
+    opt = _OPTIMIZERS.get(optimizer)
+    if opt is None:
+        raise RuntimeError("thermo_ext::step: the optimizer of this compiled step no longer "
+                           "exists")
+    by_address = {p.data_ptr(): p for p in opt._params}
+    grad = {}
+    for p, g in zip(params, grads):
+        mine = by_address.get(p.data_ptr())
+        if mine is None or mine.shape != p.shape:
+            raise RuntimeError("thermo_ext::step: the compiled step was handed a tensor that is "
+                               "not one of the optimizer's parameters (a graph compiled for "
+                               "another optimizer's tensors: recompile)")
+        grad[id(mine)] = g
+    # The gradients the graph computed: inside a compiled train step the parameters' .grad
+    # fields are only written once the graph returns.
+    opt._step_undoable(lambda p: grad.get(id(p)))
+
+
+def _step_fake(optimizer, params, state, grads) -> None:
+    return None
+
+
+_LIB = torch.library.Library("thermo_ext", "DEF")
+_LIB.define(STEP_SCHEMA)
+_LIB.impl("step", _step, "CompositeExplicitAutograd")
+torch.library.register_fake("thermo_ext::step", _step_fake, lib=_LIB)
