@@ -1,7 +1,8 @@
 """Step-time benchmark: thermo_ext against torch.optim and thermo_ext.reference, side by side.
 
-Every contender runs in this one process on the same tensors, in interleaved rounds; the table
-prints ratios (never bare times): each contender's median step time over Adam(fused)'s, and the
+Every contender runs in this one process on the same tensors: warmed up, then timed in
+interleaved rounds. The table prints each contender's ratio to Adam(fused) (of the medians over
+the rounds, and of the minimums) next to its median, minimum and maximum time per step, and the
 speed-up of the engine over the reference.
 
     python bench/step.py                 # CPU: 10 M float32 parameters in 20 tensors
@@ -16,8 +17,8 @@ from __future__ import annotations
 
 import sys
 
-from thermo_ext.benchmark import (bench_noise, bench_spiral, bench_step, main,  # noqa: F401
-                                  measure, print_table)
+from thermo_ext.benchmark import (Row, Timing, bench_noise, bench_spiral,  # noqa: F401
+                                  bench_step, main, measure, print_table)
 
 if __name__ == "__main__":
     sys.exit(main())

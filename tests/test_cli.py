@@ -7,17 +7,21 @@ write their files, print their tables and reject bad options, not the accuracy t
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
+import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 import thermo_ext
 from thermo_ext import data
-from thermo_ext.cli import main
+from thermo_ext import methods as named_methods
+from thermo_ext.cli import cuda_status, main
 from thermo_ext.experiments import METHODS
 
 pytest.importorskip("matplotlib")
@@ -131,16 +135,53 @@ def test_info_and_bench(capsys):
     assert main(["info"]) == 0
     printed = capsys.readouterr().out
     assert thermo_ext.__version__ in printed and "openmp_threads" in printed
+    info = thermo_ext.build_info()
+    assert f"CUDA engine compiled: {'yes' if info['cuda'] else 'no'}" in printed
+    assert f"CUDA engine usable here: {'yes' if info['cuda_available'] else 'no ('}" in printed
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two-thread kernels stall on a busy 2-core machine: keep it short
-    try:
-        assert main(["bench", "--spiral", "--rounds", "1"]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert main(["bench", "--spiral", "--rounds", "2"]) == 0
+    assert torch.get_num_threads() == threads  # the spiral table's single thread is undone
     printed = capsys.readouterr().out
-    assert "spiral net" in printed and "AdLaLa" in printed
+    assert "spiral net" in printed and "1 thread" in printed
+    adlala = next(line for line in printed.splitlines() if line.strip().startswith("AdLaLa "))
+    # median, min and max per step with their units, then the two ratios to Adam(fused)
+    fields = adlala.split()
+    assert [fields[2], fields[4], fields[6]] == ["µs"] * 3 or "ms" in fields, adlala
+    assert 0 < float(fields[-2]) < 100 and 0 < float(fields[-1]) < 100
     assert main(["bench", "--rounds", "0"]) == 2
     assert "--rounds" in capsys.readouterr().err
+
+
+def _fake_torch_cuda(monkeypatch, version, available):
+    monkeypatch.setattr(torch.version, "cuda", version)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+
+
+@pytest.mark.parametrize("info, torch_cuda, available, expected", [
+    (dict(cuda=False, cuda_archs="", cuda_available=False), None, False,
+     ["CUDA engine compiled: no (built without CUDA", "usable here: no (the engine was built "
+      "without CUDA)"]),
+    (dict(cuda=True, cuda_archs="90", cuda_available=False), None, False,
+     ["CUDA engine compiled: yes (architectures 90)", "usable here: no (this torch",
+      "is built without CUDA)"]),
+    (dict(cuda=True, cuda_archs="90", cuda_available=False), "12.4", False,
+     ["CUDA engine compiled: yes", "usable here: no (no CUDA device visible"]),
+    (dict(cuda=True, cuda_archs="90", cuda_available=False, cuda_driver_version=12040,
+          cuda_runtime_version=12080), "12.4", True,
+     ["usable here: no (build_info() reports it unavailable)",
+      "CUDA versions: cuda driver version 12.4, cuda runtime version 12.8"]),
+    (dict(cuda=True, cuda_archs="90", cuda_available=False, cuda_driver_version=0), None, False,
+     ["CUDA versions: cuda driver version unknown"]),
+])
+def test_info_says_whether_cuda_is_compiled_and_usable_and_why_not(monkeypatch, info,
+                                                                    torch_cuda, available,
+                                                                    expected):
+    _fake_torch_cuda(monkeypatch, torch_cuda, available)
+    text = "\n".join(cuda_status(info))
+    for part in expected:
+        assert part in text, text
+    if not any(k in info for k in ("cuda_driver_version", "cuda_runtime_version")):
+        assert "CUDA versions" not in text
 
 
 def test_python_dash_m_in_a_subprocess_with_two_workers(tmp_path):
@@ -155,11 +196,17 @@ def test_python_dash_m_in_a_subprocess_with_two_workers(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "AdLaLa" in proc.stdout and "Adam" in proc.stdout
-    assert "seed 1" in proc.stderr  # a progress bar per run
+    # stderr is a pipe, not a terminal: a plain line per finished run, no bar redrawing
+    assert "4/4" in proc.stderr and "seed 1: test acc" in proc.stderr
+    assert "\r" not in proc.stderr and "\x1b" not in proc.stderr
     with open(out / "spiral.json") as f:
         record = json.load(f)
     assert sorted((r["method"], r["seed"]) for r in record["runs"]) == [
         ("AdLaLa", 0), ("AdLaLa", 1), ("Adam", 0), ("Adam", 1)]
+    # time/run counts the training loop only: the total includes spawning two workers that
+    # import torch (seconds), each run's two epochs on 50 points take milliseconds.
+    assert max(r["wall_s"] for r in record["runs"]) < 0.2 * record["wall_s"], (
+        [r["wall_s"] for r in record["runs"]], record["wall_s"])
     bad = subprocess.run(cmd[:4] + ["--epochs", "-3"], env=env, capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 2 and "--epochs" in bad.stderr
@@ -260,3 +307,209 @@ def test_digits_deterministic_stratified_and_standardised():
 def test_derived_seeds_differ_by_stream_and_seed():
     seeds = {data.derive_seed(s, k) for s in range(4) for k in ("init", "noise", "shuffle")}
     assert len(seeds) == 12 and all(0 <= s < 2**63 for s in seeds)
+
+
+# ----------------------------------------------------------------------------- presets
+PRESET_METHODS = ["AdLaLa", "LOL", "LaLa", "Langevin", "AdL", "Overdamped"]
+
+
+def _with_other_defaults(fn, factor=0.5):
+    """``fn`` with every numeric default multiplied by ``factor``, in its signature and in what
+    it does when a keyword is left out."""
+    sig = inspect.signature(fn)
+    new = {p.name: p.default * factor for p in sig.parameters.values()
+           if isinstance(p.default, float)}
+
+    def patched(*args, **kwargs):
+        for k, v in new.items():
+            kwargs.setdefault(k, v)
+        return fn(*args, **kwargs)
+
+    patched.__name__ = fn.__name__
+    patched.__signature__ = sig.replace(parameters=[p.replace(default=new.get(p.name, p.default))
+                                                    for p in sig.parameters.values()])
+    return patched, new
+
+
+@pytest.fixture
+def other_defaults(monkeypatch):
+    """The named methods with defaults other than the paper's (as a future release may have)."""
+    new = {}
+    for m in PRESET_METHODS:
+        fn, new[m] = _with_other_defaults(getattr(named_methods, m))
+        monkeypatch.setattr(named_methods, m, fn)
+    return new
+
+
+def _expected_groups(method, v):
+    """What each param group of ``method`` runs with, given its keyword arguments ``v``."""
+    if method == "AdLaLa":
+        shared = dict(lr=v["lr"], gamma=v["gamma"], sigma=v["sigma"], eps=v["eps"], xi0=v["xi0"])
+        return [dict(shared, scheme="adl", tau=v["tau1"]),
+                dict(shared, scheme="langevin", tau=v["tau2"])]
+    if method == "LOL":
+        return [dict(lr=v["lr"], tau=v["tau1"], gamma=v["gamma"]),
+                dict(lr=v["lr"], tau=v["tau2"], gamma="inf")]
+    if method == "LaLa":
+        return [dict(lr=v["lr"], gamma=v["gamma"], tau=v["tau"])] * 2
+    return [dict(v)]
+
+
+def _run_settings(record, method):
+    run = next(r for r in record["runs"] if r["method"] == method)
+    return run["hyper"], run["optimizer"]
+
+
+def test_experiments_run_the_paper_preset_whatever_the_signature_defaults(tmp_path, capsys,
+                                                                          other_defaults):
+    assert METHODS["AdLaLa"].defaults["lr"] == 0.125  # the table reads the (patched) signature
+    out = str(tmp_path / "res")
+    assert main(["spiral", *TINY_SPIRAL, "--methods", ",".join(PRESET_METHODS), "--out",
+                 out]) == 0
+    printed = capsys.readouterr().out
+    assert "preset paper" in printed
+    with open(os.path.join(out, "spiral.json")) as f:
+        record = json.load(f)
+    assert record["settings"]["preset"] == "paper"
+    for m in PRESET_METHODS:
+        paper = named_methods.PRESETS["paper"][m]
+        hyper, groups = _run_settings(record, m)
+        assert {k: hyper[k] for k in paper} == paper, m
+        want = _expected_groups(m, paper)
+        assert len(groups) == len(want), m
+        for group, expected in zip(groups, want):
+            assert {k: group[k] for k in expected} == expected, (m, group)
+        # the header line of each method shows these values
+        line = next(x for x in printed.splitlines() if x.strip().startswith(m + " "))
+        assert f"lr={paper['lr']:g}" in line
+
+
+def test_preset_default_runs_the_signature_defaults(tmp_path, capsys, other_defaults):
+    out = str(tmp_path / "res")
+    assert main(["spiral", *TINY_SPIRAL, "--methods", ",".join(PRESET_METHODS), "--preset",
+                 "default", "--set", "LaLa.gamma=0.3", "--out", out]) == 0
+    assert "preset default" in capsys.readouterr().out
+    with open(os.path.join(out, "spiral.json")) as f:
+        record = json.load(f)
+    assert record["settings"]["preset"] == "default"
+    for m in PRESET_METHODS:
+        hyper, groups = _run_settings(record, m)
+        expected = dict(other_defaults[m], **({"gamma": 0.3} if m == "LaLa" else {}))
+        assert hyper == expected, m
+        wants = _expected_groups(m, expected)
+        assert len(groups) == len(wants), m
+        for group, want in zip(groups, wants):
+            assert {k: group[k] for k in want} == want, (m, group)
+
+
+def test_help_lists_the_values_each_preset_runs_with(capsys, other_defaults):
+    assert main(["digits", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "--preset {default,paper}" in text
+    paper_block, default_block = text.split("with --preset default")
+    adlala = next(x for x in paper_block.splitlines() if x.strip().startswith("AdLaLa "))
+    assert "lr=0.25" in adlala and "gamma=0.1" in adlala
+    adlala = next(x for x in default_block.splitlines() if x.strip().startswith("AdLaLa "))
+    assert "lr=0.125" in adlala and "gamma=0.05" in adlala
+    assert "Adam " not in default_block  # the baselines do not depend on the preset
+
+
+def test_help_says_when_the_presets_agree(capsys, monkeypatch):
+    paper = named_methods.PRESETS["paper"]
+    for m in PRESET_METHODS:
+        fn = getattr(named_methods, m)
+        sig = inspect.signature(fn)
+        if {k: sig.parameters[k].default for k in paper[m]} != paper[m]:
+            pytest.skip("the signature defaults are no longer the paper's")
+    assert main(["spiral", "--help"]) == 0
+    assert "the same values" in capsys.readouterr().out
+
+
+def test_bad_preset_is_refused_naming_it(tmp_path, capsys):
+    from thermo_ext.experiments import SettingsError, parse_settings
+
+    assert main(["spiral", *TINY_SPIRAL, "--preset", "fast", "--out", str(tmp_path)]) == 2
+    assert "--preset" in capsys.readouterr().err
+    with pytest.raises(SettingsError, match="--preset"):
+        parse_settings([], ["AdLaLa"], preset="fast")
+    with pytest.raises(SettingsError, match="--preset"):
+        METHODS["Adam"].settings("fast")
+
+
+def test_robustness_multiplies_the_preset_step_size(tmp_path, capsys, other_defaults):
+    out = str(tmp_path / "res")
+    assert main(["robustness", *TINY_SPIRAL, "--methods", "Langevin", "--lr-factors", "0.5,2",
+                 "--init-scales", "1", "--out", out]) == 0
+    with open(os.path.join(out, "robustness.json")) as f:
+        record = json.load(f)
+    assert sorted(r["hyper"]["lr"] for r in record["runs"]) == [0.125, 0.5]
+    assert record["grid"]["Langevin"]["default_lr"] == 0.25
+
+
+# ----------------------------------------------------------------------------- progress, timing
+def _tiny_specs(n=2):
+    from thermo_ext.experiments import RunSpec, SpiralTask
+
+    task = SpiralTask(train=50, test=50)
+    return [RunSpec(task, "Adam", {"lr": 0.005}, seed=s, epochs=2, eval_every=1, batch=25)
+            for s in range(n)]
+
+
+def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(capsys, monkeypatch):
+    from thermo_ext.experiments import run_many, runner
+
+    monkeypatch.setattr(runner, "STATUS_EVERY_S", 0.0)  # a status line at every evaluation
+    results = run_many(_tiny_specs())
+    err = capsys.readouterr().err
+    assert len(results) == 2
+    assert "\r" not in err and "\x1b" not in err
+    lines = err.splitlines()
+    assert any(x.endswith(f"1/2 Adam seed 0: test acc {results[0]['final_test_acc']:5.1f}%")
+               for x in lines), err
+    assert any("2/2 Adam seed 1: test acc" in x for x in lines)
+    assert any("1/2 runs done; running: Adam seed 1 epoch 1/2" in x for x in lines), err
+
+
+def test_progress_bars_on_a_terminal_and_nothing_when_quiet(capsys, monkeypatch):
+    from thermo_ext.experiments import run_many
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    run_many(_tiny_specs(1))
+    err = capsys.readouterr().err
+    assert "\r" in err and "Adam seed 0" in err and "2/2" in err  # tqdm redraws its bar
+    run_many(_tiny_specs(1), quiet=True)
+    assert capsys.readouterr().err == ""
+
+
+def test_time_per_run_excludes_building_the_optimizer(monkeypatch):
+    """A fresh worker's first optimizer pays torch's lazy imports: not the method's time."""
+    from thermo_ext.experiments import RunSpec, SpiralTask, train_run
+
+    real = named_methods.AdLaLa
+
+    def slow_to_build(*args, **kwargs):
+        time.sleep(1.0)
+        return real(*args, **kwargs)
+
+    slow_to_build.__signature__ = inspect.signature(real)
+    monkeypatch.setattr(named_methods, "AdLaLa", slow_to_build)
+    spec = RunSpec(SpiralTask(train=50, test=50), "AdLaLa", METHODS["AdLaLa"].settings("paper"),
+                   seed=0, epochs=2, eval_every=1, batch=25)
+    t0 = time.perf_counter()
+    result = train_run(spec)
+    assert time.perf_counter() - t0 >= 1.0
+    assert result["wall_s"] < 0.9 and math.isfinite(result["wall_s"])
+
+
+def test_experiments_package_keeps_its_public_names():
+    import thermo_ext.experiments as ex
+
+    for name in ["METHODS", "Method", "SettingsError", "SpiralTask", "DigitsTask", "LOSS_FORMS",
+                 "MLPGradient", "RunSpec", "init_model", "parse_settings", "check_settings",
+                 "resolve_methods", "train_run", "run_many", "default_jobs", "summarize",
+                 "format_summary", "robustness_table", "format_robustness", "machine_info",
+                 "curve_rows", "plot_comparison", "plot_robustness", "write_json", "write_csv",
+                 "optimizer_settings"]:
+        assert name in ex.__all__ and getattr(ex, name) is not None, name
+    assert 1 <= ex.default_jobs() <= 2
+    assert ex.machine_info()["cores"] == ex.available_cores() == len(os.sched_getaffinity(0))

@@ -1,8 +1,11 @@
 """Step-time benchmark: thermo_ext against torch.optim and thermo_ext.reference, side by side.
 
-Every contender runs in this one process on the same tensors, in interleaved rounds; the table
-prints ratios (never bare times): each contender's median step time over Adam(fused)'s, and the
-speed-up of the engine over the reference.
+Every contender runs in this one process on the same tensors. Each is first warmed up (state
+allocated, pages faulted, thread pools started, lazy imports done), then timed in interleaved
+rounds (the order rotates from round to round) of short blocks of calls. The table shows each
+contender's median, minimum and maximum time per call over the rounds, and its ratio to
+Adam(fused)'s median (and minimum): a stall of the machine spoils one block, not the result, and
+the spread says how quiet the machine was.
 
     thermo-ext bench                     # CPU: 10 M float32 parameters in 20 tensors
     thermo-ext bench --device cuda       # GPU: 2**26 float32 elements in 200 tensors
@@ -14,14 +17,28 @@ speed-up of the engine over the reference.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import gc
+import math
 import statistics
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 import thermo_ext as te  # the package itself: bench_* use its public API
+
+#: Defaults: rounds of the large-tensor tables and of the spiral table (its blocks are short, so
+#: more rounds cost little), seconds of warm-up per contender (and at least WARMUP_CALLS calls),
+#: and the length of one timed block (calls are repeated until a block lasts about this long).
+#: A median over 7 rounds survives 3 spoiled ones.
+ROUNDS = 7
+SPIRAL_ROUNDS = 21
+WARMUP_S = 0.3
+WARMUP_CALLS = 2
+BLOCK_S = 0.02
 
 
 def _sync(device: torch.device) -> None:
@@ -38,17 +55,108 @@ def _timer(fn: Callable[[], None], device: torch.device, reps: int) -> float:
     return (time.perf_counter() - t0) / reps
 
 
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Seconds per call of one contender: one sample per round, each the mean of ``reps``
+    calls."""
+
+    samples: Tuple[float, ...]
+    reps: int
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def min(self) -> float:
+        return min(self.samples)
+
+    @property
+    def max(self) -> float:
+        return max(self.samples)
+
+
+def warm_up(fn: Callable[[], None], device: torch.device, seconds: float = WARMUP_S,
+            calls: int = WARMUP_CALLS) -> float:
+    """Calls ``fn`` until it has run ``calls`` times and ``seconds`` have passed; returns the
+    median time of the later half of the calls (an estimate of one warm call).
+
+    Why so long: the first calls of an optimizer allocate its state and, on CPU, start the
+    OpenMP thread pool; on a busy machine those first calls take up to a thousand times a warm
+    call (Adam(fused) on the spiral net: 30-70 ms for each of its first eight steps, against
+    50 µs), which a count of two warm-up calls did not cover.
+    """
+    times: List[float] = []
+    start = time.perf_counter()
+    while len(times) < calls or time.perf_counter() - start < seconds:
+        times.append(_timer(fn, device, 1))
+    return statistics.median(times[len(times) // 2:])
+
+
+@contextlib.contextmanager
+def _no_gc():
+    """A garbage collection inside a block would be charged to whichever contender ran (as
+    timeit does, collection is off while timing)."""
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def measure(contenders: Dict[str, Callable[[], None]], device: torch.device, rounds: int,
-            reps: Dict[str, int]) -> Dict[str, float]:
-    """Median seconds per call of each contender, measured in interleaved rounds."""
-    for name, fn in contenders.items():  # warm up: allocate state, fault pages, load code
-        fn()
-        fn()
-    times: Dict[str, List[float]] = {k: [] for k in contenders}
-    for _ in range(rounds):
-        for name, fn in contenders.items():
-            times[name].append(_timer(fn, device, reps.get(name, 1)))
-    return {k: statistics.median(v) for k, v in times.items()}
+            reps: Optional[Dict[str, int]] = None, *, block_s: Optional[float] = None,
+            warmup_s: Optional[float] = None) -> Dict[str, Timing]:
+    """Times every contender in ``rounds`` interleaved rounds (the order rotated each round so
+    that no contender always follows the same one), each after its warm-up of ``warmup_s``
+    (default ``WARMUP_S``). ``reps`` fixes the calls per block; by default they are chosen from
+    the warm-up so that a block lasts about ``block_s`` (default ``BLOCK_S``)."""
+    block_s = BLOCK_S if block_s is None else block_s
+    warmup_s = WARMUP_S if warmup_s is None else warmup_s
+    names = list(contenders)
+    estimate = {k: warm_up(contenders[k], device, warmup_s) for k in names}
+    reps = dict(reps or {})
+    for k in names:
+        reps.setdefault(k, max(1, math.ceil(block_s / max(estimate[k], 1e-9))))
+    samples: Dict[str, List[float]] = {k: [] for k in names}
+    with _no_gc():
+        for r in range(rounds):
+            for k in names[r % len(names):] + names[:r % len(names)]:
+                samples[k].append(_timer(contenders[k], device, reps[k]))
+    return {k: Timing(tuple(samples[k]), reps[k]) for k in names}
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One line of a table: a timed contender (``timing`` set, ``value`` its ratio to the
+    baseline's median) or a derived ratio (``timing`` None)."""
+
+    name: str
+    value: float
+    note: str = ""
+    timing: Optional[Timing] = None
+    min_ratio: Optional[float] = None  # the contender's minimum over the baseline's minimum
+
+
+def _ratios(t: Dict[str, Timing], base: str) -> List[Row]:
+    b = t[base]
+    return [Row(k, v.median / b.median, "", v, v.min / b.min) for k, v in t.items()]
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    """``n`` torch and engine threads inside the block (restored after)."""
+    before = torch.get_num_threads(), te.get_num_threads()
+    torch.set_num_threads(n)
+    te.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        te.set_num_threads(before[1])
 
 
 def _params(numel: int, n_tensors: int, device, seed: int = 0) -> List[torch.nn.Parameter]:
@@ -63,9 +171,10 @@ def _params(numel: int, n_tensors: int, device, seed: int = 0) -> List[torch.nn.
     return ps
 
 
-def bench_step(device: torch.device, numel: int, n_tensors: int, rounds: int,
-               with_reference: bool = True) -> List[tuple]:
-    """Rows of (name, ratio to Adam(fused), note)."""
+def bench_step(device: torch.device, numel: int, n_tensors: int, rounds: int = ROUNDS,
+               with_reference: bool = True) -> List[Row]:
+    """Rows: every contender against Adam(fused), the engine's speed-up over the reference, and
+    on CUDA the achieved bandwidth against a copy."""
     make = lambda: _params(numel, n_tensors, device)  # noqa: E731
     optims = {
         "Adam(fused)": torch.optim.Adam(make(), lr=1e-3, fused=True),
@@ -83,16 +192,13 @@ def bench_step(device: torch.device, numel: int, n_tensors: int, rounds: int,
                                                  backend="reference")
         optims["reference adl"] = te.Thermo(make(), lr=0.01, scheme="adl", eps=1e-9, seed=1,
                                             backend="reference")
-    contenders = {k: o.step for k, o in optims.items()}
-    fast_reps = 20 if device.type == "cuda" else 3
-    reps = {k: (1 if k.startswith("reference") else fast_reps) for k in contenders}
-    t = measure(contenders, device, rounds, reps)
-    base = t["Adam(fused)"]
-    rows = [(k, v / base, "") for k, v in t.items()]
+    t = measure({k: o.step for k, o in optims.items()}, device, rounds)
+    rows = _ratios(t, "Adam(fused)")
     if with_reference:
         for scheme in ("langevin", "adl"):
-            rows.append((f"speed-up of the engine ({scheme}) over the reference",
-                         t[f"reference {scheme}"] / t[f"thermo_ext {scheme}"], "x"))
+            rows.append(Row(f"speed-up of the engine ({scheme}) over the reference",
+                            t[f"reference {scheme}"].median / t[f"thermo_ext {scheme}"].median,
+                            "x"))
     if device.type == "cuda":
         # Achieved bandwidth against a device-to-device copy of the same bytes. A Langevin step
         # reads theta, p, g and writes theta, p (20 B/element); the check adds a read of theta
@@ -100,29 +206,42 @@ def bench_step(device: torch.device, numel: int, n_tensors: int, rounds: int,
         # is checked (weight decay 0 here: nothing else in that pass reads theta).
         src = torch.empty(5 * numel, dtype=torch.float32, device=device)
         dst = torch.empty_like(src)
-        t_copy = measure({"copy": lambda: dst.copy_(src)}, device, rounds, {"copy": 20})["copy"]
+        t_copy = measure({"copy": lambda: dst.copy_(src)}, device, rounds)["copy"].median
         copy_bw = 2 * src.numel() * 4 / t_copy
         for name, nbytes in (("thermo_ext langevin, no check", 20),
                              ("thermo_ext langevin", 28), ("thermo_ext adl, no check", 28),
                              ("thermo_ext adl", 32)):
-            bw = numel * nbytes / t[name]
-            rows.append((f"{name}: bandwidth / copy bandwidth", bw / copy_bw, "of copy"))
+            bw = numel * nbytes / t[name].median
+            rows.append(Row(f"{name}: bandwidth / copy bandwidth", bw / copy_bw, "of copy"))
     return rows
 
 
-def bench_noise(device: torch.device, numel: int, rounds: int) -> List[tuple]:
+def bench_noise(device: torch.device, numel: int, rounds: int = ROUNDS) -> List[Row]:
     x = torch.empty(numel, dtype=torch.float32, device=device)
     contenders = {
         "torch normal_": lambda: x.normal_(),
         "thermo_ext noise": lambda: te.kernels.fill_normal(x, seed=1, uid=0, step=0, draw=0),
     }
-    t = measure(contenders, device, rounds, {k: 5 for k in contenders})
-    return [("noise: thermo_ext speed-up over torch normal_", t["torch normal_"] /
-             t["thermo_ext noise"], "x")]
+    t = measure(contenders, device, rounds)
+    return _ratios(t, "torch normal_") + [
+        Row("noise: thermo_ext speed-up over torch normal_",
+            t["torch normal_"].median / t["thermo_ext noise"].median, "x")]
 
 
-def bench_spiral(rounds: int) -> List[tuple]:
-    """Per-step time on the paper's 2-100-1 net (four tensors): Python overhead dominates."""
+#: Threads of the spiral table: the experiments run their tiny nets single-threaded
+#: (``thermo-ext spiral --threads 1``, the default).
+SPIRAL_THREADS = 1
+
+
+def bench_spiral(rounds: int = SPIRAL_ROUNDS) -> List[Row]:
+    """Per-step time on the paper's 2-100-1 net (four tensors): Python overhead dominates.
+
+    Measured with ``SPIRAL_THREADS`` torch and engine threads, as the experiments train these
+    nets. With more threads torch's fused Adam opens an OpenMP parallel region on every step
+    even for four tiny tensors, and on a busy machine each such step can wait for a descheduled
+    thread (a scheduler tick, milliseconds): that measured the machine's load, not the
+    optimizers (it once printed Langevin at 0.003x Adam(fused)).
+    """
     def net():
         torch.manual_seed(0)
         m = torch.nn.Sequential(torch.nn.Linear(2, 100), torch.nn.ReLU(), torch.nn.Linear(100, 1))
@@ -142,18 +261,34 @@ def bench_spiral(rounds: int) -> List[tuple]:
         "Overdamped": te.Overdamped(net(), seed=1),
         "AdLaLa, no check": te.AdLaLa(net(), seed=1, check_finite=False),
     }
-    contenders = {k: o.step for k, o in optims.items()}
-    t = measure(contenders, torch.device("cpu"), rounds, {k: 500 for k in contenders})
-    base = t["Adam(fused)"]
-    return [(k, v / base, "") for k, v in t.items()]
+    with threads(SPIRAL_THREADS):
+        t = measure({k: o.step for k, o in optims.items()}, torch.device("cpu"), rounds)
+    return _ratios(t, "Adam(fused)")
 
 
-def print_table(title: str, rows: List[tuple], ref: str) -> None:
+def _time(seconds: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:7.3g} {unit}"
+    return f"{seconds / 1e-9:7.3g} ns"
+
+
+def print_table(title: str, rows: Sequence[Row], ref: str) -> None:
+    """Timed rows: median, min and max time per call over the rounds, the ratio of medians to
+    the baseline's (``ref``) and the ratio of minimums; derived rows: their value."""
     print(f"\n{title}")
-    width = max(len(r[0]) for r in rows) + 2
-    print(f"  {'contender':<{width}} {ref}")
-    for name, value, note in rows:
-        print(f"  {name:<{width}} {value:8.3f} {note}")
+    width = max(len(r.name) for r in rows) + 2
+    timed = [r for r in rows if r.timing is not None]
+    if timed:
+        print(f"  {'contender':<{width}} {'median':>10} {'min':>10} {'max':>10}  "
+              f"{ref:>18}  {'(of minimums)':>13}")
+    for r in rows:
+        if r.timing is None:
+            print(f"  {r.name:<{width}} {r.value:8.3f} {r.note}")
+        else:
+            t = r.timing
+            print(f"  {r.name:<{width}} {_time(t.median):>10} {_time(t.min):>10} "
+                  f"{_time(t.max):>10}  {r.value:18.3f}  {r.min_ratio:13.3f}")
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -163,7 +298,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="elements in all (default 10M on cpu, 2**26 on cuda)")
     ap.add_argument("--tensors", type=int, default=None,
                     help="number of tensors (default 20 on cpu, 200 on cuda)")
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help=f"interleaved timing rounds, each a block of about {BLOCK_S * 1e3:g} "
+                         f"ms (or one call) per contender, after {WARMUP_S:g} s (and at least "
+                         f"{WARMUP_CALLS} calls) of warm-up each (default {ROUNDS}, on the "
+                         f"spiral net {SPIRAL_ROUNDS})")
     ap.add_argument("--spiral", action="store_true", help="only the spiral-net overhead table")
     ap.add_argument("--no-reference", action="store_true", help="skip the (slow) reference")
 
@@ -181,7 +320,8 @@ def run(args: argparse.Namespace, prog: str = "bench/step.py",
                           "--numel: expected a positive integer"),
                          (args.tensors is not None and args.tensors < 1,
                           "--tensors: expected a positive integer"),
-                         (args.rounds < 1, "--rounds: expected a positive integer")):
+                         (args.rounds is not None and args.rounds < 1,
+                          "--rounds: expected a positive integer")):
         if bad:
             if error is None:
                 print(f"{prog}: error: {message}", file=sys.stderr)
@@ -195,14 +335,18 @@ def run(args: argparse.Namespace, prog: str = "bench/step.py",
     print(f"thermo_ext {info['version']} | torch {torch.__version__} | {name} | ISA {info['isa']}"
           f" | OpenMP threads {info['openmp_threads']} | torch threads {torch.get_num_threads()}")
     if not args.spiral:
-        rows = bench_step(device, numel, tensors, args.rounds, not args.no_reference)
+        rounds = args.rounds or ROUNDS
+        rows = bench_step(device, numel, tensors, rounds, not args.no_reference)
         print_table(f"Step time on {numel:,} float32 parameters in {tensors} tensors "
-                    f"({device.type}), median of {args.rounds} interleaved rounds",
-                    rows, "time / Adam(fused)")
-        print_table("Noise generation", bench_noise(device, numel, args.rounds), "ratio")
+                    f"({device.type}), time per step over {rounds} interleaved rounds",
+                    rows, "median / Adam(fused)")
+        print_table(f"Noise generation ({numel:,} float32 normals), time per call over "
+                    f"{rounds} rounds", bench_noise(device, numel, rounds), "median / normal_")
     if args.spiral or device.type == "cpu":
-        print_table("Per-step time on the spiral net (2-100-1, four tensors, cpu)",
-                    bench_spiral(args.rounds), "time / Adam(fused)")
+        rounds = args.rounds or SPIRAL_ROUNDS
+        print_table(f"Per-step time on the spiral net (2-100-1, four tensors, cpu, "
+                    f"{SPIRAL_THREADS} thread), over {rounds} interleaved rounds",
+                    bench_spiral(rounds), "median / Adam(fused)")
     return 0
 
 

@@ -126,19 +126,39 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _methods_epilog() -> str:
-    from .experiments import METHODS
+def _format_settings(values: Dict) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in values.items())
 
-    lines = ["methods and their defaults (change with --set METHOD.KEY=VALUE):"]
+
+def _methods_epilog() -> str:
+    """The settings each method runs with, read from the method table (itself reading the
+    optimizers' signatures and presets) when the help is asked for: never a copy."""
+    from .experiments import METHODS, PAPER_PRESET, describe_preset, preset_names
+
+    lines = [textwrap.fill(f"methods and their settings with --preset {PAPER_PRESET} (the "
+                           f"default: {describe_preset(PAPER_PRESET)}); change one with --set "
+                           f"METHOD.KEY=VALUE:")]
     for m in METHODS.values():
-        defaults = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                             for k, v in m.defaults.items())
-        lines.append(f"  {m.name:<10} {defaults}; also settable: {', '.join(m.extra)}")
+        lines.append(f"  {m.name:<10} {_format_settings(m.settings(PAPER_PRESET))}; also "
+                     f"settable: {', '.join(m.extra)}")
+    for preset in preset_names():
+        if preset == PAPER_PRESET:
+            continue
+        differ = [(m.name, m.settings(preset)) for m in METHODS.values()
+                  if m.settings(preset) != m.settings(PAPER_PRESET)]
+        lines.append(textwrap.fill(f"with --preset {preset} ({describe_preset(preset)})"
+                                   + (", where they differ:" if differ else
+                                      ": the same values")))
+        lines += [f"  {name:<10} {_format_settings(values)}" for name, values in differ]
+    lines.append("SGD and Adam, the baselines, keep their settings under every preset.")
     return "\n".join(lines)
 
 
 def _add_run_options(p: argparse.ArgumentParser, *, epochs: int, seeds: int,
                      eval_every: int) -> None:
+    from .experiments import PAPER_PRESET, preset_names
+
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = _methods_epilog()
     g = p.add_argument_group("runs")
@@ -154,6 +174,11 @@ def _add_run_options(p: argparse.ArgumentParser, *, epochs: int, seeds: int,
                    help=f"evaluate on the training and test sets every N epochs "
                         f"(default {eval_every})")
     g.add_argument("--batch", type=positive_int, default=25, help="batch size (default 25)")
+    g.add_argument("--preset", choices=preset_names(), default=PAPER_PRESET,
+                   help=f"hyperparameters of the thermodynamic methods: {PAPER_PRESET} (default: "
+                        f"the paper's tuned two-spiral setting, as in docs/RESULTS.md) or default "
+                        f"(the optimizers' own defaults, as te.AdLaLa(model)); the values are "
+                        f"listed below")
     g.add_argument("--set", dest="settings", action="append", default=[],
                    metavar="METHOD.KEY=VALUE",
                    help="override a method's hyperparameter, e.g. --set AdLaLa.lr=0.2 "
@@ -172,7 +197,7 @@ def _add_run_options(p: argparse.ArgumentParser, *, epochs: int, seeds: int,
                    help="worker processes (default: number of cores, at most 2)")
     o.add_argument("--threads", type=positive_int, default=1,
                    help="torch/OpenMP threads per worker (default 1: fastest for tiny nets)")
-    o.add_argument("--quiet", action="store_true", help="no progress bars")
+    o.add_argument("--quiet", action="store_true", help="no progress output on stderr")
 
 
 def _add_spiral_options(p: argparse.ArgumentParser) -> None:
@@ -214,7 +239,7 @@ def _prepare(args, task, files: Sequence[str]):
     from .experiments import check_settings, parse_settings, resolve_methods
 
     methods = resolve_methods(args.methods.split(","))
-    hyper = parse_settings(args.settings, methods)
+    hyper = parse_settings(args.settings, methods, preset=args.preset)
     check_settings(task, hyper)
     train_size = getattr(task, "train", None)
     if train_size is not None and args.batch > train_size:
@@ -239,6 +264,16 @@ def _seeds(args) -> List[int]:
     return list(range(args.first_seed, args.first_seed + args.seeds))
 
 
+def _announce(args, hyper: Dict) -> None:
+    """The preset and every method's settings as run (after --set), before the runs start."""
+    from .experiments import describe_preset
+
+    print(f"preset {args.preset} ({describe_preset(args.preset)}); settings:")
+    for m, values in hyper.items():
+        print(f"  {m:<10} {_format_settings(values)}")
+    sys.stdout.flush()
+
+
 def _header(args, task, methods) -> Dict:
     from .experiments import METHODS, machine_info
 
@@ -249,7 +284,7 @@ def _header(args, task, methods) -> Dict:
         "task": task,
         "settings": {k: getattr(args, k) for k in
                      ("epochs", "seeds", "first_seed", "eval_every", "batch", "jobs", "threads",
-                      "data_seed")},
+                      "data_seed", "preset")},
         "method_sources": {m: METHODS[m].source for m in methods},
     }
 
@@ -272,6 +307,7 @@ def cmd_compare(args, name: str) -> int:
     print(f"thermo-ext {name}: {task.describe()}; batch {args.batch}, {args.epochs} epochs, "
           f"{len(seeds)} seed(s), {len(methods)} method(s): {len(specs)} runs on {jobs} "
           f"process(es)", flush=True)
+    _announce(args, hyper)
     t0 = time.perf_counter()
     results = ex.run_many(specs, jobs=jobs, threads=args.threads, quiet=args.quiet)
     wall = time.perf_counter() - t0
@@ -331,10 +367,11 @@ def cmd_robustness(args) -> int:
           f"{len(args.init_scales)} init scales x {len(seeds)} seed(s) x {len(methods)} "
           f"method(s), {args.epochs} epochs: {len(specs)} runs on {jobs} process(es)",
           flush=True)
+    _announce(args, hyper)
     t0 = time.perf_counter()
     results = ex.run_many(specs, jobs=jobs, threads=args.threads, quiet=args.quiet)
     wall = time.perf_counter() - t0
-    table = ex.robustness_table(results, methods, args.lr_factors, args.init_scales)
+    table = ex.robustness_table(results, methods, args.lr_factors, args.init_scales, hyper)
     title = f"{task.describe()}; batch {args.batch}, {args.epochs} epochs, {len(seeds)} seed(s)"
     text = ex.format_robustness(table, args.lr_factors, args.init_scales, title)
     print()
@@ -370,15 +407,59 @@ def cmd_bench(args) -> int:
     return benchmark.run(args, prog="thermo-ext bench")
 
 
+def _cuda_version(value) -> str:
+    """CUDA's integer versions (1000 * major + 10 * minor, 0 when unknown) as text."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return str(value)
+    return f"{value // 1000}.{value % 1000 // 10}" if value > 0 else "unknown"
+
+
+def cuda_status(info: Dict) -> List[str]:
+    """Plain lines: whether the CUDA engine was compiled, whether it can run here, and why not."""
+    import torch
+
+    compiled = bool(info.get("cuda"))
+    if not compiled:
+        built = "no (built without CUDA: THERMO_EXT_CUDA=OFF or no CUDA toolkit at build time)"
+    elif info.get("cuda_archs"):
+        built = f"yes (architectures {info['cuda_archs']})"
+    else:
+        built = "yes"
+    lines = [f"CUDA engine compiled: {built}"]
+    if not compiled:
+        why = "the engine was built without CUDA"
+    elif torch.version.cuda is None:
+        why = f"this torch ({torch.__version__}) is built without CUDA"
+    elif not torch.cuda.is_available():
+        why = "no CUDA device visible (torch.cuda.is_available() is False)"
+    else:
+        why = ""
+    if info.get("cuda_available") and not why:
+        devices = ", ".join(torch.cuda.get_device_name(i)
+                            for i in range(torch.cuda.device_count()))
+        lines.append(f"CUDA engine usable here: yes ({devices})")
+    else:
+        why = why or "build_info() reports it unavailable"
+        lines.append(f"CUDA engine usable here: no ({why})")
+    # The versions, where this build reports them (keys named after the driver and the runtime).
+    versions = [(k, v) for k, v in info.items() if "driver" in k or "runtime" in k]
+    if versions:
+        lines.append("CUDA versions: " + ", ".join(f"{k.replace('_', ' ')} {_cuda_version(v)}"
+                                                   for k, v in versions))
+    return lines
+
+
 def cmd_info(args) -> int:
     import torch
 
     from . import build_info
 
     info = build_info()
+    for line in cuda_status(info):
+        print(line)
     info["torch threads"] = torch.get_num_threads()
     width = max(len(k) for k in info)
-    print("thermo_ext build")
+    print("\nthermo_ext build")
     for k, v in info.items():
         if isinstance(v, (list, tuple)):
             v = ", ".join(map(str, v))
