@@ -138,3 +138,55 @@ def fsdp_worker(rank, world, port, out_dir, scheme):
     torch.save({"params": full, "resumed": resumed, "xis": xis,
                 "kt": [None if t is None else float(t) for t in opt.kinetic_temperature()]},
                os.path.join(out_dir, f"fsdp{rank}.pt"))
+
+
+@clean_exit
+def fsdp_nan_worker(rank, world, port, out_dir, scheme):
+    """A NaN in one rank's shard of a gradient: every rank refuses the step (no hang, no shard
+    changed anywhere), and the next clean step runs on every rank."""
+    from datetime import timedelta
+
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    # A short timeout: a rank left waiting in a collective fails the test instead of hanging.
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    torch.set_num_threads(1)
+    x, y = global_batch()
+    n = x.shape[0] // world
+    xs, ys = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+    model = make_model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    opt = make_opt(model, scheme)
+    train(model, opt, xs, ys, 2)
+    opt.zero_grad()
+    nn.functional.binary_cross_entropy_with_logits(model(xs), ys).backward()
+    if rank == 1:
+        with torch.no_grad():
+            list(model.parameters())[2].grad.to_local().view(-1)[0] = float("nan")
+    before = [p.to_local().detach().clone() for p in model.parameters()]
+    moms = [opt.state[p]["momentum_buffer"].to_local().clone() for p in model.parameters()
+            if "momentum_buffer" in opt.state.get(p, {})]
+    xis = [t.clone() for g in opt.thermostats() for t in g]
+    steps = [int(g["step"]) for g in opt.param_groups]
+    try:
+        opt.step()
+        message = None
+    except FloatingPointError as e:
+        message = str(e)
+    unchanged = (all(torch.equal(a, p.to_local()) for a, p in zip(before, model.parameters()))
+                 and all(torch.equal(a, opt.state[p]["momentum_buffer"].to_local())
+                         for a, p in zip(moms, [p for p in model.parameters()
+                                                if "momentum_buffer" in opt.state.get(p, {})]))
+                 and all(torch.equal(a, b) for a, b in
+                         zip(xis, [t for g in opt.thermostats() for t in g]))
+                 and steps == [int(g["step"]) for g in opt.param_groups])
+    train(model, opt, xs, ys, 1)  # the next, clean step runs everywhere
+    moved = not all(torch.equal(a, p.to_local()) for a, p in zip(before, model.parameters()))
+    torch.save({"message": message, "unchanged": unchanged, "moved": moved,
+                "steps": [int(g["step"]) for g in opt.param_groups]},
+               os.path.join(out_dir, f"nan{rank}.pt"))

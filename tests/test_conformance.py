@@ -67,9 +67,7 @@ def test_state_dict_round_trip_continues_bitwise(kind):
     H.assert_same(H.snapshot(opt2), H.snapshot(opt))
 
 
-@pytest.mark.parametrize("kind", kinds(xfail={k: (
-    "contract: load_state_dict works twice (today the second load raises ValueError: missing "
-    "['differentiable'], the key torch's __setstate__ adds to defaults)") for k in KINDS}))
+@pytest.mark.parametrize("kind", kinds())
 def test_second_load_state_dict_restores_again(kind):
     m, opt, (x, y) = trained(kind)
     sd = H.clone_state_dict(opt.state_dict())
@@ -210,9 +208,7 @@ def test_state_dict_hooks(kind):
     assert len(sd["param_groups"]) == len(opt.param_groups)
 
 
-@pytest.mark.parametrize("kind", kinds(xfail={k: (
-    "contract: load_state_dict pre hooks run before validation (today the dict is validated "
-    "first and a missing key raises ValueError before the hook can add it)") for k in KINDS}))
+@pytest.mark.parametrize("kind", kinds())
 def test_load_pre_hook_can_fill_in_a_missing_key(kind):
     """A checkpoint that lacks the groups' seed (one no default could restore): a pre hook puts
     the run's seed back, and the run continues bitwise."""
@@ -239,10 +235,7 @@ def test_load_pre_hook_can_fill_in_a_missing_key(kind):
     H.assert_same(H.snapshot(opt2), H.snapshot(opt))
 
 
-@pytest.mark.parametrize("kind", kinds(xfail={k: (
-    "contract: the state a load_state_dict pre hook returns is what is loaded (today the "
-    "momenta and xi are copied from the dict passed in, not the hook's)") for k in KINDS
-    if k not in MOMENTUMLESS}))
+@pytest.mark.parametrize("kind", kinds())
 def test_load_pre_hook_result_is_what_is_loaded(kind):
     """The hook swaps in another run's state dict: the optimizer continues that run."""
     m, opt, (x, y) = trained(kind, seed=3)
@@ -258,9 +251,7 @@ def test_load_pre_hook_result_is_what_is_loaded(kind):
     H.assert_same(H.snapshot(opt2), H.snapshot(opt_other))
 
 
-@pytest.mark.parametrize("kind", kinds(xfail={k: (
-    "contract: the state a load_state_dict pre hook returns is validated (today a hook's "
-    "negative lr is loaded without a ValueError)") for k in KINDS}))
+@pytest.mark.parametrize("kind", kinds())
 def test_load_pre_hook_result_is_validated(kind):
     m, opt, (x, y) = trained(kind)
     sd = H.clone_state_dict(opt.state_dict())
@@ -278,10 +269,7 @@ def test_load_pre_hook_result_is_validated(kind):
     H.assert_same(H.snapshot(opt), before)
 
 
-@pytest.mark.parametrize("kind", kinds(xfail={k: (
-    "contract: load_state_dict post hooks run after the whole load (today the momenta are "
-    "replaced after the post hooks ran, undoing what a hook set)") for k in KINDS
-    if k not in MOMENTUMLESS}))
+@pytest.mark.parametrize("kind", kinds())
 def test_load_post_hook_runs_after_the_load(kind):
     """A post hook that resets the momenta and halves lr (a resume with fresh momenta): its
     changes stand, and the run equals one where the same was done by hand after the load."""
@@ -337,10 +325,7 @@ def _copied(how, obj):
 
 @pytest.mark.parametrize("steps", [0, 2], ids=["fresh", "stepped"])
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
-@pytest.mark.parametrize("kind", kinds(xfail={k: (
-    "contract: deepcopy/pickle keep every attribute and the copy can step (today the copy "
-    "lacks Thermo's own attributes: AttributeError: 'Thermo' object has no attribute "
-    "'_cache')") for k in KINDS}))
+@pytest.mark.parametrize("kind", kinds())
 def test_copy_keeps_every_attribute_and_steps_like_the_original(kind, how, steps):
     """(model, optimizer) copied together: the copy's optimizer holds the copy's parameters,
     keeps every attribute (non-default ones included), and steps them with the original's
@@ -392,9 +377,7 @@ def _run_pair(kind, parts_a, parts_b, view_a, view_b, steps=3, **kw):
 
 
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
-@pytest.mark.parametrize("kind", kinds(xfail={k: (
-    "contract: complex parameters step as real views (today step() raises TypeError: dtype "
-    "torch.complex64 not supported)") for k in KINDS}))
+@pytest.mark.parametrize("kind", kinds())
 def test_complex_parameters_step_as_their_real_views(kind, dtype):
     """torch's optimizers step a complex parameter as torch.view_as_real of it; the noise is
     per real component, so the run equals, bitwise, the run on the real views as parameters."""
@@ -413,9 +396,7 @@ def test_complex_parameters_step_as_their_real_views(kind, dtype):
     H.assert_same(H.snapshot(opt_c), H.snapshot(opt_r))
 
 
-@pytest.mark.parametrize("kind", kinds(xfail={k: (
-    "contract: strided parameters with gaps are stepped (through a copy) like their contiguous "
-    "copy (today step() raises ValueError: expected a dense tensor)") for k in KINDS}))
+@pytest.mark.parametrize("kind", kinds())
 def test_strided_parameters_with_gaps_step_like_their_contiguous_copy(kind):
     """Leaves that view a bigger tensor with gaps (every other column; every third row): they
     step as contiguous copies would, stay views with their strides, and the elements between
@@ -520,10 +501,7 @@ def _params(opt):
 
 
 @pytest.mark.parametrize("shape", [(), (1,)], ids=["0-dim", "1-element"])
-@pytest.mark.parametrize("kind", kinds(xfail={k: (
-    "contract: a tensor lr that a scheduler updates in place is followed (today the step "
-    "keeps using the first lr: the engine's program cache keys on the tensor's identity)")
-    for k in KINDS}))
+@pytest.mark.parametrize("kind", kinds())
 def test_tensor_lr_follows_a_scheduler(kind, shape):
     """torch accepts a 1-element tensor lr; its schedulers then update it in place (fill_).
     The run equals the run with the same float lrs (exactly representable here)."""
@@ -537,10 +515,7 @@ def test_tensor_lr_follows_a_scheduler(kind, shape):
     H.assert_same(params_t, params_f)
 
 
-@pytest.mark.parametrize("kind", kinds(xfail={k: (
-    "contract: a 0-dim tensor lr is the same step size as its float value (today E's "
-    "coefficient eps*delta is computed in the tensor's float32, so xi differs)")
-    for k in ("adl", "AdL", "AdLaLa")}))
+@pytest.mark.parametrize("kind", kinds())
 def test_constant_tensor_lr_equals_float_lr(kind):
     """0.125 is exact in float32, so the tensor and the float are the same h."""
     _, opt_t, _ = trained(kind, steps=3, lr=torch.tensor(0.125))
@@ -560,9 +535,7 @@ def _torch_tensor_lr_error():
     return errors[0]
 
 
-@pytest.mark.parametrize("kind", kinds(xfail={k: (
-    "contract: a tensor lr of several elements raises torch's ValueError('Tensor lr must be "
-    "1-element') (today TypeError: lr: expected a real number, got Tensor)") for k in KINDS}))
+@pytest.mark.parametrize("kind", kinds())
 def test_tensor_lr_of_two_elements_raises_like_torch(kind):
     err_type, message = _torch_tensor_lr_error()
     assert err_type is ValueError
@@ -595,9 +568,7 @@ def test_parameters_without_grads_are_not_moved_and_get_no_state(kind):
     assert not H.same_bits(moved.detach(), H.mlp()[0].weight.detach())
 
 
-@pytest.mark.parametrize("kind", kinds(xfail={k: (
-    "contract: no empty state entries (today a momentum-less scheme leaves {} in opt.state "
-    "for every stepped parameter, and the state dict saves them)") for k in MOMENTUMLESS}))
+@pytest.mark.parametrize("kind", kinds())
 def test_no_empty_state_entries(kind):
     m, opt, _ = trained(kind)
     assert all(entry for entry in opt.state.values()), dict(opt.state)
@@ -629,9 +600,7 @@ def test_zero_gradient_at_zero_temperature_is_a_no_op(kind):
 # maximize, foreach, fused, differentiable
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", kinds(xfail={k: (
-    "contract: maximize=True samples exp(+L/tau) (today TypeError: unexpected keyword "
-    "argument 'maximize')") for k in KINDS}))
+@pytest.mark.parametrize("kind", kinds())
 def test_maximize_equals_the_run_on_negated_gradients(kind):
     """As torch's maximize: the gradient is negated before weight decay is added, so the run
     equals, bitwise, the run fed -grad; the noise is the same."""
@@ -661,9 +630,7 @@ def test_maximize_equals_the_run_on_negated_gradients(kind):
                                 dict(fused=None)],
                          ids=["fused=True,foreach=None,differentiable=False,maximize=False",
                               "fused=None"])
-@pytest.mark.parametrize("kind", kinds(xfail={k: (
-    "contract: torch's fused/foreach/differentiable/maximize keywords are accepted (today "
-    "TypeError: unexpected keyword argument)") for k in KINDS}))
+@pytest.mark.parametrize("kind", kinds())
 def test_torch_keywords_we_honour_are_accepted(kind, kw):
     """fused is what the engine is; foreach=None and fused=None leave the choice to us;
     differentiable=False and maximize=False are the default behaviour: the run is unchanged."""
@@ -673,10 +640,7 @@ def test_torch_keywords_we_honour_are_accepted(kind, kw):
 
 
 @pytest.mark.parametrize("keyword", ["foreach", "differentiable"])
-@pytest.mark.parametrize("kind", kinds(xfail={k: (
-    "contract: foreach=True and differentiable=True, which the engine cannot honour, raise a "
-    "ValueError naming the keyword (today TypeError: unexpected keyword argument)")
-    for k in KINDS}))
+@pytest.mark.parametrize("kind", kinds())
 def test_torch_keywords_we_cannot_honour_raise(kind, keyword):
     with pytest.raises(ValueError, match=keyword):
         H.make(kind, H.mlp(), **{keyword: True})

@@ -59,3 +59,19 @@ def test_fsdp2_shards_follow_single_process_and_resume_exactly(tmp_path, scheme)
     assert r0["xis"] == pytest.approx(want, rel=1e-6)
     kt = [None if t is None else float(t) for t in opt.kinetic_temperature()]
     assert r0["kt"] == pytest.approx(kt, rel=1e-5)
+
+
+@pytest.mark.parametrize("scheme", ["langevin", "adl", "adlala"])
+def test_fsdp2_nan_on_one_rank_is_refused_by_every_rank(tmp_path, scheme):
+    """FSDP2 reduce-scatters gradients, so a non-finite value lands on one rank only. Every rank
+    raises FloatingPointError (naming the rank that found it), no rank changes any shard,
+    momentum, thermostat or counter, nobody waits in a collective, and the next step runs."""
+    spawn(W.fsdp_nan_worker, tmp_path, scheme)
+    for rank in range(2):
+        r = torch.load(tmp_path / f"nan{rank}.pt")
+        assert r["message"] is not None, f"rank {rank} did not raise"
+        assert "non-finite gradient" in r["message"] and "on any rank" in r["message"]
+        assert r["unchanged"], f"rank {rank} changed its state"
+        assert r["moved"] and r["steps"] == [3] * len(r["steps"])
+    assert "parameter" in torch.load(tmp_path / "nan1.pt")["message"]
+    assert "on rank 1" in torch.load(tmp_path / "nan0.pt")["message"]

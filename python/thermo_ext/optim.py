@@ -143,12 +143,16 @@ class Thermo(Optimizer):
         self._lists_dirty = True
 
     # ----------------------------------------------------------------------------- copies
+    #: What a copy or unpickled optimizer rebuilds instead of carrying: the step's caches (the
+    #: engine's plans hold raw addresses of the original's tensors) and, as torch.optim does,
+    #: the hooks.
+    _NOT_COPIED = ("_records", "_host_steps", "_created", "_handle", "_params", "_state_tensors",
+                   "_lists_dirty", "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+                   "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
+                   "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
+
     def __getstate__(self) -> Dict[str, Any]:
-        state = super().__getstate__()
-        state.update(check_finite=self.check_finite,
-                     stochastic_rounding=self.stochastic_rounding, backend=self.backend,
-                     sum_hook=self.sum_hook, _skipped=self._skipped)
-        return state
+        return {k: v for k, v in self.__dict__.items() if k not in self._NOT_COPIED}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)  # also load_state_dict's way of installing a state
@@ -529,6 +533,7 @@ class Thermo(Optimizer):
         values): a bad state dict raises ValueError and changes nothing."""
         state_dict = state_dict.copy() if isinstance(state_dict, dict) else state_dict
         pre_hooks = self._optimizer_load_state_dict_pre_hooks
+        post_hooks = self._optimizer_load_state_dict_post_hooks
         for pre_hook in pre_hooks.values():
             result = pre_hook(self, state_dict)
             if result is not None:
@@ -536,11 +541,15 @@ class Thermo(Optimizer):
         state_dict = checkpoint.with_optional_keys(state_dict)
         checkpoint.validate(self.param_groups, state_dict)
         saved_moms = checkpoint.saved_momenta(self.param_groups, state_dict)
-        self._optimizer_load_state_dict_pre_hooks = type(pre_hooks)()  # they ran above
+        # torch's load runs the hooks itself: the pre hooks ran above, the post hooks run once
+        # the whole state (our momenta included) is in place.
+        self._optimizer_load_state_dict_pre_hooks = type(pre_hooks)()
+        self._optimizer_load_state_dict_post_hooks = type(post_hooks)()
         try:
             super().load_state_dict(state_dict)
         finally:
             self._optimizer_load_state_dict_pre_hooks = pre_hooks
+            self._optimizer_load_state_dict_post_hooks = post_hooks
         self._host_steps.clear()
         self._records.clear()
         self._version += 1
@@ -559,3 +568,5 @@ class Thermo(Optimizer):
             if isinstance(group.get("step"), torch.Tensor):
                 group["step"] = group["step"].detach().to(device=device, copy=True)
         self._refresh_compiled_lists()
+        for post_hook in post_hooks.values():
+            post_hook(self)
