@@ -1,4 +1,4 @@
-"""Stacked chains (issue 6): chain k of a K-chain run is a single-chain run with its seed."""
+"""Stacked chains: chain k of a K-chain run is a single-chain run with its seed."""
 
 import pytest
 import torch

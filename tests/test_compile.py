@@ -94,7 +94,7 @@ def test_scheduler_changes_reach_the_compiled_step_without_recompiling():
         x, y = batch()
         base = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         counts = []
-        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`")
+        warnings.filterwarnings("ignore", r"Detected call of .lr_scheduler\.step")
         for _ in range(8):
             opt.zero_grad()
             nn.functional.binary_cross_entropy_with_logits(m(x), y).backward()

@@ -1,4 +1,4 @@
-"""torch.distributed (issue 6): DDP and FSDP2 on 2 CPU ranks (gloo) follow the 1-process run."""
+"""torch.distributed: DDP and FSDP2 on 2 CPU ranks (gloo) follow the 1-process run."""
 
 import os
 import socket

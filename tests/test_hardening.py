@@ -257,7 +257,7 @@ def test_failed_first_step_leaves_no_trace(change):
     momentum_init="thermal") and xi (= xi0). If tau or xi0 then change before the retried first
     step (a TemperatureScheduler, a user fixing the config), the retried step starts from the
     stale momenta/xi, unlike a fresh optimizer. Expected: a rejected step changes nothing, lazily
-    created state included (DESIGN §5)."""
+    created state included (docs/DESIGN.md, Failure model)."""
     def run(fail_first):
         torch.manual_seed(0)
         p = nn.Parameter(torch.randn(6))

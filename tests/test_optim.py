@@ -1,4 +1,4 @@
-"""The optimizer (issue 3): torch.optim behaviour, parity with the reference, exact resume."""
+"""The optimizer: torch.optim behaviour, parity with the reference, exact resume."""
 
 import math
 import os

@@ -4,7 +4,7 @@ stationary covariance of the linear map the folded scheme defines.
 U(θ) = k θ²/2 on 10^5 independent elements, so the gradient is k θ. One later step of a folded
 scheme is an affine map x' = M x + noise with x = (θ, p) (the stored parameter and momentum);
 its stationary covariance solves the discrete Lyapunov equation Σ = M Σ Mᵀ + Q. The maps are
-written here letter by letter from DESIGN §2 in the order the engine runs them (the folded string),
+written here letter by letter from docs/DESIGN.md, Letters, in the order the engine runs them (the folded string),
 and checked against the package's folded programs. Step sizes are near the stability limits
 (h = 1.5 with k = 1, limit 2), where the discretisation bias is large and scheme-specific, so a
 wrong letter order, delta or noise amplitude shows.
@@ -56,7 +56,7 @@ def step_map(program, *, k, gamma, tau):
     return m, q
 
 
-# The later-step programs the engine runs (the folded strings of §2 with the tail's B merged).
+# The later-step programs the engine runs (the folded strings of docs/DESIGN.md, Folding, with the tail's B merged).
 LATER = {
     "langevin": [("B", H), ("A", H / 2), ("O", H), ("A", H / 2)],            # B·BAOA
     "OBABO": [("B", H / 2), ("O", H / 2), ("O", H / 2), ("B", H / 2), ("A", H)],  # BO·OBA

@@ -359,7 +359,7 @@ def _layout_pair(shape, fmt, gen, dtype):
 def test_channels_last_parameters_step_like_contiguous_ones(shape, scheme, dtype, backend):
     """A channels_last 4-D parameter (a conv weight after model.to(memory_format=
     torch.channels_last)) is a dense tensor, just not contiguous in the default sense. It must
-    step exactly like the same values in the default layout (noise by logical index, §3), and
+    step exactly like the same values in the default layout (noise by logical index, docs/DESIGN.md, Noise), and
     keep its memory format. Today the optimizer raises ValueError ("expected a contiguous
     tensor") for it: see the report."""
     gen = torch.Generator().manual_seed(11)

@@ -1,4 +1,4 @@
-"""The noise stream of DESIGN.md §3: Philox4x32-10 words and the float32 Box–Muller normals.
+"""The noise stream (docs/DESIGN.md, Noise): Philox4x32-10 words and the float32 Box–Muller normals.
 
 The words are checked exactly, against the published known-answer vectors and against an
 independent pure-numpy Philox4x32-10 written here; the normals against a float64 Box–Muller of the
@@ -20,7 +20,7 @@ from thermo_ext.random import normal, philox
 MASK32 = np.uint64(0xFFFFFFFF)
 
 # ---------------------------------------------------------------------------------------------
-# An independent Philox4x32-10 and Box–Muller (numpy, uint64 arithmetic), written from §3.
+# An independent Philox4x32-10 and Box–Muller (numpy, uint64 arithmetic), written from docs/DESIGN.md, Noise.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -55,7 +55,7 @@ def np_words(n, *, seed, uid, step, draw, offset=0):
 
 
 def np_normal(n, *, seed, uid, step, draw, offset=0):
-    """§3's normals in float64, from the float32 uniforms u1, u2."""
+    """The normals of docs/DESIGN.md, Noise, in float64, from the float32 uniforms u1, u2."""
     i, w = np_words(n, seed=seed, uid=uid, step=step, draw=draw, offset=offset)
     lane = i & np.uint64(3)
     low = lane < 2

@@ -1,4 +1,4 @@
-"""Scheme strings (DESIGN.md §2): validation, folding, per-letter deltas, draws, first step."""
+"""Scheme strings (docs/DESIGN.md, Folding and the first step): validation, folding, per-letter deltas, draws, first step."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def letters(folded_or_program):
 
 
 def needs_one_gradient(s: str) -> bool:
-    """The rule of §2, written independently: some rotation starts with B and has no B after
+    """The folding rule (docs/DESIGN.md), written independently: some rotation starts with B and has no B after
     any A; equivalently, the B and the A letters of the cycle form one run each."""
     ab = [ch for ch in s if ch in "AB"]
     runs = sum(1 for i in range(len(ab)) if ab[i] != ab[i - 1])  # cyclic letter changes
@@ -23,7 +23,7 @@ def needs_one_gradient(s: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Folding results of §2
+# Folding results (docs/DESIGN.md, Folding and the first step)
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("written,folded", [

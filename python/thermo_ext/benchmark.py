@@ -266,6 +266,67 @@ def bench_spiral(rounds: int = SPIRAL_ROUNDS) -> List[Row]:
     return _ratios(t, "Adam(fused)")
 
 
+def bench_compile(rounds: int = SPIRAL_ROUNDS) -> List[Row]:
+    """torch.compile on the spiral net (2-100-1, batch 25, one thread): the optimizer step alone
+    and a whole train step (forward, backward, step in one fullgraph graph), eager and compiled,
+    for AdLaLa and torch's Adam(fused=True), side by side."""
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    torch._dynamo.config.trace_autograd_ops = True  # lets a compiled train step trace backward
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(25, 2, generator=g)
+    y = (x[:, :1] * x[:, 1:] > 0).float()
+
+    def net():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(2, 100), torch.nn.ReLU(), torch.nn.Linear(100, 1))
+        for p in m.parameters():
+            p.grad = torch.randn_like(p) * 1e-3
+        return m
+
+    def train_step(m, opt):
+        def fn():
+            for p in m.parameters():
+                p.grad = None
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(m(x), y)
+            loss.backward()
+            opt.step()
+            return loss.detach()
+        return fn
+
+    contenders = {}
+    for name, make in (("Adam(fused)", lambda m: torch.optim.Adam(m.parameters(), lr=5e-3,
+                                                                   fused=True)),
+                       ("AdLaLa", lambda m: te.AdLaLa(m, seed=1))):
+        m = net()
+        opt = make(m)
+        contenders[f"{name} step"] = opt.step
+        m = net()
+        opt = make(m)
+        contenders[f"{name} step, compiled"] = torch.compile(opt.step, fullgraph=True)
+        m = net()
+        contenders[f"{name} train step"] = train_step(m, make(m))
+        m = net()
+        contenders[f"{name} train step, compiled"] = torch.compile(train_step(m, make(m)),
+                                                                   fullgraph=True)
+    with threads(SPIRAL_THREADS):
+        for fn in contenders.values():  # compile outside the timed warm-up
+            for _ in range(3):
+                fn()
+        t = measure(contenders, torch.device("cpu"), rounds)
+    rows = _ratios(t, "Adam(fused) step")
+    for what in ("step", "train step"):
+        for name in ("AdLaLa", "Adam(fused)"):
+            rows.append(Row(f"{name} {what}: compiled / eager",
+                            t[f"{name} {what}, compiled"].median / t[f"{name} {what}"].median,
+                            "x"))
+        rows.append(Row(f"compiled {what}: AdLaLa / Adam(fused)",
+                        t[f"AdLaLa {what}, compiled"].median
+                        / t[f"Adam(fused) {what}, compiled"].median, "x"))
+    return rows
+
+
 def _time(seconds: float) -> str:
     for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
         if seconds >= scale:
@@ -304,6 +365,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                          f"{WARMUP_CALLS} calls) of warm-up each (default {ROUNDS}, on the "
                          f"spiral net {SPIRAL_ROUNDS})")
     ap.add_argument("--spiral", action="store_true", help="only the spiral-net overhead table")
+    ap.add_argument("--compile", action="store_true",
+                    help="only the torch.compile table (spiral net: step and train step, eager "
+                         "and compiled, AdLaLa and Adam(fused))")
     ap.add_argument("--no-reference", action="store_true", help="skip the (slow) reference")
 
 
@@ -334,6 +398,12 @@ def run(args: argparse.Namespace, prog: str = "bench/step.py",
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"thermo_ext {info['version']} | torch {torch.__version__} | {name} | ISA {info['isa']}"
           f" | OpenMP threads {info['openmp_threads']} | torch threads {torch.get_num_threads()}")
+    if args.compile:
+        rounds = args.rounds or SPIRAL_ROUNDS
+        print_table(f"torch.compile on the spiral net (2-100-1, batch 25, cpu, {SPIRAL_THREADS} "
+                    f"thread), over {rounds} interleaved rounds", bench_compile(rounds),
+                    "median / Adam step")
+        return 0
     if not args.spiral:
         rounds = args.rounds or ROUNDS
         rows = bench_step(device, numel, tensors, rounds, not args.no_reference)

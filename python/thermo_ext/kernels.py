@@ -172,7 +172,7 @@ def get_num_threads() -> int:
 
 def fill_normal(out: torch.Tensor, *, seed: int, uid: int, step: int, draw: int,
                 offset: int = 0) -> torch.Tensor:
-    """Fills a contiguous float32 tensor with the normals of §3."""
+    """Fills a contiguous float32 tensor with the normals of docs/DESIGN.md, Noise."""
     seed = check_int("seed", seed, 0, U64)
     uid = check_int("uid", uid, 0, 2**32)
     step = check_int("step", step, 0, U64) % 2**32

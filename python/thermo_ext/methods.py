@@ -1,5 +1,5 @@
 """The paper's named methods: each builds a :class:`~thermo_ext.optim.Thermo` with the partitions
-(param groups) and the schemes of the method (DESIGN.md §1)."""
+(param groups) and the schemes of the method (docs/DESIGN.md, The methods)."""
 
 from __future__ import annotations
 

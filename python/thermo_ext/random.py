@@ -1,4 +1,4 @@
-"""The counter-based noise stream of DESIGN.md §3 as tensors.
+"""The counter-based noise stream of docs/DESIGN.md, Noise, as tensors.
 
 Element ``i`` of a tensor (its index in the whole, unsharded tensor) draws its normal from
 Philox4x32-10 with key ``(seed mod 2**32, seed >> 32)`` and counter ``(i >> 2, uid, step mod 2**32,
@@ -28,7 +28,7 @@ def chain_seed(seed: int, chain: int) -> int:
 
 def normal(n: int, *, seed: int, uid: int, step: int, draw: int, offset: int = 0,
            device="cpu") -> torch.Tensor:
-    """The ``n`` float32 normals that §3 assigns to elements ``offset .. offset+n-1``."""
+    """The ``n`` float32 normals that docs/DESIGN.md, Noise, assigns to elements ``offset .. offset+n-1``."""
     n = kernels.check_int("n", n, 0, 2**62)
     out = torch.empty(n, dtype=torch.float32, device=device)
     kernels.fill_normal(out, seed=seed, uid=uid, step=step, draw=draw, offset=offset)

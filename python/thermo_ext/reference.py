@@ -1,4 +1,4 @@
-"""DESIGN.md §2 written with plain torch ops, letter by letter, noise from thermo_ext.random.
+"""docs/DESIGN.md, Letters, written with plain torch ops, letter by letter, noise from thermo_ext.random.
 
 The oracle of the tests and the baseline of the benchmarks: it is written to be obviously
 correct, not fast. ``thermo_step`` has the signature of :func:`thermo_ext.kernels.thermo_step`.

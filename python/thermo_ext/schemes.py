@@ -1,4 +1,4 @@
-"""Scheme strings: parsing, validation and folding (DESIGN.md §2).
+"""Scheme strings: parsing, validation and folding (docs/DESIGN.md, Letters; Folding and the first step).
 
 A scheme is a string over the letters A B O C D E, or one of the named schemes ``"langevin"``
 (BAOAB), ``"adl"`` (BACDEDCAB) and ``"overdamped"`` (Euler–Maruyama, no momentum). Each

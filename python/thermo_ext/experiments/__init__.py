@@ -1,6 +1,6 @@
 """The experiments behind ``thermo-ext``: methods, tasks, training runs, tables and figures.
 
-The paper's comparison (Leimkuhler, Matthews, Vlaar 2019, DESIGN.md §1) is a set of *runs*, one
+The paper's comparison (Leimkuhler, Matthews, Vlaar 2019; docs/DESIGN.md, The methods) is a set of *runs*, one
 per (method, seed[, grid cell]); a run trains one small network from scratch and records its
 learning curves. Runs are independent, so :func:`run_many` spreads them over processes.
 
