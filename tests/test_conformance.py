@@ -28,7 +28,7 @@ from torch.optim.optimizer import (register_optimizer_step_post_hook,
                                    register_optimizer_step_pre_hook)
 
 import helpers as H
-from helpers import F32, F64, KINDS, MOMENTUMLESS, kinds
+from helpers import F32, F64, MOMENTUMLESS, kinds
 
 ALL = kinds()
 
