@@ -673,6 +673,35 @@ def test_optimizer_device_counter_skips_nonfinite_step():
     assert not torch.equal(host(dev_p[0].detach()), before[0])
 
 
+def test_optimizer_device_counter_does_not_advance_on_a_skipped_step():
+    # torch's found_inf rule: a step skipped on the device leaves the device counter alone, so
+    # the next step draws the noise the eager run (which refused the same step) draws.
+    dev_p, eager_p = _opt_params(True), _opt_params(True)
+    dev_o, eager_o = _thermo(dev_p, capturable=True), _thermo(eager_p)
+    for k in range(2):
+        for a, b, g in zip(dev_p, eager_p, _grads(k)):
+            a.grad.copy_(dut(g))
+            b.grad.copy_(dut(g))
+        dev_o.step()
+        eager_o.step()
+    dev_p[3].grad[1] = float("nan")
+    eager_p[3].grad[1] = float("nan")
+    dev_o.step()  # skipped on the device
+    with pytest.raises(FloatingPointError):
+        eager_o.step()
+    sync()
+    assert [int(host(g["step"])) for g in dev_o.param_groups] == [2, 2, 2]
+    for a, b, g in zip(dev_p, eager_p, _grads(3)):
+        a.grad.copy_(dut(g))
+        b.grad.copy_(dut(g))
+    dev_o.step()
+    eager_o.step()
+    sync()
+    assert [int(host(g["step"])) for g in dev_o.param_groups] == [3, 3, 3]
+    for a, b in zip(dev_p, eager_p):
+        assert torch.equal(host(a.detach()), host(b.detach()))
+
+
 def test_optimizer_capturable_graph_replay():
     cap_p, eager_p = _opt_params(True), _opt_params(True)
     cap_o, eager_o = _thermo(cap_p, capturable=True), _thermo(eager_p)

@@ -133,7 +133,7 @@ class EngineCall:
     def uids(self) -> List[int]:
         return [uid(self.group_index, k) for k in self.positions]
 
-    def grads(self, where: str, grad_of) -> List[torch.Tensor]:
+    def grads(self, group: Dict[str, Any], grad_of) -> List[torch.Tensor]:
         """The gradients the engine reads (``grad_of(source)``, its ``.grad`` in an eager step).
         torch's ``.grad`` setter already guarantees the parameter's shape, dtype and device;
         what is left is the layout."""
@@ -144,8 +144,8 @@ class EngineCall:
             grads = [g[self.chain] for g in grads]
         for k, g in enumerate(grads):
             if g.layout is not torch.strided:
-                raise ValueError(f"{where}parameter {self.positions[k]}: sparse gradients are "
-                                 f"not supported")
+                raise ValueError(f"{where(self.group_index, group)}parameter "
+                                 f"{self.positions[k]}: sparse gradients are not supported")
             if g.is_complex():
                 g = torch.view_as_real(g)
             grads[k] = g if g.is_contiguous() else g.contiguous()
@@ -154,20 +154,26 @@ class EngineCall:
 
 @dataclasses.dataclass
 class GroupRecord:
-    """What ``step()`` keeps of a param group between steps: the calls and the validated
-    hyperparameters they were last used with. ``key`` names what the calls were built for (the
-    tensors with gradients and their addresses, the group's buffers, the optimizer's state
-    version and the structural settings): any change rebuilds them."""
+    """What ``step()`` keeps of a param group between steps: its engine calls, what they were
+    built for (the tensors with gradients and their addresses, the group's buffers, the
+    optimizer's state version, the structural settings: any change rebuilds them), and the
+    hyperparameters last validated (``raw`` as read from the group, ``hyper`` as numbers)."""
 
-    key: tuple
+    active: tuple
+    addresses: tuple
+    buffers: tuple
+    version: int
+    structure: tuple
+    raw: tuple
     hyper: tuple
     scheme: FoldedScheme
     calls: List[EngineCall]
 
-    @property
-    def active(self) -> tuple:
-        """Positions of the group's tensors that have gradients (what the calls step)."""
-        return self.key[0]
+    def __post_init__(self):
+        # A tensor hyperparameter may change in place (a scheduler's fill_): read it each step.
+        self.tensor_hyper = any(isinstance(v, torch.Tensor) for v in self.raw)
+        self.dtensor = any(c.dtensor for c in self.calls)
+        self.on_device = kernels.on_device(self.calls[0].params[0])
 
 
 def init_momentum(p: torch.Tensor, gi: int, pos: int, group: Dict[str, Any]) -> torch.Tensor:

@@ -202,7 +202,7 @@ class EnginePlan:
     tensors stay the same; each step only sets gradients, hyperparameters and the counter."""
 
     __slots__ = ("plan", "scheme", "device", "params", "momenta", "xi", "workspace", "scratch",
-                 "step_tensor", "n_seg", "seg_numel", "sum_hook")
+                 "step_tensor", "n_seg", "seg_numel", "sum_hook", "program", "program_key")
 
     def __init__(self, params: Sequence[torch.Tensor], momenta: Sequence[Optional[torch.Tensor]],
                  *, scheme: FoldedScheme, xi: Optional[torch.Tensor], segments: Sequence[int],
@@ -260,6 +260,7 @@ class EnginePlan:
         self.seg_numel = list(seg_numel)
         #: Reduces each E phase's segment sums in place before the xi update (distributed).
         self.sum_hook: Optional[Callable[[torch.Tensor], None]] = None
+        self.program, self.program_key = None, None  # the last program set_fast built
 
     def set(self, grads: Sequence[torch.Tensor], *, lr, gamma, tau, sigma, eps, weight_decay,
             step: int, first: bool, stochastic_rounding: bool = True,
@@ -272,8 +273,12 @@ class EnginePlan:
                  stochastic_rounding: bool) -> None:
         """``set`` for callers that validated ``hyper`` = (lr, gamma, tau, sigma, eps,
         weight_decay[, maximize]) and the gradients already (the optimizer's hot path)."""
-        prog = build_program(self.scheme, first, *hyper)
-        self.plan.set([g.data_ptr() for g in grads], prog, step % 2**32, stochastic_rounding)
+        key = (hyper, first)
+        if key != self.program_key:  # a step's program changes when its settings do
+            self.program = build_program(self.scheme, first, *hyper)
+            self.program_key = key
+        self.plan.set([g.data_ptr() for g in grads], self.program, step % 2**32,
+                      stochastic_rounding)
 
     def stream(self) -> int:
         return _stream(self.device)

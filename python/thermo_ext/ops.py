@@ -16,6 +16,7 @@ than a small model's whole step.
 from __future__ import annotations
 
 import itertools
+import operator
 import weakref
 from typing import List
 
@@ -43,18 +44,30 @@ def _step(optimizer: int, params: List[torch.Tensor], state: List[torch.Tensor],
     if opt is None:
         raise RuntimeError("thermo_ext::step: the optimizer of this compiled step no longer "
                            "exists")
-    by_address = {p.data_ptr(): p for p in opt._params}
-    grad = {}
-    for p, g in zip(params, grads):
-        mine = by_address.get(p.data_ptr())
-        if mine is None or mine.shape != p.shape:
-            raise RuntimeError("thermo_ext::step: the compiled step was handed a tensor that is "
-                               "not one of the optimizer's parameters (a graph compiled for "
-                               "another optimizer's tensors: recompile)")
-        grad[id(mine)] = g
+    matched = _match(params, opt._params)
+    if matched is None:
+        raise RuntimeError("thermo_ext::step: the compiled step was handed a tensor that is not "
+                           "one of the optimizer's parameters (a graph compiled for another "
+                           "optimizer's tensors: recompile)")
+    if all(map(operator.is_, grads, (p.grad for p in matched))):
+        opt._step_undoable()  # a compiled opt.step(): the gradients are the .grad fields
+        return
     # The gradients the graph computed: inside a compiled train step the parameters' .grad
     # fields are only written once the graph returns.
+    grad = dict(zip(map(id, matched), grads))
     opt._step_undoable(lambda p: grad.get(id(p)))
+
+
+def _match(given: List[torch.Tensor], mine: List[torch.Tensor]):
+    """The optimizer's parameters that ``given`` are, in order, or None: by identity, which is
+    what a compiled graph hands over, else by storage (the same parameter through another
+    tensor object)."""
+    it = iter(mine)
+    if all(any(g is m for m in it) for g in given):
+        return given
+    addresses = {m.data_ptr(): m for m in mine}
+    matched = [addresses.get(g.data_ptr()) for g in given]
+    return None if any(m is None for m in matched) else matched
 
 
 def _step_fake(optimizer, params, state, grads) -> None:

@@ -10,6 +10,7 @@ torch.library op (:mod:`thermo_ext.ops`), so the compiled step has no graph brea
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -17,14 +18,17 @@ from torch.optim import Optimizer
 
 from . import checkpoint, kernels, ops
 from . import distributed as dist_glue
-from ._compat import GLOBAL_STEP_POST_HOOKS, GLOBAL_STEP_PRE_HOOKS
+from ._compat import GLOBAL_STEP_POST_HOOKS, GLOBAL_STEP_PRE_HOOKS, DTensor
 from .backends import BACKENDS, Refusal, run_step
 from .distributed import Agreement
-from .groups import (MAX_GROUPS, STRUCTURE_KEYS, EngineCall, GroupRecord, build_calls,
-                     check_group, group_xi, hyper_values, where)
+from .groups import (HYPER_KEYS, MAX_GROUPS, STRUCTURE_KEYS, EngineCall, GroupRecord,
+                     build_calls, check_group, group_xi, hyper_values, where)
 from .schemes import FoldedScheme, fold
 
 __all__ = ["Thermo"]
+
+_HYPER = operator.itemgetter(*HYPER_KEYS)
+_STRUCTURE = operator.itemgetter(*STRUCTURE_KEYS)
 
 
 def _GRAD(p: torch.Tensor) -> Optional[torch.Tensor]:
@@ -197,31 +201,41 @@ class Thermo(Optimizer):
     def _record(self, gi: int, group: Dict[str, Any], grad_of) -> Optional[GroupRecord]:
         """The group's calls for this step, rebuilt only when its tensors, buffers or
         structural settings change; hyperparameters are revalidated whenever they change.
-        None when no parameter of the group has a gradient."""
+        None when no parameter of the group has a gradient. (The hot path of a small model's
+        step: what did not change is recognised by identity.)"""
         params = group["params"]
-        active = tuple(k for k, p in enumerate(params) if grad_of(p) is not None)
+        active = tuple([k for k, p in enumerate(params) if grad_of(p) is not None])
         if not active:
             return None
         rec = self._records.get(gi)
-        wh = where(gi, group)
-        hyper = hyper_values(wh, group)
-        structure = tuple(group[k] for k in STRUCTURE_KEYS)
-        if rec is not None and rec.hyper == hyper and rec.key[-1] == structure:
-            scheme = rec.scheme
+        raw = _HYPER(group)
+        structure = _STRUCTURE(group)
+        if (rec is not None and not rec.tensor_hyper and all(map(operator.is_, raw, rec.raw))
+                and all(map(operator.is_, structure, rec.structure))):
+            hyper, scheme = rec.hyper, rec.scheme
         else:  # users and schedulers edit groups: validate what changed before using it
-            scheme = check_group(group, wh)
-        key = (active, tuple(dist_glue.local(params[k]).data_ptr() for k in active),
-               self._buffers_id(group), self._version, structure)
-        if rec is None or rec.key != key:
+            wh = where(gi, group)
+            hyper = hyper_values(wh, group)
+            if rec is not None and hyper == rec.hyper and structure == rec.structure:
+                scheme = rec.scheme
+            else:
+                scheme = check_group(group, wh)
+        addresses = tuple([p.data_ptr() if type(p) is not DTensor else p.to_local().data_ptr()
+                           for p in map(params.__getitem__, active)])
+        if (rec is None or active != rec.active or addresses != rec.addresses
+                or self._buffers_id(group) != rec.buffers or self._version != rec.version
+                or structure != rec.structure):
             calls = build_calls(gi, group, scheme, active, self.state, self._created,
                                 dist_glue.mesh_sum_hook)
             # ξ and the step counter are made while building: key the buffers made
-            key = key[:2] + (self._buffers_id(group),) + key[3:]
-            rec = GroupRecord(key=key, hyper=hyper, scheme=scheme, calls=calls)
+            rec = GroupRecord(active=active, addresses=addresses,
+                              buffers=self._buffers_id(group), version=self._version,
+                              structure=structure, raw=raw, hyper=hyper, scheme=scheme,
+                              calls=calls)
             self._records[gi] = rec
             self._lists_dirty = True
-        elif rec.hyper != hyper:
-            rec.hyper = hyper
+        else:
+            rec.raw, rec.hyper = raw, hyper
         return rec
 
     @staticmethod
@@ -382,19 +396,27 @@ class Thermo(Optimizer):
         """The step (the functional core both ``step()`` and the compiled op run), with the
         gradients ``grad_of(parameter)`` (None: the parameter does not move)."""
         self._check_capture(grad_of)
-        calls, hyper, steps = [], [], []
+        calls, hyper, steps, groups = [], [], [], []
+        on_device = dtensor = capturable = False
         for gi, group in enumerate(self.param_groups):
             rec = self._record(gi, group, grad_of)
-            if rec is not None:
-                host_step = self._host_step(gi, group)
-                calls.extend(rec.calls)
-                hyper.extend([rec.hyper] * len(rec.calls))
-                steps.extend([host_step] * len(rec.calls))
+            if rec is None:
+                continue
+            host_step = self._host_step(gi, group)
+            n = len(rec.calls)
+            calls += rec.calls
+            hyper += [rec.hyper] * n
+            steps += [host_step] * n
+            groups += [group] * n
+            on_device |= rec.on_device
+            dtensor |= rec.dtensor
+            # The first step runs eagerly (it is never captured): there a capturable group
+            # raises like any other instead of skipping on the device.
+            capturable |= group["capturable"] and host_step > 0
         if not calls:
             self._advance(None)
             return
-        grads = [c.grads(where(c.group_index, self.param_groups[c.group_index]), grad_of)
-                 for c in calls]
+        grads = [c.grads(g, grad_of) for c, g in zip(calls, groups)]
         for c in calls:
             if c.xi_index is not None:
                 torch.index_select(c.xi_full, 0, c.xi_index, out=c.xi)
@@ -403,8 +425,7 @@ class Thermo(Optimizer):
         check = self.check_finite
         backend = BACKENDS[self.backend]
         flag = None
-        if check and backend.name == "engine" and any(kernels.on_device(c.params[0])
-                                                      for c in calls):
+        if check and on_device and backend.name == "engine":
             devices = {c.params[0].device for c in calls}
             if len(devices) > 1:  # one flag per step: keep the fast path to one device
                 raise ValueError("check_finite with CUDA needs all groups on one device")
@@ -412,12 +433,9 @@ class Thermo(Optimizer):
             flag.zero_()
         tasks = backend.tasks(calls, grads, hyper, steps, self.stochastic_rounding, self.sum_hook)
         agreement = None
-        if check and (self.sum_hook is not None or any(c.dtensor for c in calls)):
+        if check and (dtensor or self.sum_hook is not None):
             agreement = Agreement.for_tensors([c.sources[0] for c in calls if c.dtensor],
                                               self.sum_hook is not None)
-        # The first step runs eagerly (it is never captured): there a capturable group raises
-        # like any other instead of skipping on the device.
-        capturable = any(g["capturable"] for g in self.param_groups) and min(steps) > 0
         refusal = run_step(backend, tasks, check=check, flag=flag, agreement=agreement,
                            capturable=capturable)
         if refusal is not None:
