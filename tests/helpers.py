@@ -76,11 +76,14 @@ def make(kind: str, model, **kw) -> te.Thermo:
     return getattr(te, kind)(params, **kw)
 
 
-def mlp(seed: int = 0, dtype: torch.dtype = F32) -> nn.Sequential:
-    """Three linear layers: three partitions for LaLa, first and rest for AdLaLa and LOL."""
+def mlp(seed: int = 0, dtype: torch.dtype = F32, hidden: Sequence[int] = (5, 3),
+        act=nn.Tanh) -> nn.Sequential:
+    """Three linear layers: three partitions for LaLa, first and rest for AdLaLa and LOL
+    (``act`` after the first, tanh after the second)."""
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(2, 5), nn.Tanh(), nn.Linear(5, 3), nn.Tanh(),
-                         nn.Linear(3, 1)).to(dtype)
+    h1, h2 = hidden
+    return nn.Sequential(nn.Linear(2, h1), act(), nn.Linear(h1, h2), nn.Tanh(),
+                         nn.Linear(h2, 1)).to(dtype)
 
 
 def data(seed: int = 1, dtype: torch.dtype = F32, n: int = 16):

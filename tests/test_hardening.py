@@ -1,4 +1,4 @@
-"""Failure modes of a long sampling run, made explicit (the hardening issue).
+"""Failure modes of a long sampling run, made explicit.
 
 * Non-finite values: NaN/Inf in gradients or parameters raise FloatingPointError naming the
   group, position and name, with every parameter, momentum, xi and step counter unchanged, in
@@ -32,6 +32,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 from torch import nn
 
+import helpers as H
 import thermo_ext as te
 
 F32, F64 = torch.float32, torch.float64
@@ -44,77 +45,15 @@ SETTINGS = dict(deadline=None, derandomize=True,
 # ---------------------------------------------------------------------------------------------
 
 def mlp(seed=0, dtype=F32):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 8), nn.Tanh(),
-                         nn.Linear(8, 1)).to(dtype)
+    return H.mlp(seed, dtype, hidden=(16, 8), act=nn.ReLU)
 
 
 def data(seed=1, dtype=F32):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(32, 2, generator=g, dtype=dtype)
-    y = (x[:, :1] * x[:, 1:] > 0).to(dtype)
-    return x, y
+    return H.data(seed, dtype, n=32)
 
 
-def backward(model, x, y):
-    model.zero_grad()
-    nn.functional.binary_cross_entropy_with_logits(model(x), y).backward()
-
-
-def train(model, opt, steps, x, y):
-    for _ in range(steps):
-        backward(model, x, y)
-        opt.step()
-
-
-def snapshot(opt):
-    """Every tensor the step may write, by (group, position), cloned; and the step counters."""
-    out = {}
-    for gi, g in enumerate(opt.param_groups):
-        for pos, p in enumerate(g["params"]):
-            out[("param", gi, pos)] = p.detach().clone()
-            m = opt.state.get(p, {}).get("momentum_buffer")
-            out[("momentum", gi, pos)] = None if m is None else m.clone()
-        out[("xi", gi)] = None if g["xi"] is None else g["xi"].clone()
-        out[("step", gi)] = int(g["step"])
-    return out
-
-
-def same(a, b):
-    """Bitwise equality of tensors (NaN equal to NaN) or plain equality."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
-            return False
-        if a.shape != b.shape or a.dtype != b.dtype:
-            return False
-        if a.is_floating_point():
-            return bool(((a == b) | (a.isnan() & b.isnan())).all())
-        return torch.equal(a, b)
-    return a == b
-
-
-def assert_same_snapshot(before, after):
-    assert before.keys() == after.keys()
-    for k in before:
-        assert same(before[k], after[k]), f"{k} changed"
-
-
-def deep_same(a, b, path="sd"):
-    """Recursive equality of state dicts (tensors bitwise)."""
-    if isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), f"{path}: keys differ"
-        for k in a:
-            deep_same(a[k], b[k], f"{path}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{path}: lengths differ"
-        for i, (x, y) in enumerate(zip(a, b)):
-            deep_same(x, y, f"{path}[{i}]")
-    else:
-        assert same(a, b), f"{path}: {a!r} != {b!r}"
-
-
-def clone_sd(sd):
-    return copy.deepcopy(sd)
+backward, train, snapshot, clone_sd = H.backward, H.train, H.snapshot, H.clone_state_dict
+assert_same_snapshot = deep_same = H.assert_same
 
 
 # ---------------------------------------------------------------------------------------------

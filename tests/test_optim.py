@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import helpers as H
 import thermo_ext as te
 from thermo_ext import random as te_random
 from thermo_ext.groups import init_momentum
@@ -25,23 +26,14 @@ METHODS = {
 
 
 def mlp(seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 8), nn.Tanh(),
-                         nn.Linear(8, 1)).to(dtype)
+    return H.mlp(seed, dtype, hidden=(16, 8), act=nn.ReLU)
 
 
 def data(seed=1, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(32, 2, generator=g, dtype=dtype)
-    y = (x[:, :1] * x[:, 1:] > 0).to(dtype)
-    return x, y
+    return H.data(seed, dtype, n=32)
 
 
-def train(model, opt, steps, x, y):
-    for _ in range(steps):
-        opt.zero_grad()
-        nn.functional.binary_cross_entropy_with_logits(model(x), y).backward()
-        opt.step()
+train = H.train
 
 
 def flat(model):
