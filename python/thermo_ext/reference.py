@@ -11,12 +11,13 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from . import _C
 from . import random as te_random
 from .schemes import FoldedScheme
 
 __all__ = ["thermo_step", "round_bf16_stochastic"]
 
-ROUNDING_DRAW = 0xFFFF
+ROUNDING_DRAW = _C.ROUNDING_DRAW  # the draw field of the stochastic-rounding bits
 
 
 def _noise(p: torch.Tensor, *, seed, uid, step, draw, offset) -> torch.Tensor:
