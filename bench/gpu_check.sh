@@ -4,10 +4,14 @@
 #   bash bench/gpu_check.sh            # from the repository root; logs to $OUT when set
 #
 # Builds the package in place for sm_90 only, prints the build info and the GPU, runs the CUDA
-# tests (and the CPU engine tests when time allows), then the step benchmark. Every stage runs
-# under a timeout carved from one budget (TOTAL_S, default 330 s), so the whole script stays
-# under 6 minutes; a failed stage does not stop the later ones, and the script exits non-zero
-# at the end when any stage failed.
+# tests (and the CPU engine tests when time allows), then the step benchmark. The CUDA tests
+# include what only a GPU can check: graph capture and replay (a replay that follows in-place
+# changes of the device hyperparameters, as a scheduler makes them; the optimizer's capturable
+# steps and skipped-step counter), the device math library against the host's, and with two
+# GPUs the device guard (no primary context created on a GPU the thread never used). Every
+# stage runs under a timeout carved from one budget (TOTAL_S, default 330 s), so the whole
+# script stays under 6 minutes; a failed stage does not stop the later ones, and the script
+# exits non-zero at the end when any stage failed.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -95,6 +99,7 @@ say "machine"
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader ||
     echo "nvidia-smi failed"
+  echo "GPUs: $(nvidia-smi -L 2>/dev/null | wc -l) (the device-guard test needs two)"
   command -v nvcc >/dev/null && nvcc --version | tail -n 2 || echo "no nvcc on PATH"
   "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__,
 "cuda", torch.version.cuda, "available", torch.cuda.is_available())' || true
@@ -130,7 +135,7 @@ memcheck() {
   local out rc
   out=$(PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 97 \
     "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cuda.py \
-    -k "fill_normal_matches_cpu or sharded_offsets or (float32_matches_cpu and tensor) or bf16_matches" 2>&1)
+    -k "fill_normal_matches_cpu or sharded_offsets or (float32_matches_cpu and tensor) or bf16_matches or (device_hyper_matches and default)" 2>&1)
   rc=$?
   echo "$out" | tail -n 15
   if grep -qE "Device not supported|LibraryNotLoaded|Target application terminated before first instrumented API call" <<<"$out"; then

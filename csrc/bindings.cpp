@@ -2,11 +2,12 @@
 //
 // A Plan holds everything of one (group, device, dtype) call that does not change from step to
 // step; a step sets its gradient pointers, program and step counter, and run_plans executes a
-// whole optimizer step (every plan) in one call from Python.
+// whole optimizer step (every plan) in one call from Python, the staging protocol included.
 #include <omp.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -22,18 +23,106 @@ using namespace te;
 namespace {
 
 using OpTuple = std::tuple<int, int, int, double, double, double>;
+// letter, factor (delta / h), draw, xi_version
+using LetterTuple = std::tuple<int, double, int, int>;
+using HyperTuple = std::tuple<double, double, double, double, double, double>;
 
+[[noreturn]] void bad_op(const char* arg, size_t i, const std::string& what) {
+  throw std::invalid_argument(std::string(arg) + "[" + std::to_string(i) + "]: " + what);
+}
+
+bool is_noise(int letter) { return letter == kO || letter == kD || letter == kV; }
+
+// Fills n_e and e_pos and rejects what no folded scheme produces: an unknown letter, a draw
+// outside [0, kRoundingDraw) or shared by two noise letters (their noise would be the same), a
+// C reading a xi version that no E before it produced (a read of an uninitialised, or with no
+// E at all a null, workspace), or a xi version on another letter.
+void finish_program(Program& p, const char* arg) {
+  p.n_e = 0;
+  for (int i = 0; i < p.n_ops; ++i) {
+    const Op& op = p.ops[i];
+    if (op.letter < kA || op.letter > kV)
+      bad_op(arg, i, "unknown letter code " + std::to_string(op.letter) + "; expected 0.." +
+                    std::to_string(kNumLetters - 1) + " (" + kLetterNames + ")");
+    if (op.draw < 0 || op.draw >= (int)kRoundingDraw)
+      bad_op(arg, i, "draw " + std::to_string(op.draw) + " out of range [0, " +
+                    std::to_string(kRoundingDraw) + ") (" + std::to_string(kRoundingDraw) +
+                    " is the stochastic-rounding draw)");
+    if (is_noise(op.letter))
+      for (int j = 0; j < i; ++j)
+        if (is_noise(p.ops[j].letter) && p.ops[j].draw == op.draw)
+          bad_op(arg, i, "draw " + std::to_string(op.draw) + " is already used by " +
+                             std::string(arg) + "[" + std::to_string(j) +
+                             "]; each noise letter needs its own draw");
+    if (op.letter == kC) {
+      if (op.xi_version < 0 || op.xi_version > p.n_e)
+        bad_op(arg, i, "C reads xi version " + std::to_string(op.xi_version) + ", but " +
+                           std::to_string(p.n_e) +
+                           " E letter(s) precede it; expected a version in [0, " +
+                           std::to_string(p.n_e) + "]");
+    } else if (op.xi_version != 0) {
+      bad_op(arg, i, "xi_version " + std::to_string(op.xi_version) +
+                    " on a letter other than C; expected 0");
+    }
+    if (op.letter == kE) p.e_pos[p.n_e++] = i;
+  }
+}
+
+void check_n_ops(size_t n, const char* arg) {
+  if (n > (size_t)kMaxOps)
+    throw std::invalid_argument(std::string(arg) + ": at most " + std::to_string(kMaxOps) +
+                                " letters, got " + std::to_string(n));
+}
+
+// A program with explicit coefficients (no factors: device hyperparameters cannot rebuild it).
 Program make_program(const std::vector<OpTuple>& ops) {
-  if (ops.size() > (size_t)kMaxOps)
-    throw std::invalid_argument("scheme: at most " + std::to_string(kMaxOps) + " letters");
+  check_n_ops(ops.size(), "ops");
   Program p{};
   p.n_ops = (int32_t)ops.size();
+  p.grad_sign = 1.0;
   for (size_t i = 0; i < ops.size(); ++i) {
     Op& op = p.ops[i];
     std::tie(op.letter, op.draw, op.xi_version, op.c[0], op.c[1], op.c[2]) = ops[i];
-    if (op.letter < kA || op.letter > kV) throw std::invalid_argument("scheme: unknown letter code");
-    if (op.letter == kE) p.e_pos[p.n_e++] = (int32_t)i;
   }
+  finish_program(p, "ops");
+  return p;
+}
+
+Hyper make_hyper(const HyperTuple& t) {
+  Hyper h;
+  std::tie(h.lr, h.gamma, h.tau, h.sigma, h.eps, h.weight_decay) = t;
+  const double v[kNumHyper] = {h.lr, h.gamma, h.tau, h.sigma, h.eps, h.weight_decay};
+  for (int i = 0; i < kNumHyper; ++i) {
+    const bool gamma = i == 1;
+    if (std::isnan(v[i]) || v[i] < 0 || (std::isinf(v[i]) && !gamma))
+      throw std::invalid_argument(std::string("hyper.") + kHyperNames[i] + ": expected " +
+                                  (gamma ? ">= 0 (inf allowed)" : "a finite number >= 0") +
+                                  ", got " + std::to_string(v[i]));
+  }
+  return h;
+}
+
+// A program from a folded scheme's letters and a group's hyperparameters: the coefficients come
+// from substeps.h, the formulas the CUDA engine also evaluates from device hyperparameters.
+Program build_program(const std::vector<LetterTuple>& letters, const HyperTuple& hyper,
+                      bool maximize) {
+  check_n_ops(letters.size(), "letters");
+  const Hyper h = make_hyper(hyper);
+  Program p{};
+  p.n_ops = (int32_t)letters.size();
+  p.has_factors = 1;
+  p.grad_sign = maximize ? -1.0 : 1.0;
+  for (size_t i = 0; i < letters.size(); ++i) {
+    Op& op = p.ops[i];
+    double factor;
+    std::tie(op.letter, factor, op.draw, op.xi_version) = letters[i];
+    if (!(factor >= 0) || std::isinf(factor))
+      bad_op("letters", i, "factor " + std::to_string(factor) +
+                               "; expected a finite number >= 0");
+    p.factor[i] = factor;
+    letter_coefficients(op.letter, factor * h.lr, h, op.c, p.grad_sign);
+  }
+  finish_program(p, "letters");
   return p;
 }
 
@@ -51,6 +140,7 @@ struct Plan {
   intptr_t ws = 0;
   intptr_t scratch = 0;
   int64_t scratch_len = 0;
+  intptr_t hyper = 0;
   bool stochastic_rounding = true;
 
   StepArgs args() const {
@@ -70,6 +160,7 @@ struct Plan {
     a.stochastic_rounding = stochastic_rounding ? 1 : 0;
     a.scratch = (double*)scratch;
     a.scratch_len = scratch_len;
+    a.hyper = (const double*)hyper;
     return a;
   }
 };
@@ -109,14 +200,21 @@ Plan make_plan(int device, int dtype, const std::vector<intptr_t>& thetas,
   return p;
 }
 
-// phase >= 0: that phase; -1: the whole step; -2: everything that can fail (cpu_pre).
-int run_one(const Plan& p, intptr_t stream, int phase, bool check, intptr_t flag) {
-  const StepArgs a = p.args();
-  if (phase < -2 || phase > a.prog->n_e) throw std::invalid_argument("step: no such phase");
-  if (p.device >= 0) return cuda_run(a, p.device, stream, phase, check, (int32_t*)flag);
-  if (phase == -1) return cpu_step(a, check);
-  if (phase == -2) return cpu_pre(a, check);
-  return cpu_kernels().run_phase(a, phase, check);
+// One plan in `mode` (engine.h, RunMode).
+int run_one(const Plan& p, intptr_t stream, int mode, bool check, intptr_t flag,
+            const SumHook* hook) {
+  StepArgs a = p.args();
+  a.sum_hook = hook;
+  if (p.device >= 0) return cuda_run(a, p.device, stream, mode, check, (int32_t*)flag);
+  if (mode == kRunPre) return cpu_pre(a, check);
+  if (mode == kRunFinish) return cpu_finish(a);
+  return cpu_step(a, check);
+}
+
+// A Python sum hook, called with the number of the E whose sums it reduces.
+void call_py_hook(void* ctx, int k) {
+  py::gil_scoped_acquire gil;
+  (*static_cast<py::object*>(ctx))(k);
 }
 
 }  // namespace
@@ -124,11 +222,69 @@ int run_one(const Plan& p, intptr_t stream, int phase, bool check, intptr_t flag
 PYBIND11_MODULE(_C, m) {
   m.doc() = "thermo_ext compiled engine (no libtorch: raw pointers in)";
 
+  // The engine's constants, for Python to read rather than retype.
+  py::dict dtypes, letters, modes;
+  for (int i = 0; i < kNumDTypes; ++i) dtypes[kDTypeNames[i]] = i;
+  for (int i = 0; i < kNumLetters; ++i) letters[py::str(std::string(1, kLetterNames[i]))] = i;
+  for (int i = 0; i < 3; ++i) modes[kRunModeNames[i]] = -1 - i;
+  py::tuple bad_kinds(kNumBadKinds), hyper_fields(kNumHyper);
+  for (int i = 0; i < kNumBadKinds; ++i) bad_kinds[i] = kBadKindNames[i];
+  for (int i = 0; i < kNumHyper; ++i) hyper_fields[i] = kHyperNames[i];
+  m.attr("DTYPE_CODES") = dtypes;        // torch dtype name -> code
+  m.attr("LETTER_CODES") = letters;      // letter -> code
+  m.attr("BAD_KINDS") = bad_kinds;       // kind of a non-finite value, by code % 4
+  m.attr("MODES") = modes;               // run_plans mode name -> code
+  m.attr("HYPER_FIELDS") = hyper_fields; // a hyperparameter tuple's (and tensor's) order
+  m.attr("MAX_OPS") = kMaxOps;
+  m.attr("ROUNDING_DRAW") = kRoundingDraw;
+  m.attr("UID_GROUP_SHIFT") = kUidGroupShift;
+  m.attr("UID_LIMIT") = kUidLimit;
+  m.def(
+      "make_uid",
+      [](int64_t group, int64_t position) {
+        if (group < 0 || group >= (int64_t)kUidLimit)
+          throw std::invalid_argument("group: expected an int in [0, " +
+                                      std::to_string(kUidLimit) + "), got " +
+                                      std::to_string(group));
+        if (position < 0 || position >= (int64_t)kUidLimit)
+          throw std::invalid_argument("position: expected an int in [0, " +
+                                      std::to_string(kUidLimit) + "), got " +
+                                      std::to_string(position));
+        return make_uid((uint32_t)group, (uint32_t)position);
+      },
+      py::arg("group"), py::arg("position"),
+      "The noise counter's uid of parameter `position` of param group `group`.");
+  m.def(
+      "letter_coefficients",
+      [](int letter, double delta, const HyperTuple& hyper, bool maximize) {
+        if (letter < kA || letter > kV)
+          throw std::invalid_argument("letter: unknown letter code " + std::to_string(letter));
+        double c[3];
+        letter_coefficients(letter, delta, make_hyper(hyper), c, maximize ? -1.0 : 1.0);
+        return std::make_tuple(c[0], c[1], c[2]);
+      },
+      py::arg("letter"), py::arg("delta"), py::arg("hyper"), py::arg("maximize") = false,
+      "(c0, c1, c2) of a letter moving by delta under hyper = (lr, gamma, tau, sigma, eps, "
+      "weight_decay); maximize: B and V see -g.");
+
   py::class_<Program>(m, "Program")
+      .def(py::init(&build_program), py::arg("letters"), py::arg("hyper"),
+           py::arg("maximize") = false,
+           "letters: list of (letter, factor, draw, xi_version), factor = delta / h; hyper: "
+           "(lr, gamma, tau, sigma, eps, weight_decay); maximize: B and V see -g. The "
+           "coefficients are computed here.")
       .def(py::init(&make_program), py::arg("ops"),
-           "ops: list of (letter, draw, xi_version, c0, c1, c2), letters A B O C D E V = 0..6")
+           "ops: list of (letter, draw, xi_version, c0, c1, c2) with explicit coefficients")
       .def_property_readonly("n_ops", [](const Program& p) { return p.n_ops; })
-      .def_property_readonly("n_e", [](const Program& p) { return p.n_e; });
+      .def_property_readonly("n_e", [](const Program& p) { return p.n_e; })
+      .def_property_readonly("ops", [](const Program& p) {
+        std::vector<OpTuple> out;
+        for (int i = 0; i < p.n_ops; ++i) {
+          const Op& op = p.ops[i];
+          out.emplace_back(op.letter, op.draw, op.xi_version, op.c[0], op.c[1], op.c[2]);
+        }
+        return out;
+      }, "(letter, draw, xi_version, c0, c1, c2) of every op");
 
   py::class_<Plan>(m, "Plan")
       .def(py::init(&make_plan), py::arg("device"), py::arg("dtype"), py::arg("thetas"),
@@ -147,48 +303,56 @@ PYBIND11_MODULE(_C, m) {
         p.stochastic_rounding = stochastic_rounding;
       }, py::arg("grads"), py::arg("program"), py::arg("step"), py::arg("stochastic_rounding"),
       "Sets what changes every step: gradient pointers, program and step counter.")
+      .def("set_hyper", [](Plan& p, intptr_t hyper) {
+        if (hyper && p.device < 0)
+          throw std::invalid_argument("hyper: device hyperparameters are for CUDA plans (the "
+                                      "CPU engine uses the program's coefficients)");
+        p.hyper = hyper;
+      }, py::arg("hyper"),
+      "A device pointer to 6 float64 hyperparameters (HYPER_FIELDS order) from which every "
+      "CUDA call recomputes the coefficients, or 0 for the program's own.")
       .def_property_readonly("n_tensors", [](const Plan& p) { return (int)p.tensors.size(); });
 
   m.def(
       "run_plans",
       [](const std::vector<Plan*>& plans, const std::vector<intptr_t>& streams, bool check,
-         intptr_t flag, int mode) {
-        if (streams.size() != plans.size())
-          throw std::invalid_argument("run_plans: one stream per plan");
-        py::gil_scoped_release nogil;
+         intptr_t flag, int mode, const std::vector<py::object>& hooks) {
         const int n = (int)plans.size();
-        // With several plans and a check, everything that can fail runs first for all plans:
-        // a failed step changes nothing anywhere. mode: -1 whole step, -2 pre only, -3 finish.
-        const bool staged = mode == -1 && check && n > 1;
+        if ((int)streams.size() != n) throw std::invalid_argument("streams: one per plan");
+        if (!hooks.empty() && (int)hooks.size() != n)
+          throw std::invalid_argument("hooks: none, or one (None or a callable) per plan");
+        if (mode != kRunAll && mode != kRunPre && mode != kRunFinish)
+          throw std::invalid_argument("mode: expected -1 (all), -2 (pre) or -3 (finish), got " +
+                                      std::to_string(mode));
+        std::vector<SumHook> sum_hooks(n, SumHook{nullptr, nullptr});
+        for (int i = 0; i < (int)hooks.size(); ++i)
+          if (!hooks[i].is_none())
+            sum_hooks[i] = SumHook{&call_py_hook, (void*)&hooks[i]};
+        const auto hook = [&](int i) { return sum_hooks[i].fn ? &sum_hooks[i] : nullptr; };
+        py::gil_scoped_release nogil;
+        // The staging protocol of a step over several calls: with a check, everything that can
+        // fail runs for every plan before any plan writes, so a refused step changes nothing
+        // anywhere. After a refusal the plans with a sum hook still run their "pre" (which
+        // writes only their workspace): their collectives must match the other ranks'.
+        const bool staged = mode == kRunAll && check && n > 1;
+        std::pair<int, int> refused(-1, -1);
         for (int i = 0; i < n; ++i) {
-          const int phase = mode == -3 ? plans[i]->prog.n_e : (staged ? -2 : mode);
-          const int bad = run_one(*plans[i], streams[i], phase, check && mode != -3, flag);
-          if (bad >= 0) return std::make_pair(i, bad);
+          if (refused.first >= 0 && !hook(i)) continue;
+          const int m_i = refused.first >= 0 || staged ? (int)kRunPre : mode;
+          const int bad = run_one(*plans[i], streams[i], m_i, check && mode != kRunFinish, flag,
+                                  hook(i));
+          if (bad >= 0 && refused.first < 0) refused = std::make_pair(i, bad);
         }
-        if (staged)
-          for (int i = 0; i < n; ++i) run_one(*plans[i], streams[i], plans[i]->prog.n_e, false, flag);
-        return std::make_pair(-1, -1);
+        if (refused.first >= 0 || !staged) return refused;
+        for (int i = 0; i < n; ++i)
+          run_one(*plans[i], streams[i], kRunFinish, false, flag, nullptr);
+        return refused;
       },
       py::arg("plans"), py::arg("streams"), py::arg("check"), py::arg("flag"), py::arg("mode"),
-      "One optimizer step over all plans. Returns (plan, BadKind code) or (-1, -1).");
-
-  m.def(
-      "run_phase",
-      [](const Plan& p, intptr_t stream, int phase, bool check, intptr_t flag) {
-        py::gil_scoped_release nogil;
-        return run_one(p, stream, phase, check, flag);
-      },
-      py::arg("plan"), py::arg("stream"), py::arg("phase"), py::arg("check"), py::arg("flag"));
-
-  m.def(
-      "update_xi",
-      [](const Plan& p, intptr_t stream, int k, intptr_t flag, bool check) {
-        const StepArgs a = p.args();
-        if (k < 0 || k >= a.prog->n_e) throw std::invalid_argument("update_xi: no such E");
-        if (p.device >= 0) return cuda_update_xi(a, p.device, stream, k, (int32_t*)flag);
-        return cpu_update_xi(a, k, check);
-      },
-      py::arg("plan"), py::arg("stream"), py::arg("k"), py::arg("flag"), py::arg("check") = true);
+      py::arg("hooks") = std::vector<py::object>(),
+      "One optimizer step over all plans in `mode` (MODES). hooks[i], when not None, is called "
+      "with k after plan i's partial sums of E number k and before that E (distributed steps). "
+      "Returns (plan, BadKind code) of the first refusal or (-1, -1).");
 
   m.def(
       "fill_normal",
@@ -240,5 +404,15 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_scratch_doubles", [](const std::vector<int64_t>& numels) {
     return cuda_scratch_doubles(numels.data(), (int)numels.size());
   });
-  m.attr("max_ops") = kMaxOps;
+  m.def("cuda_versions", []() {
+    int driver = 0, runtime = 0;
+    cuda_versions(&driver, &runtime);
+    return std::make_pair(driver, runtime);
+  }, "(driver, runtime): the CUDA versions of the installed driver and of this build "
+     "(1000 * major + 10 * minor; 0 where unknown)");
+  m.def("cuda_param_layout", [](py::object large) {
+    return cuda_param_layout(large.is_none() ? -1 : (large.cast<bool>() ? 1 : 0));
+  }, py::arg("large") = py::none(),
+  "Whether CUDA launches use the 32 KB kernel-parameter layout (else 4 KB); large=True/False "
+  "sets it (True only where the build and the driver support it).");
 }

@@ -81,13 +81,42 @@ TE_HD fp16_t fp16_round_nearest(float f) {
   return h;
 }
 
-// The 16 random bits for stochastic rounding of global element g: word (g mod 4) of the block.
+// The 16 random bits for stochastic rounding of the four elements of global quad `quad`: the top
+// halves of the words of one Philox call (counter (quad, uid, step, kRoundingDraw)).
+TE_HD void rounding_quad(const NoiseKey& k, uint64_t quad, uint32_t& r0, uint32_t& r1,
+                         uint32_t& r2, uint32_t& r3) {
+  r0 = (uint32_t)quad;
+  r1 = k.uid;
+  r2 = k.step;
+  r3 = k.draw;
+  philox4x32_10(r0, r1, r2, r3, k.k0, k.k1);
+  r0 >>= 16;
+  r1 >>= 16;
+  r2 >>= 16;
+  r3 >>= 16;
+}
+
+// The same bits for global element g: word (g mod 4) of its quad (selects, so that a loop over
+// elements vectorises).
 TE_HD uint32_t rounding_bits(const NoiseKey& k, uint64_t g) {
-  uint32_t c0 = (uint32_t)(g >> 2), c1 = k.uid, c2 = k.step, c3 = k.draw;
-  philox4x32_10(c0, c1, c2, c3, k.k0, k.k1);
+  uint32_t r0, r1, r2, r3;
+  rounding_quad(k, g >> 2, r0, r1, r2, r3);
   const uint32_t lane = (uint32_t)(g & 3);
-  const uint32_t w = lane == 0 ? c0 : (lane == 1 ? c1 : (lane == 2 ? c2 : c3));
-  return w >> 16;
+  return lane == 0 ? r0 : (lane == 1 ? r1 : (lane == 2 ? r2 : r3));
+}
+
+// theta's storage from its compute value, for both engines: a copy for float32/float64
+// parameters, round to nearest for fp16, and for bf16 stochastic rounding with the element's
+// rounding bits (or round to nearest). to_storage<P>(x, ...) picks the overload by storage type.
+TE_HD float store_as(float x, const float*, bool, uint32_t) { return x; }
+TE_HD double store_as(double x, const double*, bool, uint32_t) { return x; }
+TE_HD fp16_t store_as(float x, const fp16_t*, bool, uint32_t) { return fp16_round_nearest(x); }
+TE_HD bf16_t store_as(float x, const bf16_t*, bool stochastic, uint32_t random16) {
+  return stochastic ? bf16_round_stochastic(x, random16) : bf16_round_nearest(x);
+}
+template <class P, class T>
+TE_HD P to_storage(T x, bool stochastic, uint32_t random16) {
+  return store_as(x, (const P*)nullptr, stochastic, random16);
 }
 
 }  // namespace te

@@ -1,4 +1,4 @@
-// The noise stream of DESIGN.md §3: Philox4x32-10 and the float32 Box–Muller map.
+// The noise stream of docs/DESIGN.md, Noise: Philox4x32-10 and the float32 Box–Muller map.
 //
 // Host and device share this file. Every function is branch-free scalar code written so that a
 // compiler can vectorise a loop over it, and uses only IEEE add/mul/sqrt (the build turns off
@@ -178,7 +178,7 @@ TE_HD void box_muller(uint32_t wa, uint32_t wb, float& z_even, float& z_odd) {
   z_odd = r * s;
 }
 
-// Counter-based key and counter of §3.
+// The counter-based key and counter of docs/DESIGN.md, Noise.
 struct NoiseKey {
   uint32_t k0, k1;   // seed mod 2^32, seed >> 32
   uint32_t uid;      // (group << 16) | position

@@ -1,6 +1,8 @@
-// The per-element letter math of DESIGN.md §2 and the folded program the engines execute.
-// One source of truth for the CPU engine (all ISAs) and the CUDA kernels.
+// The per-element letter math of docs/DESIGN.md, Letters, the letters' coefficients from a
+// group's hyperparameters, and the folded program the engines execute. One source of truth for
+// the host program builder, the CPU engine (all ISAs) and the CUDA kernels.
 #pragma once
+#include <math.h>
 #include <stdint.h>
 
 #include "philox.h"
@@ -9,13 +11,10 @@ namespace te {
 
 // Letter codes; V is the separate Euler–Maruyama overdamped update.
 enum Letter : int32_t { kA = 0, kB = 1, kO = 2, kC = 3, kD = 4, kE = 5, kV = 6 };
+constexpr int kNumLetters = 7;
+constexpr char kLetterNames[kNumLetters + 1] = "ABOCDEV";  // indexed by Letter
 
-// Coefficients are prepared on the host in double from the group's hyperparameters:
-//   A: c0 = delta                      B: c0 = delta, c1 = weight_decay
-//   O: c0 = exp(-gamma delta), c1 = sqrt(tau (1 - exp(-2 gamma delta)))
-//   C: c0 = delta (the factor exp(-xi delta) is formed per segment from the xi version)
-//   D: c0 = sigma sqrt(delta)          E: c0 = eps delta, c1 = tau
-//   V: c0 = h, c1 = weight_decay, c2 = sqrt(2 h tau)
+// A letter with its coefficients c (letter_coefficients below).
 struct Op {
   int32_t letter;
   int32_t draw;        // O, D, V: the draw field of the noise counter
@@ -24,16 +23,77 @@ struct Op {
   double c[3];
 };
 
-constexpr int kMaxOps = 32;
+constexpr int kMaxOps = 32;  // letters of a program (and of a written scheme)
 
 // A folded scheme with its coefficients. The k-th E at ops[e_pos[k]] ends phase k, which only
-// reads; phase n_e runs all ops and writes.
+// reads; phase n_e runs all ops and writes. factor[o] = delta / h of op o, kept (has_factors)
+// when the program was built from letters and hyperparameters, so that the CUDA engine can
+// recompute the coefficients from hyperparameters on the device.
 struct Program {
   int32_t n_ops;
   int32_t n_e;
   int32_t e_pos[kMaxOps];
   Op ops[kMaxOps];
+  double factor[kMaxOps];
+  int32_t has_factors;
+  // -1 when the program runs the dynamics of -L (maximize: B and V see -g), else +1.
+  double grad_sign;
 };
+
+// A group's hyperparameters, in the order of a device hyperparameter tensor.
+struct Hyper {
+  double lr, gamma, tau, sigma, eps, weight_decay;
+};
+constexpr int kNumHyper = 6;
+constexpr const char* kHyperNames[kNumHyper] = {"lr", "gamma", "tau", "sigma", "eps",
+                                                "weight_decay"};
+
+// The coefficients c of a letter moving by delta (= its factor * lr), in double:
+//   A: c0 = delta                      B: c0 = delta, c1 = weight_decay
+//   O: c0 = exp(-gamma delta), c1 = sqrt(tau (1 - exp(-2 gamma delta)));  gamma = inf: 0, sqrt(tau)
+//   C: c0 = delta (the factor exp(-xi delta) is formed per segment from the xi version)
+//   D: c0 = sigma sqrt(delta)          E: c0 = eps delta, c1 = tau
+//   V: c0 = h, c1 = weight_decay, c2 = sqrt(2 h tau)
+// grad_sign = -1 (maximize) negates B's and V's c0 and c1: they see -g, and weight decay still
+// pulls theta towards 0.
+// The host builds programs with the host's libm and the CUDA engine recomputes them from device
+// hyperparameters with CUDA's: exp, expm1 and sqrt may differ by an ulp between the two.
+TE_HD void letter_coefficients(int letter, double delta, const Hyper& h, double c[3],
+                               double grad_sign = 1.0) {
+  c[0] = c[1] = c[2] = 0.0;
+  switch (letter) {
+    case kA:
+    case kC:
+      c[0] = delta;
+      break;
+    case kB:
+      c[0] = grad_sign * delta;
+      c[1] = grad_sign * h.weight_decay;
+      break;
+    case kO:
+      if (isinf(h.gamma)) {
+        c[1] = sqrt(h.tau);
+      } else {
+        c[0] = exp(-h.gamma * delta);
+        c[1] = sqrt(h.tau * -expm1(-2.0 * h.gamma * delta));
+      }
+      break;
+    case kD:
+      c[0] = h.sigma * sqrt(delta);
+      break;
+    case kE:
+      c[0] = h.eps * delta;
+      c[1] = h.tau;
+      break;
+    case kV:
+      c[0] = grad_sign * h.lr;
+      c[1] = grad_sign * h.weight_decay;
+      c[2] = sqrt(2.0 * h.lr * h.tau);
+      break;
+    default:
+      break;
+  }
+}
 
 template <class T>
 TE_HD T letter_A(T theta, T p, T delta) {
@@ -92,7 +152,7 @@ TE_HD bool nonfinite_bits(double x) {
 }
 
 // A C factor exp(-xi delta) that the compute type cannot hold (float32 for every parameter
-// dtype but float64): the runaway-thermostat check of DESIGN.md.
+// dtype but float64): the runaway-thermostat check of docs/DESIGN.md, Failure model.
 TE_HD bool factor_overflows(double f, bool compute_double) {
   return nonfinite_bits(f) || (!compute_double && f > 3.4028234663852886e38);
 }

@@ -758,3 +758,243 @@ def test_build_info_reports_cuda():
     info = thermo_ext.build_info()
     assert info["cuda"] and info["cuda_available"]
     assert "archs=" in info["cuda_archs"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Device hyperparameters: the coefficients recomputed on the device (graphs follow schedulers)
+# ---------------------------------------------------------------------------------------------
+
+EMULATED = "emulated" in thermo_ext._C.cuda_build_info()
+
+
+def hyper_tensor(**kw):
+    values = dict(HYPER)
+    values.update(kw)
+    return dut(torch.tensor([values[k] for k in kernels.HYPER_FIELDS], dtype=F64))
+
+
+def plan_step(state, *, step, first, hyper=None, flag=None, step_tensor=None, **kw):
+    """One step of state through an EnginePlan, with device hyperparameters when given."""
+    thermo = state.scheme.uses_thermostat
+    plan = kernels.EnginePlan(state.params, state.momenta, scheme=state.scheme,
+                              xi=state.xi if thermo else None, segments=state.segments,
+                              seg_numel=None, seed=SEED, uids=state.uids, offsets=state.offsets,
+                              step_tensor=step_tensor)
+    args = dict(HYPER)
+    args.update(kw)
+    plan.set(state.grads, step=step, first=first, **args)
+    plan.set_device_hyper(hyper)
+    return plan, kernels.run_plans([plan], check=flag is not None, flag=flag)
+
+
+def assert_same_up_to_device_libm(got: State, want: State):
+    # The emulation evaluates the device's exp/expm1/sqrt with the host's libm: the same bits.
+    # A GPU's CUDA math library may differ by an ulp in a coefficient (kernels.py,
+    # set_device_hyper), which a step carries into theta and p at float rounding.
+    if EMULATED:
+        assert_equal_state(got, want)
+    else:
+        assert_close_state(got, want, rtol=1e-6 if want.dtype != F64 else 1e-12)
+
+
+@pytest.mark.parametrize("kw", [{}, dict(gamma=math.inf, weight_decay=0.0),
+                                dict(tau=0.0, sigma=0.0)], ids=["default", "gamma_inf", "cold"])
+@pytest.mark.parametrize("scheme", ["adl", "langevin", "OBABO", "overdamped"])
+def test_device_hyper_matches_host_coefficients(scheme, kw):
+    state = State(SIZES, F32, scheme, seed=24)
+    host_c, dev_c = state.to_dut(), state.to_dut()
+    hyper = hyper_tensor(**kw)
+    for step, first in ((0, True), (1, False), (2, False)):
+        flag = new_flag()
+        _, bad = plan_step(host_c, step=step, first=first, flag=flag, **kw)
+        assert bad is None
+        # the host values handed to set() are stale on purpose: the device ones must be used
+        _, bad = plan_step(dev_c, step=step, first=first, hyper=hyper, flag=flag, lr=0.5,
+                           gamma=7.0, tau=3.0, sigma=1.0, eps=0.9, weight_decay=0.5)
+        assert bad is None
+        sync()
+        assert int(host(flag)[0]) == 0
+    assert_same_up_to_device_libm(dev_c, host_c)
+
+
+def test_device_hyper_changed_in_place_reaches_the_next_step():
+    # What a scheduler does to a captured graph's hyperparameters: the same plan, the tensor
+    # changed in place between two steps, equals host steps with the old then the new values.
+    state = State(SIZES, F32, "adl", seed=25)
+    dev_c, host_c = state.to_dut(), state.to_dut()
+    hyper = hyper_tensor()
+    plan, _ = plan_step(dev_c, step=3, first=False, hyper=hyper, flag=new_flag())
+    plan_step(host_c, step=3, first=False, flag=new_flag())
+    new = dict(lr=0.02, tau=0.03, eps=0.2)
+    hyper.copy_(hyper_tensor(**new))
+    plan.set(dev_c.grads, step=4, first=False, **HYPER)  # stale host values again
+    assert kernels.run_plans([plan], check=True, flag=new_flag()) is None
+    plan_step(host_c, step=4, first=False, flag=new_flag(), **new)
+    sync()
+    assert_same_up_to_device_libm(dev_c, host_c)
+    unchanged = state.to_dut()
+    plan_step(unchanged, step=3, first=False, flag=new_flag())
+    plan_step(unchanged, step=4, first=False, flag=new_flag())
+    sync()
+    assert not torch.equal(host(unchanged.xi), host(dev_c.xi))
+
+
+def test_device_hyper_in_a_distributed_step():
+    # Phase by phase (a sum hook between the phases): E and the C checks read the device values.
+    state = State(SIZES, F32, "BACEDECAB", seed=26)
+    dev_c, host_c = state.to_dut(), state.to_dut()
+    seen = []
+    plan, _ = plan_step(dev_c, step=2, first=False, hyper=hyper_tensor(eps=0.3), lr=0.5)
+    plan.sum_hook = seen.append
+    plan.set(dev_c.grads, step=3, first=False, **dict(HYPER, lr=0.5))
+    assert kernels.run_plans([plan], check=True, flag=new_flag()) is None
+    plan_step(host_c, step=2, first=False, eps=0.3)
+    plan_step(host_c, step=3, first=False, eps=0.3)
+    sync()
+    assert len(seen) == 2
+    assert_same_up_to_device_libm(dev_c, host_c)
+
+
+def test_device_hyper_tensor_is_checked():
+    state = State(SIZES[:3], F32, "adl", seed=27).to_dut()
+    plan, _ = plan_step(state, step=1, first=False)
+    for bad, why in [(dut(torch.zeros(6, dtype=F32)), "float32"),
+                     (dut(torch.zeros(5, dtype=F64)), "5 elements"),
+                     (dut(torch.zeros(12, dtype=F64))[::2], "strided")]:
+        with pytest.raises(ValueError, match="^hyper"):
+            plan.set_device_hyper(bad)
+    # a program given as coefficients has no letter factors to recompute them from
+    plan.set_device_hyper(hyper_tensor())
+    prog = thermo_ext._C.Program([(1, 0, 0, 0.05, 0.0, 0.0), (0, 0, 0, 0.05, 0.0, 0.0)])
+    plan.plan.set([g.data_ptr() for g in state.grads], prog, 1, True)
+    with pytest.raises(ValueError, match="device hyperparameters need a program built from"):
+        kernels.run_plans([plan], check=True, flag=new_flag())
+
+
+def test_flag_and_step_tensor_are_checked():
+    state = State(SIZES[:3], F32, "langevin", seed=28)
+    d = state.to_dut()
+    before = [host(t).clone() for t in d.tensors()]
+    for flag in (dut(torch.zeros(1, dtype=F32)), dut_empty(0, torch.int32)):
+        with pytest.raises(ValueError, match="^flag"):
+            d.step(step=1, flag=flag)
+    for step_t in (dut(torch.tensor(1.0)), dut(torch.zeros(2, dtype=torch.int64))):
+        with pytest.raises(ValueError, match="^step_tensor"):
+            d.step(step=1, flag=new_flag(), step_tensor=step_t)
+    if not EMULATED:  # the emulation's "device" tensors are CPU tensors
+        with pytest.raises(ValueError, match="^flag"):
+            d.step(step=1, flag=torch.zeros(1, dtype=torch.int32))
+    sync()
+    assert all(torch.equal(host(x), y) for x, y in zip(d.tensors(), before))
+
+
+def test_small_parameter_layout_matches_cpu():
+    # The 4 KB kernel-argument layout (drivers before R530, builds before CUDA 12.1): more
+    # launches, the same results.
+    large = thermo_ext._C.cuda_param_layout()
+    try:
+        thermo_ext._C.cuda_param_layout(False)
+        assert thermo_ext._C.cuda_param_layout() is False
+        gen = torch.Generator().manual_seed(29)
+        sizes = [2 * int(x) + 1 for x in torch.randint(0, 300, (400,), generator=gen)]
+        for scheme, thermostat in (("adl", "tensor"), ("langevin", "group")):
+            d, c = run_both(State(sizes, F32, scheme, seed=30, thermostat=thermostat))
+            assert_close_state(d, c)
+    finally:
+        thermo_ext._C.cuda_param_layout(large)
+
+
+def test_cuda_versions_in_build_info():
+    driver, runtime = thermo_ext._C.cuda_versions()
+    assert driver // 1000 >= runtime // 1000 > 0
+    info = thermo_ext.build_info()
+    assert (info["cuda_driver"], info["cuda_runtime"]) == (driver, runtime)
+
+
+@pytest.mark.skipif(not EMULATED, reason="needs the emulation's pretend driver")
+def test_too_old_driver_is_refused_with_the_fix():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys\n"  # the emulation build on PYTHONPATH, not an editable install
+            "sys.meta_path[:] = [f for f in sys.meta_path\n"
+            "                    if not type(f).__module__.startswith('_editable_skbc_')]\n"
+            "import torch, thermo_ext\n"
+            "out = torch.empty(8)\n"
+            "thermo_ext._C.fill_normal(0, 0, out.data_ptr(), 8, 1, 2, 3, 0, 0)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, TE_EMU_DRIVER_VERSION="12080"), timeout=120)
+    assert run.returncode != 0
+    err = run.stderr.strip().splitlines()[-1]
+    assert err.startswith("RuntimeError: thermo_ext CUDA engine: this build uses CUDA 13.0"), err
+    for part in ("580", "supports CUDA 12.8", "THERMO_EXT_CUDA_HOME=/usr/local/cuda-12"):
+        assert part in err, err
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: graph replay with changing hyperparameters, the device guard with two GPUs
+# ---------------------------------------------------------------------------------------------
+
+def test_graph_replay_follows_device_hyper():
+    # A captured step with device hyperparameters: changing the tensor between replays (as a
+    # scheduler does) changes the replayed step exactly as eager steps with those values.
+    state = State(SIZES, F32, "adl", seed=31)
+    live, eager = state.to_dut(), state.to_dut()
+    s0 = 5
+    step_t = torch.full((), s0, dtype=torch.int64, device=DEV)
+    hyper = hyper_tensor()
+    flag = new_flag()
+    plan, _ = plan_step(live, step=s0, first=False, hyper=hyper, flag=flag,
+                        step_tensor=step_t)  # warm-up: loads the kernels
+    sync()
+    for x, y in zip(live.tensors(), state.to_dut().tensors()):
+        x.copy_(y)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        flag.zero_()
+        kernels.run_plans([plan], check=True, flag=flag)
+        step_t += 1
+    step_t.fill_(s0)
+    schedule = [dict(), dict(lr=0.03), dict(lr=0.01, tau=0.05, eps=0.1)]
+    for i, kw in enumerate(schedule):
+        hyper.copy_(hyper_tensor(**kw))
+        graph.replay()
+        plan_step(eager, step=s0 + i, first=False, flag=new_flag(), **kw)
+        sync()
+        assert int(host(flag)[0]) == 0
+        assert_close_state(live, eager)
+
+
+def test_device_guard_leaves_no_context_on_other_gpus():
+    # Stepping tensors on cuda:1 from a fresh process must not create a primary context on
+    # cuda:0 (hundreds of MB of memory), nor leave the thread on another device than torch's.
+    if torch.cuda.device_count() < 2 or EMULATED:
+        pytest.skip("needs two GPUs")
+    import subprocess
+    import sys
+
+    code = """
+import ctypes, torch, thermo_ext
+from thermo_ext import kernels
+from thermo_ext.schemes import fold
+cuda = ctypes.CDLL("libcuda.so.1")
+def active(d):
+    flags, on = ctypes.c_uint(), ctypes.c_int()
+    assert cuda.cuDevicePrimaryCtxGetState(d, ctypes.byref(flags), ctypes.byref(on)) == 0
+    return on.value
+dev = torch.device("cuda", 1)
+p, m, g = (torch.randn(1000, device=dev) for _ in range(3))
+xi = torch.zeros(1, dtype=torch.float64, device=dev)
+flag = torch.zeros(1, dtype=torch.int32, device=dev)
+for k in range(2):
+    kernels.thermo_step([p], [m], [g], scheme=fold("adl"), lr=0.1, gamma=1.0, tau=0.1, sigma=0.1,
+                        eps=0.1, weight_decay=0.0, xi=xi, segments=[0], seed=1, step=k,
+                        uids=[0], first=k == 0, flag=flag)
+torch.cuda.synchronize(dev)
+print(active(0), active(1))
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["0", "1"], run.stdout

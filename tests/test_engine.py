@@ -286,7 +286,8 @@ def test_random_schemes_match_reference(scheme, dtype, thermostat, first, lr, ga
 
 
 # ---------------------------------------------------------------------------------------------
-# Hand-written steps: the engine (and so the oracle) follows §2 and §3 literally
+# Hand-written steps: the engine (and so the oracle) follows docs/DESIGN.md, Letters and Noise,
+# literally
 # ---------------------------------------------------------------------------------------------
 
 def R(n, *, uid, step, draw, offset=0, seed=SEED):
@@ -739,8 +740,8 @@ def test_bad_thermostat_arguments_rejected(case, gen):
     ("seed", 1.5, TypeError),
 ])
 def test_bad_counter_arguments_rejected(arg, value, exc, gen):
-    # §3's counters take seed in [0, 2**64), uid in [0, 2**32), offset >= 0, step >= 0
-    # (thermo_ext.random.normal rejects exactly these); §5: named error, nothing changed
+    # The noise counters take seed in [0, 2**64), uid in [0, 2**32), offset >= 0, step >= 0
+    # (thermo_ext.random.normal rejects exactly these); a named error, nothing changed
     st_, grads, kw = _base_call(gen, scheme="BAOAB")
     kw[arg] = value
     _assert_rejected(st_, grads, kw, exc, arg)
@@ -960,3 +961,232 @@ def test_sum_phase_without_weight_decay_leaves_theta_unread(scheme, dtype, weigh
         ref.step(reference.thermo_step, g, step=k, first=k == 0, weight_decay=weight_decay,
                  eps=eps_for(state), check_finite=False)
     torch.testing.assert_close(unchecked.xi, ref.xi, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# One definition of each engine constant, read from the compiled module
+# ---------------------------------------------------------------------------------------------
+
+def test_python_constants_are_the_engines():
+    from thermo_ext import schemes
+
+    C = thermo_ext._C
+    assert kernels.DTYPES == {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2,
+                              torch.float16: 3}
+    assert kernels.DTYPES == {getattr(torch, k): v for k, v in C.DTYPE_CODES.items()}
+    assert "".join(sorted(kernels.LETTER_CODES, key=kernels.LETTER_CODES.get)) == "ABOCDEV"
+    assert kernels.BAD_KINDS == ("gradient", "parameter", "momentum", "thermostat")
+    assert kernels.MODES == {"all": -1, "pre": -2, "finish": -3}
+    assert kernels.HYPER_FIELDS == ("lr", "gamma", "tau", "sigma", "eps", "weight_decay")
+    assert schemes.MAX_LETTERS == C.MAX_OPS == 32
+    assert reference.ROUNDING_DRAW == C.ROUNDING_DRAW == 0xFFFF
+    # the longest scheme the engine can hold is accepted, one letter more is not
+    fold("B" + "A" * (C.MAX_OPS - 1))
+    with pytest.raises(ValueError, match=f"at most {C.MAX_OPS}"):
+        fold("B" + "A" * C.MAX_OPS)
+
+
+def test_uid_is_group_and_position():
+    assert kernels.uid(0, 0) == 0
+    assert kernels.uid(3, 5) == 3 * 2**16 + 5
+    assert kernels.uid(2**16 - 1, 2**16 - 1) == 2**32 - 1
+    for args, exc, name in [((2**16, 0), ValueError, "group"), ((-1, 0), ValueError, "group"),
+                            ((0, 2**16), ValueError, "position"), ((1.5, 0), TypeError, "group"),
+                            ((0, None), TypeError, "position")]:
+        with pytest.raises(exc, match=f"^{name}"):
+            kernels.uid(*args)
+
+
+def _python_coefficients(letter, delta, *, lr, gamma, tau, sigma, eps, weight_decay):
+    # The letter coefficients as docs/DESIGN.md, Letters states them, in Python's libm.
+    if letter in "AC":
+        return delta, 0.0, 0.0
+    if letter == "B":
+        return delta, weight_decay, 0.0
+    if letter == "O":
+        if math.isinf(gamma):
+            return 0.0, math.sqrt(tau), 0.0
+        return math.exp(-gamma * delta), math.sqrt(tau * -math.expm1(-2.0 * gamma * delta)), 0.0
+    if letter == "D":
+        return sigma * math.sqrt(delta), 0.0, 0.0
+    if letter == "E":
+        return eps * delta, tau, 0.0
+    return lr, weight_decay, math.sqrt(2.0 * lr * tau)
+
+
+@settings(max_examples=60, deadline=None)
+@given(letter=st.sampled_from("ABOCDEV"), factor=st.sampled_from([0.25, 1 / 3, 0.5, 1.0, 2.0]),
+       lr=st.floats(0, 2), gamma=st.one_of(st.floats(0, 50), st.just(math.inf)),
+       tau=st.floats(0, 3), sigma=st.floats(0, 3), eps=st.floats(0, 3), wd=st.floats(0, 1))
+def test_engine_coefficients_are_the_formulas(letter, factor, lr, gamma, tau, sigma, eps, wd):
+    # The engine computes the coefficients itself (the host's libm here, the same as Python's):
+    # the same bits as the formulas.
+    hyper = dict(lr=lr, gamma=gamma, tau=tau, sigma=sigma, eps=eps, weight_decay=wd)
+    want = _python_coefficients(letter, factor * lr, **hyper)
+    assert kernels.coefficients(letter, factor * lr, **hyper) == want
+    prog = thermo_ext._C.Program([(kernels.LETTER_CODES[letter], factor, 0, 0)],
+                                 tuple(hyper[k] for k in kernels.HYPER_FIELDS))
+    assert prog.ops[0][3:] == want
+
+
+def test_programs_of_folded_schemes_carry_their_letters():
+    f = fold("OBACDEDCABO")
+    prog = kernels.build_program(f, False, 0.1, 1.0, 0.5, 0.3, 0.2, 0.01)
+    assert prog.n_ops == len(f.program(False)) and prog.n_e == 1
+    for (code, draw, ver, *_), x in zip(prog.ops, f.program(False)):
+        assert (code, draw, ver) == (kernels.LETTER_CODES[x.letter], x.draw or 0, x.xi_version)
+
+
+OPS_ERRORS = {
+    # name: (ops, message start)
+    "letter": ([(1, 0, 0, 0.1, 0, 0), (9, 0, 0, 0, 0, 0)], "ops[1]: unknown letter"),
+    "xi_version_without_e": ([(1, 0, 0, 0.1, 0, 0), (3, 0, 1, 0.1, 0, 0), (0, 0, 0, 0.1, 0, 0)],
+                             "ops[1]: C reads xi version 1"),
+    "xi_version_ahead": ([(1, 0, 0, 0.1, 0, 0), (5, 0, 0, 0.1, 0.5, 0), (3, 0, 2, 0.1, 0, 0),
+                          (0, 0, 0, 0.1, 0, 0)], "ops[2]: C reads xi version 2"),
+    "xi_version_negative": ([(3, 0, -1, 0.1, 0, 0)], "ops[0]: C reads xi version -1"),
+    "xi_version_on_b": ([(1, 0, 1, 0.1, 0, 0)], "ops[0]: xi_version"),
+    "draw_negative": ([(2, -1, 0, 0.9, 0.1, 0)], "ops[0]: draw -1"),
+    "draw_rounding": ([(2, 0xFFFF, 0, 0.9, 0.1, 0)], "ops[0]: draw 65535"),
+    "draw_twice": ([(2, 1, 0, 0.9, 0.1, 0), (1, 0, 0, 0.1, 0, 0), (4, 1, 0, 0.1, 0, 0)],
+                   "ops[2]: draw 1 is already used by ops[0]"),
+    "too_long": ([(1, 0, 0, 0.1, 0, 0)] * 33, "ops: at most 32"),
+}
+
+
+@pytest.mark.parametrize("case", list(OPS_ERRORS))
+def test_program_rejects_what_no_scheme_folds_to(case):
+    ops, start = OPS_ERRORS[case]
+    with pytest.raises(ValueError) as e:
+        thermo_ext._C.Program(ops)
+    assert str(e.value).startswith(start), str(e.value)
+
+
+def test_program_from_letters_rejects_bad_factors_and_hyperparameters():
+    hyper = (0.1, 1.0, 0.5, 0.3, 0.2, 0.0)
+    with pytest.raises(ValueError, match=r"^letters\[1\]: factor nan"):
+        thermo_ext._C.Program([(1, 0.5, 0, 0), (0, math.nan, 0, 0)], hyper)
+    with pytest.raises(ValueError, match=r"^hyper\.tau"):
+        thermo_ext._C.Program([(1, 1.0, 0, 0)], (0.1, 1.0, -0.5, 0.3, 0.2, 0.0))
+    with pytest.raises(ValueError, match=r"^letters\[0\]: C reads xi version 1"):
+        thermo_ext._C.Program([(3, 1.0, 0, 1)], hyper)
+    thermo_ext._C.Program([(2, 1.0, 0, 0)], (0.1, math.inf, 0.5, 0.3, 0.2, 0.0))  # gamma = inf
+
+
+def _plan(st_, **kw):
+    args = dict(scheme=st_.scheme, xi=st_.xi, segments=st_.segments, seg_numel=None, seed=SEED,
+                uids=st_.uids, offsets=st_.offsets)
+    args.update(kw)
+    return kernels.EnginePlan(st_.params, st_.momenta, **args)
+
+
+PLAN_ERRORS = {
+    # name: (EnginePlan keyword overrides, exception, argument named)
+    "xi_dtype": (lambda s: dict(xi=s.xi.float()), ValueError, "xi"),
+    "xi_none": (lambda s: dict(xi=None), TypeError, "xi"),
+    "xi_noncontig": (lambda s: dict(xi=torch.zeros(2 * s.xi.numel(), dtype=F64)[::2]),
+                     ValueError, "xi"),
+    "segments": (lambda s: dict(segments=[0, 5]), ValueError, "segments"),
+    "step_tensor_dtype": (lambda s: dict(step_tensor=torch.zeros((), dtype=torch.float32)),
+                          ValueError, "step_tensor"),
+    "step_tensor_size": (lambda s: dict(step_tensor=torch.zeros(2, dtype=torch.int64)),
+                         ValueError, "step_tensor"),
+    "step_tensor_device": (lambda s: dict(step_tensor=torch.zeros(1, dtype=torch.int64,
+                                                                  device="meta")),
+                           ValueError, "step_tensor"),
+    "workspace_dtype": (lambda s: dict(workspace=torch.zeros(8, dtype=F32)), ValueError,
+                        "workspace"),
+    "workspace_small": (lambda s: dict(workspace=torch.zeros(3, dtype=F64)), ValueError,
+                        "workspace"),
+}
+
+
+@pytest.mark.parametrize("case", list(PLAN_ERRORS))
+def test_plan_checks_every_buffer_it_keeps(case, gen):
+    st_ = State([6, 4097], F32, "adl", gen=gen)
+    make, exc, name = PLAN_ERRORS[case]
+    with pytest.raises(exc, match=f"^{name}"):
+        _plan(st_, **make(st_))
+
+
+@pytest.mark.parametrize("case", ["dtype", "size", "noncontig", "device", "count"])
+def test_plan_checks_gradients(case, gen):
+    st_ = State([6, 4097], F32, "BAOAB", gen=gen)
+    grads = make_grads(st_, gen, 1)[0]
+    name = "grads[1]"
+    if case == "dtype":
+        grads[1] = grads[1].double()
+    elif case == "size":
+        grads[1] = grads[1][:-1]
+    elif case == "noncontig":
+        grads[1] = torch.zeros(2 * 4097)[::2]
+    elif case == "device":
+        grads[1] = grads[1].to("meta")
+    else:
+        grads, name = grads[:1], "grads"
+    plan = _plan(st_)
+    with pytest.raises(ValueError, match=rf"^{name}".replace("[", r"\[")):
+        plan.set(grads, step=0, first=True, **dict(HYPER, eps=0.1))
+
+
+def test_device_hyperparameters_are_for_cuda_plans(gen):
+    st_ = State([6], F32, "adl", gen=gen)
+    with pytest.raises(ValueError, match="^hyper: device hyperparameters are for CUDA"):
+        _plan(st_).set_device_hyper(torch.zeros(6, dtype=F64))
+
+
+def _hooked_plans(gen, scheme, sizes_per_plan, *, bad_plan=None):
+    states, plans, seen = [], [], []
+    for i, sizes in enumerate(sizes_per_plan):
+        st_ = State(sizes, F64, scheme, gen=gen, thermostat="group")
+        grads = make_grads(st_, gen, 1)[0]
+        if i == bad_plan:
+            grads[-1][3] = math.nan
+        pl = _plan(st_)
+        pl.set(grads, step=1, first=False, **dict(HYPER, eps=1e-3))
+        pl.sum_hook = lambda sums, i=i: seen.append((i, sums.clone()))
+        states.append((st_, grads))
+        plans.append(pl)
+    return states, plans, seen
+
+
+@pytest.mark.parametrize("bad_plan", [None, 0, 1])
+def test_sum_hooks_run_for_every_plan_and_e_even_after_a_refusal(bad_plan, gen):
+    # A distributed step's reductions live in the sum hooks: a rank that refuses the step must
+    # still make every one of them (or the other ranks wait forever), and write nothing.
+    scheme = "BACEDECAB"  # two E letters
+    states, plans, seen = _hooked_plans(gen, scheme, [[5, 300], [7]], bad_plan=bad_plan)
+    snaps = [_snapshot(st_, g) for st_, g in states]
+    got = kernels.run_plans(plans, check=True)
+    n_e = fold(scheme).n_e
+    assert [i for i, _ in seen] == [0] * n_e + [1] * n_e
+    if bad_plan is None:
+        assert got is None
+        assert not any(_unchanged(st_, g, s) for (st_, g), s in zip(states, snaps))
+        return
+    assert got == (bad_plan, 1 if bad_plan == 0 else 0, "gradient")
+    assert all(_unchanged(st_, g, s) for (st_, g), s in zip(states, snaps))
+    for i, sums in seen:
+        if i == bad_plan:  # the refused plan took part with zeros
+            assert torch.equal(sums, torch.zeros_like(sums))
+        else:
+            assert bool((sums > 0).all())
+
+
+def test_a_failing_sum_hook_changes_nothing(gen):
+    states, plans, _ = _hooked_plans(gen, "adl", [[5, 300], [7]])
+    snaps = [_snapshot(st_, g) for st_, g in states]
+
+    def hook(sums):
+        raise RuntimeError("the all-reduce failed")
+
+    plans[1].sum_hook = hook
+    with pytest.raises(RuntimeError, match="the all-reduce failed"):
+        kernels.run_plans(plans, check=True)
+    assert all(_unchanged(st_, g, s) for (st_, g), s in zip(states, snaps))
+
+
+def test_run_plans_names_a_bad_mode(gen):
+    _, plans, _ = _hooked_plans(gen, "adl", [[5]])
+    with pytest.raises(ValueError, match="^mode"):
+        kernels.run_plans(plans, check=True, mode="write")

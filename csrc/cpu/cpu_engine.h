@@ -10,7 +10,7 @@ namespace te {
 struct CpuKernels {
   const char* isa;
   // Runs phase `phase` of a.prog (see engine.h); returns -1 or a BadKind code. `check`: the
-// non-finite checks (inputs in phase 0 when it sums; the C factors of the phase).
+  // non-finite checks (inputs in phase 0 when it sums; the C factors of the phase).
   int (*run_phase)(const StepArgs& a, int phase, int check);
   // The read-only check of parameters and gradients; -1 or tensor * 4 + kind.
   int (*check_inputs)(const StepArgs& a);
@@ -36,18 +36,15 @@ const CpuKernels& cpu_kernels();
 // Every ISA compiled in and supported by this CPU, best last.
 int cpu_isas(const CpuKernels** out, int max);
 
-// Thermostat variable version v of segment s: 0 is xi itself, v > 0 lives in the workspace.
-inline double xi_version(const StepArgs& a, int v, int s) {
-  return v == 0 ? a.xi[s] : a.ws[(int64_t)(v - 1) * a.n_seg + s];
-}
-
-// Applies one E between phases: version k+1 = version k + eps delta (sum_k - N tau), per segment.
-// Returns -1, or (when `check`) segment * 4 + kBadThermostat if a sum or the new xi is not finite.
-int cpu_update_xi(const StepArgs& a, int k, int check);
+// exp(-xi delta) of every C letter among ops [0, n_ops) for every tensor's segment, into
+// out[t * n_ops + o] (1 for the other letters). With `check`, returns segment * 4 +
+// kBadThermostat for the first factor (letter by letter, then tensor by tensor, as the
+// reference) that the compute type cannot hold, else -1. out may be null (check only).
+int cpu_c_factors(const StepArgs& a, int n_ops, int check, double* out);
 
 // Everything of a step that can fail, without touching theta, p or xi: the input check (fused
-// into phase 0 when it sums), every sum phase and xi update, and the C factors of the writing
-// phase. Returns -1 or a BadKind code.
+// into phase 0 when it sums), every sum phase and xi update (with a.sum_hook between them), and
+// the C factors of the writing phase. Returns -1 or a BadKind code.
 int cpu_pre(const StepArgs& a, int check);
 // The writing phase (after cpu_pre).
 int cpu_finish(const StepArgs& a);

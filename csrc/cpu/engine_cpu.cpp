@@ -1,7 +1,10 @@
-// Run-time choice of the CPU engine's instruction set, and the per-segment thermostat update.
+// Run-time choice of the CPU engine's instruction set, the per-segment thermostat update and
+// the C factors, and the order of a step's phases.
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include <algorithm>
 
 #include "cpu_engine.h"
 
@@ -53,7 +56,29 @@ int cpu_isas(const CpuKernels** out, int max) {
   return n;
 }
 
-int cpu_update_xi(const StepArgs& a, int k, int check) {
+int cpu_c_factors(const StepArgs& a, int n_ops, int check, double* out) {
+  const Program& pg = *a.prog;
+  if (out) std::fill(out, out + (size_t)a.n_tensors * n_ops, 1.0);
+  for (int o = 0; o < n_ops; ++o) {
+    const Op& op = pg.ops[o];
+    if (op.letter != kC) continue;
+    for (int t = 0; t < a.n_tensors; ++t) {
+      const int s = a.tensors[t].seg;
+      bool overflow;
+      const double f = c_factor(a.xi, a.ws, a.n_seg, op.xi_version, op.c[0], s,
+                                a.dtype == kFloat64, &overflow);
+      if (check && overflow) return s * 4 + kBadThermostat;
+      if (out) out[(size_t)t * n_ops + o] = f;
+    }
+  }
+  return -1;
+}
+
+namespace {
+
+// Applies one E between phases: version k+1 = version k + eps delta (sum_k - N tau), per segment.
+// Returns -1, or (when `check`) segment * 4 + kBadThermostat if a sum or the new xi is not finite.
+int update_xi(const StepArgs& a, int k, int check) {
   const Op& e = a.prog->ops[a.prog->e_pos[k]];
   const double* from = k == 0 ? a.xi : a.ws + (int64_t)(k - 1) * a.n_seg;
   double* to = a.ws + (int64_t)k * a.n_seg;
@@ -65,25 +90,27 @@ int cpu_update_xi(const StepArgs& a, int k, int check) {
   return -1;
 }
 
+}  // namespace
+
 int cpu_pre(const StepArgs& a, int check) {
   const CpuKernels& k = cpu_kernels();
   const Program& pg = *a.prog;
-  int bad;
+  int bad = -1;
   if (check && pg.n_e == 0 && (bad = k.check_inputs(a)) >= 0) return bad;
   for (int phase = 0; phase < pg.n_e; ++phase) {
-    if ((bad = k.run_phase(a, phase, check)) >= 0) return bad;
-    if ((bad = cpu_update_xi(a, phase, check)) >= 0) return bad;
+    if (bad < 0) bad = k.run_phase(a, phase, check);
+    if (a.sum_hook) {
+      // A refused step still takes part in every reduction (zeros for the sums it did not
+      // form), so that the other ranks' collectives complete; the caller agrees on the verdict.
+      if (bad >= 0) std::fill_n(a.ws + (int64_t)(pg.n_e + phase) * a.n_seg, a.n_seg, 0.0);
+      a.sum_hook->fn(a.sum_hook->ctx, phase);
+    } else if (bad >= 0) {
+      return bad;
+    }
+    if (bad < 0) bad = update_xi(a, phase, check);
   }
-  if (!check) return -1;
-  for (int o = 0; o < pg.n_ops; ++o)
-    if (pg.ops[o].letter == kC)
-      for (int t = 0; t < a.n_tensors; ++t) {
-        const int s = a.tensors[t].seg;
-        const double f = exp(-xi_version(a, pg.ops[o].xi_version, s) * pg.ops[o].c[0]);
-        if (factor_overflows(f, a.dtype == kFloat64))
-          return s * 4 + kBadThermostat;
-      }
-  return -1;
+  if (bad >= 0 || !check) return bad;
+  return cpu_c_factors(a, pg.n_ops, 1, nullptr);
 }
 
 int cpu_finish(const StepArgs& a) { return cpu_kernels().run_phase(a, a.prog->n_e, 0); }

@@ -1,7 +1,8 @@
 // The CPU engine, compiled once per vector ISA (engine_<isa>.cpp define TE_ISA_NS and include
 // this file with their own -m flags). Each work item copies a block of at most kBlock elements
-// into L1-resident arrays, applies the phase's letters one loop per letter (the loops vectorise;
-// the per-element math is substeps.h), and writes the block back: one pass over memory a phase.
+// into L1-resident arrays, applies the phase's letters one loop per letter (interpret.h: the
+// loops vectorise; the per-element math is substeps.h), and writes the block back: one pass
+// over memory a phase.
 #ifndef TE_ISA_NS
 #error "define TE_ISA_NS before including engine_impl.h"
 #endif
@@ -15,6 +16,7 @@
 #include <vector>
 
 #include "../engine.h"
+#include "../interpret.h"
 #include "../lowp.h"
 #include "cpu_engine.h"
 
@@ -126,27 +128,20 @@ void sum_squares(double* __restrict acc, const T* __restrict p, int len) {
   for (int l = 0; j + l < len; ++l) acc[l] += (double)p[j + l] * (double)p[j + l];
 }
 
-void store_theta(float* __restrict out, const float* __restrict th, int len, int, const NoiseKey&,
-                 int64_t) {
-  for (int j = 0; j < len; ++j) out[j] = th[j];
-}
-void store_theta(double* __restrict out, const double* __restrict th, int len, int,
-                 const NoiseKey&, int64_t) {
-  for (int j = 0; j < len; ++j) out[j] = th[j];
-}
-void store_theta(fp16_t* __restrict out, const float* __restrict th, int len, int,
-                 const NoiseKey&, int64_t) {
-  for (int j = 0; j < len; ++j) out[j] = fp16_round_nearest(th[j]);
-}
-void store_theta(bf16_t* __restrict out, const float* __restrict th, int len, int stochastic,
+// theta's storage from the block's compute values (lowp.h to_storage), the stochastic test
+// outside the loops so that each loop vectorises.
+template <class P, class T>
+void store_theta(P* __restrict out, const T* __restrict th, int len, int stochastic,
                  const NoiseKey& k, int64_t g0) {
-  if (stochastic)
-    for (int j = 0; j < len; ++j)
-      out[j] = bf16_round_stochastic(th[j], rounding_bits(k, (uint64_t)(g0 + j)));
-  else
-    for (int j = 0; j < len; ++j) out[j] = bf16_round_nearest(th[j]);
+  if constexpr (std::is_same<P, bf16_t>::value) {
+    if (stochastic) {
+      for (int j = 0; j < len; ++j)
+        out[j] = to_storage<P>(th[j], true, rounding_bits(k, (uint64_t)(g0 + j)));
+      return;
+    }
+  }
+  for (int j = 0; j < len; ++j) out[j] = to_storage<P>(th[j], false, 0);
 }
-
 
 // One phase over all tensors. P: parameter/gradient storage, M: momentum storage, T: compute.
 template <class P, class M, class T>
@@ -158,16 +153,9 @@ int phase_impl(const StepArgs& a, int phase, bool check) {
 
   // exp(-xi delta) of every C for every tensor, formed and checked before anything is written.
   thread_local std::vector<double> cfac;
-  cfac.assign((size_t)a.n_tensors * n_ops, 1.0);
-  for (int t = 0; t < a.n_tensors; ++t)
-    for (int o = 0; o < n_ops; ++o) {
-      const Op& op = pg.ops[o];
-      if (op.letter != kC) continue;
-      const int s = a.tensors[t].seg;
-      const double f = exp(-xi_version(a, op.xi_version, s) * op.c[0]);
-      if (check && factor_overflows(f, sizeof(T) == 8)) return s * 4 + kBadThermostat;
-      cfac[(size_t)t * n_ops + o] = f;
-    }
+  cfac.resize((size_t)a.n_tensors * n_ops);
+  const int bad_factor = cpu_c_factors(a, n_ops, check, cfac.data());
+  if (bad_factor >= 0) return bad_factor;
 
   const double* cfac_all = cfac.data();  // thread_local: name it outside the parallel region
 
@@ -191,15 +179,6 @@ int phase_impl(const StepArgs& a, int phase, bool check) {
     const double* fac = cfac_all + (size_t)item.t * n_ops;
     int bad = 0;
     if (skip_theta) memset(th, 0, sizeof(th));  // B reads 0 * theta; A does not run
-    // The normals of a noise letter for this block; zeros when its coefficient is 0 (tau = 0 or
-    // sigma = 0), which give the same bits without drawing.
-    auto noise = [&](const Op& op, double coef, int64_t g0, int len) -> const float* {
-      if (coef == 0.0) {
-        memset(zbuf, 0, sizeof(zbuf));
-        return zbuf;
-      }
-      return noise_block(zbuf, make_key(a.seed, d.uid, step, op.draw), g0, len);
-    };
     for (int64_t lo = item.lo; lo < item.hi;) {
       const int64_t g0 = d.offset + lo;
       const int len = (int)std::min(item.hi - lo, kBlock - g0 % kBlock);
@@ -229,43 +208,16 @@ int phase_impl(const StepArgs& a, int phase, bool check) {
         bad |= nonfinite_any(thb, len) << kBadParam;
         if (mom) bad |= nonfinite_any(pmb, len) << kBadMom;
       }
-      for (int o = 0; o < n_ops; ++o) {
-        const Op& op = pg.ops[o];
-        const T c0 = (T)op.c[0], c1 = (T)op.c[1];
-        switch (op.letter) {
-          case kA:
-            if (skip_theta) break;
-            for (int j = 0; j < len; ++j) thb[j] = letter_A(thb[j], pmb[j], c0);
-            break;
-          case kB:
-            for (int j = 0; j < len; ++j) pmb[j] = letter_B(pmb[j], thb[j], grb[j], c0, c1);
-            break;
-          case kO: {
-            const float* z = noise(op, op.c[1], g0, len);
-            for (int j = 0; j < len; ++j) pmb[j] = letter_O(pmb[j], (T)z[j], c0, c1);
-            break;
-          }
-          case kC: {
-            const T f = (T)fac[o];
-            for (int j = 0; j < len; ++j) pmb[j] = letter_C(pmb[j], f);
-            break;
-          }
-          case kD: {
-            const float* z = noise(op, op.c[0], g0, len);
-            for (int j = 0; j < len; ++j) pmb[j] = letter_D(pmb[j], (T)z[j], c0);
-            break;
-          }
-          case kV: {
-            const T c2 = (T)op.c[2];
-            const float* z = noise(op, op.c[2], g0, len);
-            for (int j = 0; j < len; ++j)
-              thb[j] = letter_V(thb[j], grb[j], (T)z[j], c0, c1, c2);
-            break;
-          }
-          default:  // an E inside the phase: only xi moves, and the engine did that between phases
-            break;
+      // The normals of a noise letter for this block; zeros without drawing when its scale is 0
+      // (tau = 0 or sigma = 0).
+      auto noise = [&](const Op& op, double scale) -> const float* {
+        if (scale == 0.0) {
+          memset(zbuf, 0, sizeof(zbuf));
+          return zbuf;
         }
-      }
+        return noise_block(zbuf, make_key(a.seed, d.uid, step, op.draw), g0, len);
+      };
+      interpret<0>(pg.ops, n_ops, len, thb, pmb, grb, fac, skip_theta, noise);
       if (sum_phase) {
         sum_squares(acc, pmb, len);
       } else if (copied) {
@@ -289,7 +241,7 @@ int phase_impl(const StepArgs& a, int phase, bool check) {
     for (int s = 0; s < a.n_seg; ++s) sums[s] = 0.0;
     for (const Item& item : items) sums[a.tensors[item.t].seg] += item.sum;
   } else if (pg.n_e > 0) {
-    for (int s = 0; s < a.n_seg; ++s) a.xi[s] = xi_version(a, pg.n_e, s);
+    for (int s = 0; s < a.n_seg; ++s) a.xi[s] = xi_version(a.xi, a.ws, a.n_seg, pg.n_e, s);
   }
   return -1;
 }

@@ -16,8 +16,9 @@ namespace {
 bool cuda_compiled() { return false; }
 int64_t cuda_scratch_doubles(const int64_t*, int) { return 0; }
 std::string cuda_build_info() { return ""; }
+void cuda_versions(int* driver, int* runtime) { *driver = *runtime = 0; }
+bool cuda_param_layout(int) { return false; }
 int cuda_run(const StepArgs&, int, intptr_t, int, int, int32_t*) { no_cuda(); }
-int cuda_update_xi(const StepArgs&, int, intptr_t, int, int32_t*) { no_cuda(); }
 void cuda_fill_normal(float*, int64_t, uint64_t, uint32_t, uint64_t, uint32_t, int64_t, int,
                       intptr_t) {
   no_cuda();

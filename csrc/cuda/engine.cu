@@ -1,32 +1,40 @@
 // The CUDA engine: multi-tensor fused kernels with deterministic segment reductions.
 //
-// Semantics are those of the CPU engine (csrc/cpu/engine_impl.h, engine_cpu.cpp); the element
-// math and the noise come from the same headers (substeps.h, philox.h, lowp.h), compiled with
-// --fmad=false, so a CUDA thread computes the bits a CPU lane computes.
+// Semantics are those of the CPU engine (csrc/cpu/engine_impl.h, engine_cpu.cpp); the letters
+// are run by the same interpreter (interpret.h) on the same element math and noise (substeps.h,
+// philox.h, lowp.h), compiled with --fmad=false, so a CUDA thread computes the bits a CPU lane
+// computes (docs/DESIGN.md, Noise: what is bitwise and where).
 //
 // Organisation
-// * phase_kernel<P, M, T, Mode, Cap>: one kernel for every dtype and three modes: kSum (a
-//   read-only phase ending in an E: letters, then sum p^2 of each chunk into scratch), kWrite
+// * phase_kernel<P, M, T, Mode, Cap, DevCoef>: one kernel for every dtype and three modes: kSum
+//   (a read-only phase ending in an E: letters, then sum p^2 of each chunk into scratch), kWrite
 //   (all letters, store theta and p) and kCheck (the read-only non-finite check of theta and g
 //   that precedes a scheme without E). The letters are interpreted from the program in the
-//   arguments. Tensors are packed into the kernel's arguments by value (as torch's
-//   multi_tensor_apply does): up to 42 in a 4 KiB argument block, up to 490 in the 32764-byte
-//   parameter space of CUDA 12.1+ (Volta and newer); a call with more tensors than fit takes
-//   several launches. 64-bit element indices throughout. Each block handles one chunk of kChunk
-//   elements, aligned in *global* index (tensor offset + local index), so that every thread
-//   handles whole global quads: one Philox call gives the four normals of a quad (DESIGN.md §3).
+//   arguments (with DevCoef, with the coefficients of coef_kernel). Tensors are packed into the
+//   kernel's arguments by value (as torch's multi_tensor_apply does): up to 42 in a 4 KiB
+//   argument block, and up to 490 in the 32764-byte parameter space, which needs CUDA >= 12.1 at
+//   build time (CMakeLists.txt) and a driver >= R530 (CUDA 12.1) at run time (otherwise every
+//   launch uses the 4 KiB layout); a call with more tensors than fit takes several launches.
+//   64-bit element indices throughout. Each block handles one chunk of kChunk elements,
+//   aligned in *global* index (tensor offset + local index), so that every thread handles whole
+//   global quads: one Philox call gives the four normals of a quad (docs/DESIGN.md, Noise).
 //   Blocks find their tensor by binary search over the packed tensors' first block.
 // * seg_kernel: a single block per launch, one warp per segment: adds the chunk partials of a
 //   segment in a fixed order (FINISH), applies the thermostat E (UPDATE), and checks the
 //   exp(-xi delta) factors of the next phase (CHECK). Fixed blocking everywhere, no float
 //   atomics: a run is bitwise repeatable.
+// * coef_kernel: the program's coefficients from the group's hyperparameters in device memory
+//   (StepArgs::hyper), at the start of every call that has them, so that a captured CUDA graph
+//   follows the schedulers that change those tensors. The program's structure (letters, draws,
+//   factors delta/h, xi versions) stays in the arguments. CUDA's exp, expm1 and sqrt may differ
+//   from the host's by an ulp, so such a step may differ from a host-coefficient step by as much.
 // * commit_kernel: xi = version n_e after the writing phase.
 // * normal_kernel: the noise stream as a tensor (fill_normal).
 //
-// Phases: cuda_run(phase = -1) runs a whole step; -2 its "pre" half (everything that can fail:
-// the checks, the sum phases and the xi versions in ws, the factors of the writing phase) and
-// n_e its writing half; 0 <= phase < n_e one sum phase of a distributed step (cuda_update_xi
-// applies the E between them).
+// Modes (engine.h, RunMode): kRunAll runs a whole step; kRunPre everything that can fail (the
+// checks, the sum phases and the xi versions in ws, the factors of the writing phase) and
+// kRunFinish the writing phase after it. With a sum hook (distributed steps) the sum phases run
+// one by one: partial sums, the hook (the all-reduce), then the E.
 //
 // Non-finite values set *flag (a device int32, zeroed by the caller once per optimizer step) to
 // the smallest (code + 1) found by the earliest failing stage; kernels after it do nothing, so a
@@ -39,18 +47,31 @@
 
 #include <algorithm>
 #include <cstring>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../engine.h"
+#include "../interpret.h"
 #include "../lowp.h"
 #include "../philox.h"
 #include "../substeps.h"
 #include "cuda_engine.h"
 
+// The 32 KB kernel-parameter layout: CMakeLists.txt defines TE_CUDA_LARGE_PARAMS from the
+// toolkit's version; a build outside CMake decides from the runtime header.
+#ifndef TE_CUDA_LARGE_PARAMS
+#if CUDART_VERSION >= 12010
+#define TE_CUDA_LARGE_PARAMS 1
+#else
+#define TE_CUDA_LARGE_PARAMS 0
+#endif
+#endif
+
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 700
-#error "thermo_ext's CUDA engine needs sm_70 or newer (large kernel parameters)"
+#error "thermo_ext's CUDA engine needs sm_70 or newer (__grid_constant__ kernel parameters)"
 #endif
 
 namespace te {
@@ -62,6 +83,8 @@ constexpr int64_t kChunk = 8192;          // elements of a block's chunk; multip
 constexpr int kSegThreads = 512;          // threads of the single seg_kernel block
 constexpr int kSegWarps = kSegThreads / 32;
 constexpr int64_t kMaxBlocksPerLaunch = INT_MAX;
+// Scratch layout: the coefficients of device hyperparameters (3 per op), then the partial sums.
+constexpr int64_t kCoefDoubles = 3 * kMaxOps;
 
 enum Mode : int { kSum = 0, kWrite = 1, kCheck = 2 };
 enum SegMode : int { kSegFinish = 1, kSegUpdate = 2, kSegCheck = 4 };
@@ -89,6 +112,7 @@ struct KCommon {
   const double* ws;
   int32_t* flag;
   double* partials;
+  const double* coef;  // 3 per op from device hyperparameters (coef_kernel), or null: ops[].c
   int32_t stochastic;
   int32_t check_data;  // set the flag for non-finite theta/g(/p)
   int32_t check_cfac;  // set the flag for a non-finite exp(-xi delta)
@@ -97,11 +121,11 @@ struct KCommon {
   int32_t pad;
 };
 
-// Two sizes of every kernel's arguments: up to the 32764-byte limit of CUDA 12.1+ (Volta and
-// newer), and within the classic 4096 bytes, which launches cheaper (the driver copies the whole
-// argument block with every launch) and serves the common calls with few tensors.
-constexpr int kParamLimit = 32764;
+// Two sizes of every kernel's arguments: the 32764-byte parameter space (see the top of this
+// file for what it needs) and the classic 4096 bytes, which launches cheaper (the driver copies
+// the whole argument block with every launch) and serves the common calls with few tensors.
 constexpr int kSmallParams = 4096;
+constexpr int kParamLimit = TE_CUDA_LARGE_PARAMS ? 32764 : kSmallParams;
 constexpr int kMaxT = (kParamLimit - (int)sizeof(KCommon) - 16) / (int)sizeof(KTensor);
 constexpr int kSmallT = (kSmallParams - (int)sizeof(KCommon) - 16) / (int)sizeof(KTensor);
 
@@ -130,10 +154,14 @@ struct SegHeader {
   double* ws;
   const double* xi;
   int32_t* flag;
+  const double* coef;  // as KCommon::coef; then e_op and cop_op say where to read
+  int32_t e_op;
   int32_t n_cops;
   int32_t compute_double;  // float64 parameters: C factors need only fit a double
-  double cop_c0[kMaxOps];  // the next phase's C letters: delta and xi version
+  int32_t pad;
+  double cop_c0[kMaxOps];  // the next phase's C letters: delta, xi version and op index
   int32_t cop_ver[kMaxOps];
+  int32_t cop_op[kMaxOps];
 };
 
 constexpr int kMaxSegEntries = (kParamLimit - (int)sizeof(SegHeader) - 16) / (int)sizeof(SegEntry);
@@ -147,6 +175,15 @@ struct SegArgs {
 };
 static_assert(sizeof(SegArgs<kMaxSegEntries>) <= kParamLimit, "kernel parameters over the limit");
 static_assert(sizeof(SegArgs<kSmallSegEntries>) <= kSmallParams, "small parameters too big");
+
+struct CoefArgs {
+  int32_t n_ops;
+  int32_t letter[kMaxOps];
+  double factor[kMaxOps];
+  double grad_sign;
+  const double* hyper;
+  double* out;
+};
 
 // ----------------------------------------------------------------------------------------------
 // Quad loads and stores: four consecutive elements, vectorised when whole and aligned.
@@ -220,36 +257,15 @@ __device__ __forceinline__ void store_quad(S* p, int l0, int l1, const S v[4]) {
   }
 }
 
-// theta's storage from the compute value, as the CPU engine's store_theta.
-__device__ __forceinline__ void to_storage(const float th[4], float out[4], bool, const NoiseKey&,
-                                           uint64_t) {
+// theta's storage for a quad (lowp.h to_storage; for stochastic bf16 the quad's rounding bits
+// come from one Philox call).
+template <class P, class T>
+__device__ __forceinline__ void quad_to_storage(const T th[4], P out[4], bool stochastic,
+                                                const NoiseKey& k, uint64_t quad) {
+  uint32_t r[4] = {0u, 0u, 0u, 0u};
+  if (std::is_same<P, bf16_t>::value && stochastic) rounding_quad(k, quad, r[0], r[1], r[2], r[3]);
 #pragma unroll
-  for (int l = 0; l < 4; ++l) out[l] = th[l];
-}
-__device__ __forceinline__ void to_storage(const double th[4], double out[4], bool,
-                                           const NoiseKey&, uint64_t) {
-#pragma unroll
-  for (int l = 0; l < 4; ++l) out[l] = th[l];
-}
-__device__ __forceinline__ void to_storage(const float th[4], fp16_t out[4], bool,
-                                           const NoiseKey&, uint64_t) {
-#pragma unroll
-  for (int l = 0; l < 4; ++l) out[l] = fp16_round_nearest(th[l]);
-}
-__device__ __forceinline__ void to_storage(const float th[4], bf16_t out[4], bool stochastic,
-                                           const NoiseKey& k, uint64_t quad) {
-  if (stochastic) {
-    // rounding_bits(k, g) for the four elements of the quad: word (g mod 4) of one Philox call.
-    uint32_t w0 = (uint32_t)quad, w1 = k.uid, w2 = k.step, w3 = k.draw;
-    philox4x32_10(w0, w1, w2, w3, k.k0, k.k1);
-    out[0] = bf16_round_stochastic(th[0], w0 >> 16);
-    out[1] = bf16_round_stochastic(th[1], w1 >> 16);
-    out[2] = bf16_round_stochastic(th[2], w2 >> 16);
-    out[3] = bf16_round_stochastic(th[3], w3 >> 16);
-  } else {
-#pragma unroll
-    for (int l = 0; l < 4; ++l) out[l] = bf16_round_nearest(th[l]);
-  }
+  for (int l = 0; l < 4; ++l) out[l] = to_storage<P>(th[l], stochastic, r[l]);
 }
 
 // *flag = min(*flag, v) over the codes set so far, where 0 means "no code yet" (so a plain
@@ -261,11 +277,6 @@ __device__ __forceinline__ void flag_min(int32_t* flag, int v) {
     if (prev == old) break;
     old = prev;
   }
-}
-
-__device__ __forceinline__ double xi_version_dev(const double* xi, const double* ws, int n_seg,
-                                                 int v, int s) {
-  return v == 0 ? xi[s] : ws[(int64_t)(v - 1) * n_seg + s];
 }
 
 // Sum over the block in a fixed order: a shuffle tree per warp, then the warps in order.
@@ -284,16 +295,20 @@ __device__ __forceinline__ double block_sum(double x, double* warp_sums) {
 // ----------------------------------------------------------------------------------------------
 // The phase kernel.
 
-// The normals of elements 4q .. 4q+3 for a noise letter; zeros when its coefficient is 0 (the same
+// The normals of elements 4q .. 4q+3 for a noise letter; zeros when its scale is 0 (the same
 // bits as the CPU engine, without drawing).
 __device__ __forceinline__ void quad_noise(uint64_t seed, uint32_t uid, uint64_t step,
-                                           const Op& op, double coef, int64_t q, float z[4]) {
+                                           const Op& op, double scale, int64_t q, float z[4]) {
   z[0] = z[1] = z[2] = z[3] = 0.0f;
-  if (coef != 0.0)
+  if (scale != 0.0)
     normal4(make_key(seed, uid, step, (uint32_t)op.draw), (uint64_t)q, z[0], z[1], z[2], z[3]);
 }
 
-template <class P, class M, class T, int kMode, int kCap>
+// kDevCoef: the coefficients come from device hyperparameters (c.coef), through a copy of the
+// ops in shared memory. A separate instantiation, because reading the ops from shared memory
+// costs the kernel 7 registers (48 -> 55 for the float32 writing phase, 5 -> 4 blocks per SM),
+// which the usual calls, reading the ops from the argument block, should not pay.
+template <class P, class M, class T, int kMode, int kCap, bool kDevCoef>
 __global__ void __launch_bounds__(kThreads)
     phase_kernel(const __grid_constant__ LaunchArgs<kCap> la) {
   const KCommon& c = la.c;
@@ -315,6 +330,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t g_end = d.offset + d.numel;
   const int64_t g_hi = g_end < cbase + kChunk ? g_end : cbase + kChunk;
 
+  __shared__ Op s_ops[kDevCoef ? kMaxOps : 1];
   __shared__ double s_fac[kMaxOps];
   __shared__ double s_warp[kThreads / 32];
   __shared__ int s_bad;
@@ -322,13 +338,23 @@ __global__ void __launch_bounds__(kThreads)
   const uint64_t step = c.step_ptr ? (uint64_t)*c.step_ptr : c.step;
 
   if (kMode != kCheck) {
-    // exp(-xi delta) of every C of the phase for this tensor's segment.
+    // exp(-xi delta) of every C of the phase for this tensor's segment (and with kDevCoef the
+    // phase's letters with the device's coefficients).
     const int o = threadIdx.x;
-    if (o < c.n_ops && c.ops[o].letter == kC) {
-      const double x = xi_version_dev(c.xi, c.ws, c.n_seg, c.ops[o].xi_version, d.seg);
-      const double f = exp(-x * c.ops[o].c[0]);
-      s_fac[o] = f;
-      if (c.check_cfac && factor_overflows(f, sizeof(T) == 8)) flag_min(c.flag, d.seg * 4 + kBadThermostat + 1);
+    if (o < c.n_ops) {
+      Op op = c.ops[o];
+      if (kDevCoef) {
+        op.c[0] = c.coef[3 * o];
+        op.c[1] = c.coef[3 * o + 1];
+        op.c[2] = c.coef[3 * o + 2];
+        s_ops[o] = op;
+      }
+      if (op.letter == kC) {
+        bool overflow;
+        s_fac[o] = c_factor(c.xi, c.ws, c.n_seg, op.xi_version, op.c[0], d.seg, sizeof(T) == 8,
+                            &overflow);
+        if (c.check_cfac && overflow) flag_min(c.flag, d.seg * 4 + kBadThermostat + 1);
+      }
     }
   }
   if (threadIdx.x == 0) s_bad = 0;
@@ -339,6 +365,7 @@ __global__ void __launch_bounds__(kThreads)
   const P* __restrict__ grad = (const P*)d.grad;
   const bool has_mom = mom != nullptr;
   const bool check = c.check_data != 0;
+  const bool skip_theta = kMode == kSum && c.skip_theta;
 
   double acc = 0.0;
   int bad = 0;
@@ -350,7 +377,6 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t i0 = gq - d.offset;  // local index of lane 0 (>= -3)
 
     P rt[4], rg[4];
-    const bool skip_theta = kMode == kSum && c.skip_theta;
     if (skip_theta) {
 #pragma unroll
       for (int l = 0; l < 4; ++l) rt[l] = P{};
@@ -388,52 +414,12 @@ __global__ void __launch_bounds__(kThreads)
                  (has_mom && nonfinite_bits(pm[l]) ? 1 << kBadMom : 0);
     }
 
-#pragma unroll 1
-    for (int o = 0; o < c.n_ops; ++o) {
-      const Op& op = c.ops[o];
-      const T c0 = (T)op.c[0], c1 = (T)op.c[1];
-      switch (op.letter) {
-        case kA:
-          if (skip_theta) break;
-#pragma unroll
-          for (int l = 0; l < 4; ++l) th[l] = letter_A(th[l], pm[l], c0);
-          break;
-        case kB:
-#pragma unroll
-          for (int l = 0; l < 4; ++l) pm[l] = letter_B(pm[l], th[l], gr[l], c0, c1);
-          break;
-        case kO: {
-          float z[4];
-          quad_noise(c.seed, d.uid, step, op, op.c[1], q, z);
-#pragma unroll
-          for (int l = 0; l < 4; ++l) pm[l] = letter_O(pm[l], (T)z[l], c0, c1);
-          break;
-        }
-        case kC: {
-          const T f = (T)s_fac[o];
-#pragma unroll
-          for (int l = 0; l < 4; ++l) pm[l] = letter_C(pm[l], f);
-          break;
-        }
-        case kD: {
-          float z[4];
-          quad_noise(c.seed, d.uid, step, op, op.c[0], q, z);
-#pragma unroll
-          for (int l = 0; l < 4; ++l) pm[l] = letter_D(pm[l], (T)z[l], c0);
-          break;
-        }
-        case kV: {
-          const T c2 = (T)op.c[2];
-          float z[4];
-          quad_noise(c.seed, d.uid, step, op, op.c[2], q, z);
-#pragma unroll
-          for (int l = 0; l < 4; ++l) th[l] = letter_V(th[l], gr[l], (T)z[l], c0, c1, c2);
-          break;
-        }
-        default:  // E: only xi moves, between phases
-          break;
-      }
-    }
+    float z[4];
+    auto noise = [&](const Op& op, double scale) -> const float* {
+      quad_noise(c.seed, d.uid, step, op, scale, q, z);
+      return z;
+    };
+    interpret<4>(kDevCoef ? s_ops : c.ops, c.n_ops, 4, th, pm, gr, s_fac, skip_theta, noise);
 
     if (kMode == kSum) {
 #pragma unroll
@@ -441,8 +427,8 @@ __global__ void __launch_bounds__(kThreads)
         if (l >= l0 && l < l1) acc += (double)pm[l] * (double)pm[l];
     } else {
       P st[4];
-      to_storage(th, st, c.stochastic != 0, make_key(c.seed, d.uid, step, kRoundingDraw),
-                 (uint64_t)q);
+      quad_to_storage(th, st, c.stochastic != 0, make_key(c.seed, d.uid, step, kRoundingDraw),
+                      (uint64_t)q);
       store_quad(theta + i0, l0, l1, st);
       if (has_mom) {
         M sp[4];
@@ -505,16 +491,21 @@ __global__ void __launch_bounds__(kSegThreads) seg_kernel(const __grid_constant_
     if (lane == 0) {
       bool bad = false;
       if (h.mode & kSegUpdate) {
+        const double e_c0 = h.coef ? h.coef[3 * h.e_op] : h.e_c0;
+        const double e_c1 = h.coef ? h.coef[3 * h.e_op + 1] : h.e_c1;
         const double sum = h.ws[sum_at];
-        const double from = xi_version_dev(h.xi, h.ws, h.n_seg, h.k, s);
-        const double to = thermostat_E(from, sum, e.n, h.e_c0, h.e_c1);
+        const double from = xi_version(h.xi, h.ws, h.n_seg, h.k, s);
+        const double to = thermostat_E(from, sum, e.n, e_c0, e_c1);
         h.ws[(int64_t)h.k * n_seg + s] = to;
         bad = nonfinite_bits(sum) || nonfinite_bits(to);
       }
       if ((h.mode & kSegCheck) && e.present) {
         for (int o = 0; o < h.n_cops; ++o) {
-          const double x = xi_version_dev(h.xi, h.ws, h.n_seg, h.cop_ver[o], s);
-          bad = bad || factor_overflows(exp(-x * h.cop_c0[o]), h.compute_double != 0);
+          const double delta = h.coef ? h.coef[3 * h.cop_op[o]] : h.cop_c0[o];
+          bool overflow;
+          c_factor(h.xi, h.ws, h.n_seg, h.cop_ver[o], delta, s, h.compute_double != 0,
+                   &overflow);
+          bad = bad || overflow;
         }
       }
       if (bad) atomicMin(&s_min, s);
@@ -523,6 +514,14 @@ __global__ void __launch_bounds__(kSegThreads) seg_kernel(const __grid_constant_
   __syncthreads();
   if (threadIdx.x == 0 && h.flag && s_min != INT_MAX)
     flag_min(h.flag, s_min * 4 + kBadThermostat + 1);
+}
+
+// The coefficients of op threadIdx.x from the hyperparameters in device memory (substeps.h).
+__global__ void coef_kernel(const __grid_constant__ CoefArgs a) {
+  const int o = threadIdx.x;
+  if (o >= a.n_ops) return;
+  const Hyper h{a.hyper[0], a.hyper[1], a.hyper[2], a.hyper[3], a.hyper[4], a.hyper[5]};
+  letter_coefficients(a.letter[o], a.factor[o] * h.lr, h, a.out + 3 * o, a.grad_sign);
 }
 
 __global__ void commit_kernel(double* xi, const double* ws, int n_seg, int n_e,
@@ -563,23 +562,120 @@ void check_call(cudaError_t err, const char* what) {
                              cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
 }
 
-// Sets the device for the scope of a call and restores the caller's afterwards.
+// The CUDA version the driver supports (cudaDriverGetVersion: 12080 is 12.8), 0 without one.
+int driver_version() {
+  int v = 0;
+  if (cudaDriverGetVersion(&v) != cudaSuccess) v = 0;
+  cudaGetLastError();
+  return v;
+}
+
+std::string version_str(int v) {
+  return std::to_string(v / 1000) + "." + std::to_string(v % 1000 / 10);
+}
+
+// The oldest Linux driver of each CUDA major version (NVIDIA's CUDA toolkit release notes,
+// minor version compatibility), for the error message.
+const char* min_driver(int major) {
+  switch (major) {
+    case 11: return "450.80.02";
+    case 12: return "525.60.13";
+    case 13: return "580.65.06";
+    default: return nullptr;
+  }
+}
+
+// The runtime is linked statically, so it is the toolkit's that built the module (CUDART_VERSION);
+// a driver of an older CUDA major version cannot run it (cudaErrorInsufficientDriver at the first
+// call). Checked at the first use of the engine, before any other CUDA call, to say why and how
+// to fix it.
+void require_driver() {
+  static const std::string problem = []() -> std::string {
+    const int drv = driver_version();
+    const int rt = CUDART_VERSION;
+    if (drv == 0)
+      return "thermo_ext CUDA engine: no NVIDIA driver was found (cudaDriverGetVersion reports "
+             "none), so CUDA tensors cannot be stepped on this machine";
+    if (drv / 1000 >= rt / 1000) return "";
+    const char* need = min_driver(rt / 1000);
+    return "thermo_ext CUDA engine: this build uses CUDA " + version_str(rt) +
+           ", which needs an NVIDIA driver for CUDA " + std::to_string(rt / 1000) + ".x" +
+           (need ? std::string(" (>= ") + need + ")" : std::string()) +
+           ", but the installed driver supports CUDA " + version_str(drv) +
+           ". Update the driver, or rebuild thermo_ext with the CUDA " +
+           std::to_string(drv / 1000) + " toolkit (the major version of torch.version.cuda): "
+           "pip install --no-build-isolation "
+           "-C cmake.define.THERMO_EXT_CUDA_HOME=/usr/local/cuda-" +
+           std::to_string(drv / 1000) + ".<minor> thermo_ext";
+  }();
+  if (!problem.empty()) throw std::runtime_error(problem);
+}
+
+// Whether launches may use the 32 KB parameter layout: compiled in and a driver >= R530
+// (CUDA 12.1). cuda_param_layout can force the 4 KB one.
+std::mutex g_layout_mutex;
+int g_large_params = -1;  // -1: not decided yet
+
+bool large_params_supported() { return TE_CUDA_LARGE_PARAMS && driver_version() >= 12010; }
+
+bool large_params() {
+  std::lock_guard<std::mutex> lock(g_layout_mutex);
+  if (g_large_params < 0) g_large_params = large_params_supported() ? 1 : 0;
+  return g_large_params != 0;
+}
+
+// cuDevicePrimaryCtxGetState through the runtime's driver entry point: the module does not link
+// libcuda. Null when the driver does not give it.
+using PrimaryCtxGetState = int (*)(int device, unsigned int* flags, int* active);
+PrimaryCtxGetState primary_ctx_get_state() {
+  static const PrimaryCtxGetState fn = []() -> PrimaryCtxGetState {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+#if CUDART_VERSION >= 12050
+    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuDevicePrimaryCtxGetState", &p,
+                                                             12000, cudaEnableDefault, &found);
+#else
+    const cudaError_t err =
+        cudaGetDriverEntryPoint("cuDevicePrimaryCtxGetState", &p, cudaEnableDefault, &found);
+#endif
+    cudaGetLastError();
+    return err == cudaSuccess && found == cudaDriverEntryPointSuccess ? (PrimaryCtxGetState)p
+                                                                      : nullptr;
+  }();
+  return fn;
+}
+
+// Whether `device` has an active primary context (true when the driver cannot tell: then the
+// guard below restores the device as it always did).
+bool has_primary_context(int device) {
+  const PrimaryCtxGetState fn = primary_ctx_get_state();
+  if (!fn) return true;
+  unsigned int flags = 0;
+  int active = 0;
+  return fn(device, &flags, &active) != 0 || active != 0;
+}
+
+// Makes `device` current for the scope of a call. Switches only when it is not current already,
+// and switches back only where the caller's device has a context: cudaSetDevice would create one
+// otherwise (hundreds of MB on a GPU the thread never used), as torch's MaybeSetDevice avoids.
 class DeviceGuard {
  public:
   explicit DeviceGuard(int device) {
     check_call(cudaGetDevice(&prev_), "cudaGetDevice");
-    if (prev_ != device) check_call(cudaSetDevice(device), "cudaSetDevice");
-    changed_ = prev_ != device;
+    if (prev_ != device) {
+      check_call(cudaSetDevice(device), "cudaSetDevice");
+      switched_ = true;
+    }
   }
   ~DeviceGuard() {
-    if (changed_) cudaSetDevice(prev_);
+    if (switched_ && has_primary_context(prev_)) cudaSetDevice(prev_);
   }
   DeviceGuard(const DeviceGuard&) = delete;
   DeviceGuard& operator=(const DeviceGuard&) = delete;
 
  private:
   int prev_ = 0;
-  bool changed_ = false;
+  bool switched_ = false;
 };
 
 // Chunks of a tensor: kChunk-aligned pieces of its global index range.
@@ -588,9 +684,9 @@ int64_t n_chunks(int64_t numel, int64_t offset) {
   return (offset + numel - 1) / kChunk - offset / kChunk + 1;
 }
 
-// The fixed decomposition of a call: tensors ordered by (segment, index), so that each segment's
-// partial slots are contiguous.
-struct Plan {
+// How a call's elements map to blocks and partial-sum slots: tensors ordered by (segment,
+// index), so that each segment's partial slots are contiguous; the same for every step.
+struct ChunkLayout {
   std::vector<int32_t> order;
   std::vector<int64_t> chunks;
   std::vector<int32_t> slot_base;
@@ -599,8 +695,8 @@ struct Plan {
   int64_t total_slots = 0;
 };
 
-Plan& build_plan(const StepArgs& a) {
-  thread_local Plan p;
+ChunkLayout& build_layout(const StepArgs& a) {
+  thread_local ChunkLayout p;
   const int n = a.n_tensors;
   p.order.resize(n);
   p.chunks.resize(n);
@@ -645,6 +741,9 @@ Plan& build_plan(const StepArgs& a) {
   return p;
 }
 
+// Device coefficients (scratch's first kCoefDoubles) when the call has device hyperparameters.
+const double* device_coef(const StepArgs& a) { return a.hyper ? a.scratch : nullptr; }
+
 KCommon make_common(const StepArgs& a, int n_ops, int32_t* flag) {
   KCommon c;
   memset(&c, 0, sizeof(c));
@@ -657,15 +756,20 @@ KCommon make_common(const StepArgs& a, int n_ops, int32_t* flag) {
   c.xi = a.xi;
   c.ws = a.ws;
   c.flag = flag;
-  c.partials = a.scratch;
+  c.partials = a.scratch ? a.scratch + kCoefDoubles : nullptr;
+  c.coef = device_coef(a);
   c.stochastic = a.stochastic_rounding;
   return c;
 }
 
 template <class P, class M, class T, int kMode>
-void launch_phase_t(const StepArgs& a, const Plan& plan, const KCommon& common,
+void launch_phase_t(const StepArgs& a, const ChunkLayout& layout, const KCommon& common,
                     cudaStream_t st) {
   thread_local LaunchArgs<kMaxT> la;  // 32 KiB: off the stack
+  // Device coefficients (capturable steps, whose launches a graph replays cheaply) take only
+  // the 4 KB layout: half the instantiations.
+  const bool dev_coef = common.coef != nullptr;
+  const int max_t = large_params() && !dev_coef ? kMaxT : kSmallT;
   la.c = common;
   la.n_t = 0;
   la.pad = 0;
@@ -678,23 +782,31 @@ void launch_phase_t(const StepArgs& a, const Plan& plan, const KCommon& common,
       small.n_t = la.n_t;
       small.pad = 0;
       memcpy(small.t, la.t, sizeof(KTensor) * la.n_t);
-      phase_kernel<P, M, T, kMode, kSmallT><<<(unsigned)blocks, kThreads, 0, st>>>(small);
+      bool launched = false;
+      if constexpr (kMode != kCheck) {  // a check runs no letters: never device coefficients
+        if (dev_coef) {
+          phase_kernel<P, M, T, kMode, kSmallT, true><<<(unsigned)blocks, kThreads, 0, st>>>(small);
+          launched = true;
+        }
+      }
+      if (!launched)
+        phase_kernel<P, M, T, kMode, kSmallT, false><<<(unsigned)blocks, kThreads, 0, st>>>(small);
     } else {
-      phase_kernel<P, M, T, kMode, kMaxT><<<(unsigned)blocks, kThreads, 0, st>>>(la);
+      phase_kernel<P, M, T, kMode, kMaxT, false><<<(unsigned)blocks, kThreads, 0, st>>>(la);
     }
     check_launch("the phase kernel");
     la.n_t = 0;
     blocks = 0;
   };
-  for (int32_t t : plan.order) {
-    const int64_t nc = plan.chunks[t];
+  for (int32_t t : layout.order) {
+    const int64_t nc = layout.chunks[t];
     if (nc == 0) continue;
-    if (la.n_t == kMaxT || blocks + nc > kMaxBlocksPerLaunch) flush();
+    if (la.n_t == max_t || blocks + nc > kMaxBlocksPerLaunch) flush();
     const TensorDesc& d = a.tensors[t];
     KTensor& k = la.t[la.n_t++];
     k.desc = d;
     k.tidx = t;
-    k.slot_base = plan.slot_base[t];
+    k.slot_base = layout.slot_base[t];
     k.block_begin = (int32_t)blocks;
     k.pad = 0;
     blocks += nc;
@@ -703,26 +815,28 @@ void launch_phase_t(const StepArgs& a, const Plan& plan, const KCommon& common,
 }
 
 template <int kMode>
-void launch_phase(const StepArgs& a, const Plan& plan, const KCommon& common, cudaStream_t st) {
+void launch_phase(const StepArgs& a, const ChunkLayout& layout, const KCommon& common,
+                  cudaStream_t st) {
   switch (a.dtype) {
     case kFloat32:
-      return launch_phase_t<float, float, float, kMode>(a, plan, common, st);
+      return launch_phase_t<float, float, float, kMode>(a, layout, common, st);
     case kFloat64:
-      return launch_phase_t<double, double, double, kMode>(a, plan, common, st);
+      return launch_phase_t<double, double, double, kMode>(a, layout, common, st);
     case kBFloat16:
-      return launch_phase_t<bf16_t, float, float, kMode>(a, plan, common, st);
+      return launch_phase_t<bf16_t, float, float, kMode>(a, layout, common, st);
     case kFloat16:
-      return launch_phase_t<fp16_t, float, float, kMode>(a, plan, common, st);
+      return launch_phase_t<fp16_t, float, float, kMode>(a, layout, common, st);
   }
   throw std::invalid_argument("thermo_ext CUDA engine: unknown dtype " + std::to_string(a.dtype));
 }
 
 // Runs seg_kernel over all segments in batches (in segment order, so that a later batch that
 // skips because an earlier one set the flag loses no smaller code).
-void launch_seg(const StepArgs& a, const Plan* plan, int mode, int k, int next_ops,
+void launch_seg(const StepArgs& a, const ChunkLayout* layout, int mode, int k, int next_ops,
                 int32_t* flag, cudaStream_t st) {
   const Program& pg = *a.prog;
   thread_local SegArgs<kMaxSegEntries> sa;  // 32 KiB: off the stack
+  const int max_entries = large_params() ? kMaxSegEntries : kSmallSegEntries;
   memset(&sa.h, 0, sizeof(sa.h));
   SegHeader& h = sa.h;
   h.mode = mode;
@@ -730,12 +844,14 @@ void launch_seg(const StepArgs& a, const Plan* plan, int mode, int k, int next_o
   h.n_e = pg.n_e;
   h.n_seg = a.n_seg;
   h.compute_double = a.dtype == kFloat64;
+  h.coef = device_coef(a);
   if (mode & kSegUpdate) {
     const Op& e = pg.ops[pg.e_pos[k]];
     h.e_c0 = e.c[0];
     h.e_c1 = e.c[1];
+    h.e_op = pg.e_pos[k];
   }
-  h.partials = a.scratch;
+  h.partials = a.scratch ? a.scratch + kCoefDoubles : nullptr;
   h.ws = a.ws;
   h.xi = a.xi;
   h.flag = flag;
@@ -744,19 +860,20 @@ void launch_seg(const StepArgs& a, const Plan* plan, int mode, int k, int next_o
       if (pg.ops[o].letter == kC) {
         h.cop_c0[h.n_cops] = pg.ops[o].c[0];
         h.cop_ver[h.n_cops] = pg.ops[o].xi_version;
+        h.cop_op[h.n_cops] = o;
         ++h.n_cops;
       }
-  for (int s0 = 0; s0 < a.n_seg; s0 += kMaxSegEntries) {
-    const int count = std::min(kMaxSegEntries, a.n_seg - s0);
+  for (int s0 = 0; s0 < a.n_seg; s0 += max_entries) {
+    const int count = std::min(max_entries, a.n_seg - s0);
     h.s0 = s0;
     h.count = count;
     for (int i = 0; i < count; ++i) {
       SegEntry& e = sa.e[i];
       const int s = s0 + i;
       e.n = a.seg_n ? a.seg_n[s] : 0.0;
-      e.lo = plan ? plan->seg_lo[s] : 0;
-      e.hi = plan ? plan->seg_hi[s] : 0;
-      e.present = plan ? plan->present[s] : 0;
+      e.lo = layout ? layout->seg_lo[s] : 0;
+      e.hi = layout ? layout->seg_hi[s] : 0;
+      e.present = layout ? layout->present[s] : 0;
       e.pad = 0;
     }
     if (count <= kSmallSegEntries) {
@@ -771,6 +888,23 @@ void launch_seg(const StepArgs& a, const Plan* plan, int mode, int k, int next_o
   }
 }
 
+// The program's coefficients from the device hyperparameters, into scratch (device_coef).
+void launch_coef(const StepArgs& a, cudaStream_t st) {
+  const Program& pg = *a.prog;
+  CoefArgs c;
+  memset(&c, 0, sizeof(c));
+  c.n_ops = pg.n_ops;
+  for (int o = 0; o < pg.n_ops; ++o) {
+    c.letter[o] = pg.ops[o].letter;
+    c.factor[o] = pg.factor[o];
+  }
+  c.grad_sign = pg.grad_sign;
+  c.hyper = a.hyper;
+  c.out = a.scratch;
+  coef_kernel<<<1, 32, 0, st>>>(c);
+  check_launch("the coefficient kernel");
+}
+
 bool has_letter(const Program& pg, int n_ops, int letter) {
   for (int o = 0; o < n_ops; ++o)
     if (pg.ops[o].letter == letter) return true;
@@ -779,11 +913,12 @@ bool has_letter(const Program& pg, int n_ops, int letter) {
 
 int phase_ops(const Program& pg, int k) { return k == pg.n_e ? pg.n_ops : pg.e_pos[k]; }
 
-// A sum phase k < n_e. all: part of a whole step (or of its "pre" half), so the segment kernel
-// also applies the E and checks the next phase's factors; else one phase of a distributed step
-// (update_xi runs separately and does not see the tensors, so the factors are checked here).
-void sum_phase(const StepArgs& a, const Plan& plan, int k, bool all, int check, int32_t* flag,
-               cudaStream_t st) {
+// Sum phase k < n_e. fused: the segment kernel also applies the E and checks the next phase's
+// factors (a whole step or its "pre" half); else the sums stay in ws for the sum hook, the E
+// runs afterwards (update_xi), and this phase's factors are checked here (k > 0: the previous
+// phase's E did not check them).
+void sum_phase(const StepArgs& a, const ChunkLayout& layout, int k, bool fused, int check,
+               int32_t* flag, cudaStream_t st) {
   const Program& pg = *a.prog;
   const int n_ops = phase_ops(pg, k);
   KCommon c = make_common(a, n_ops, flag);
@@ -792,43 +927,49 @@ void sum_phase(const StepArgs& a, const Plan& plan, int k, bool all, int check, 
     c.check_data = check && flag;
     c.check_cfac = flag != nullptr;
   } else {
-    if (!all && flag && has_letter(pg, n_ops, kC))
-      launch_seg(a, &plan, kSegCheck, k, n_ops, flag, st);
+    if (!fused && flag && has_letter(pg, n_ops, kC))
+      launch_seg(a, &layout, kSegCheck, k, n_ops, flag, st);
     c.early_exit = flag != nullptr;
   }
   c.skip_theta = !sum_reads_theta(pg.ops, n_ops, c.check_data != 0);
-  launch_phase<kSum>(a, plan, c, st);
+  launch_phase<kSum>(a, layout, c, st);
   int mode = kSegFinish, next_ops = 0;
-  if (all) {
+  if (fused) {
     mode |= kSegUpdate;
     next_ops = phase_ops(pg, k + 1);
     if (flag && has_letter(pg, next_ops, kC)) mode |= kSegCheck;
   }
-  launch_seg(a, &plan, mode, k, next_ops, flag, st);
+  launch_seg(a, &layout, mode, k, next_ops, flag, st);
+}
+
+// The E number k after the sum hook reduced its sums.
+void update_xi(const StepArgs& a, int k, int32_t* flag, cudaStream_t st) {
+  launch_seg(a, nullptr, kSegUpdate, k, 0, flag, st);
 }
 
 // What can fail before the writing phase that the sum phases did not already check: for a
 // scheme without E the read-only check of theta and g (the CPU engine's order: data first),
 // then the factors of the writing phase's C letters.
-void write_checks(const StepArgs& a, const Plan& plan, bool check_data, bool check_factors,
-                  int32_t* flag, cudaStream_t st) {
+void write_checks(const StepArgs& a, const ChunkLayout& layout, bool check_data,
+                  bool check_factors, int32_t* flag, cudaStream_t st) {
   if (!flag) return;
   const Program& pg = *a.prog;
   if (check_data) {
     KCommon c = make_common(a, 0, flag);
     c.check_data = 1;
-    launch_phase<kCheck>(a, plan, c, st);
+    c.coef = nullptr;  // no letters run
+    launch_phase<kCheck>(a, layout, c, st);
   }
   if (check_factors && has_letter(pg, pg.n_ops, kC))
-    launch_seg(a, &plan, kSegCheck, pg.n_e, pg.n_ops, flag, st);
+    launch_seg(a, &layout, kSegCheck, pg.n_e, pg.n_ops, flag, st);
 }
 
 // The writing phase (skipped on the device when the flag is set), then xi = version n_e.
-void write_phase(const StepArgs& a, const Plan& plan, int32_t* flag, cudaStream_t st) {
+void write_phase(const StepArgs& a, const ChunkLayout& layout, int32_t* flag, cudaStream_t st) {
   const Program& pg = *a.prog;
   KCommon c = make_common(a, pg.n_ops, flag);
   c.early_exit = flag != nullptr;
-  launch_phase<kWrite>(a, plan, c, st);
+  launch_phase<kWrite>(a, layout, c, st);
   if (pg.n_e > 0) {
     const int threads = 256;
     commit_kernel<<<(a.n_seg + threads - 1) / threads, threads, 0, st>>>(a.xi, a.ws, a.n_seg,
@@ -837,11 +978,13 @@ void write_phase(const StepArgs& a, const Plan& plan, int32_t* flag, cudaStream_
   }
 }
 
-void validate(const StepArgs& a) {
+void validate(const StepArgs& a, int mode) {
   if (!a.prog) throw std::invalid_argument("thermo_ext CUDA engine: no program");
   const Program& pg = *a.prog;
   if (pg.n_ops < 0 || pg.n_ops > kMaxOps || pg.n_e < 0 || pg.n_e > pg.n_ops)
     throw std::invalid_argument("thermo_ext CUDA engine: malformed program");
+  if (mode != kRunAll && mode != kRunPre && mode != kRunFinish)
+    throw std::invalid_argument("thermo_ext CUDA engine: unknown mode " + std::to_string(mode));
   if (a.n_tensors < 0 || (a.n_tensors > 0 && !a.tensors))
     throw std::invalid_argument("thermo_ext CUDA engine: no tensors");
   if (a.n_seg < 1) throw std::invalid_argument("thermo_ext CUDA engine: n_seg must be >= 1");
@@ -849,6 +992,10 @@ void validate(const StepArgs& a) {
   if (thermostat && !a.xi) throw std::invalid_argument("thermo_ext CUDA engine: xi is null");
   if (pg.n_e > 0 && (!a.ws || !a.seg_n))
     throw std::invalid_argument("thermo_ext CUDA engine: ws or seg_n is null");
+  if (a.hyper && !pg.has_factors)
+    throw std::invalid_argument(
+        "thermo_ext CUDA engine: device hyperparameters need a program built from letters and "
+        "hyperparameters (its factors), not from coefficients");
 }
 
 }  // namespace
@@ -857,10 +1004,26 @@ bool cuda_compiled() { return true; }
 
 int64_t cuda_scratch_doubles(const int64_t* numels, int n) {
   // A tensor of numel elements at any offset spans at most numel / kChunk + 2 chunks.
-  int64_t total = 1;
+  int64_t total = kCoefDoubles + 1;
   for (int i = 0; i < n; ++i)
     if (numels[i] > 0) total += (numels[i] + kChunk - 1) / kChunk + 1;
   return total;
+}
+
+void cuda_versions(int* driver, int* runtime) {
+  *driver = driver_version();
+  *runtime = CUDART_VERSION;
+}
+
+bool cuda_param_layout(int large) {
+  std::lock_guard<std::mutex> lock(g_layout_mutex);
+  if (large > 0 && !large_params_supported())
+    throw std::invalid_argument(
+        "large: the 32 KB kernel-parameter layout needs a build with CUDA >= 12.1 and a driver "
+        ">= R530 (CUDA 12.1)");
+  if (large >= 0) g_large_params = large;
+  if (g_large_params < 0) g_large_params = large_params_supported() ? 1 : 0;
+  return g_large_params != 0;
 }
 
 std::string cuda_build_info() {
@@ -874,61 +1037,48 @@ std::string cuda_build_info() {
 #else
   s += "?";
 #endif
-  int rt = 0;
-  if (cudaRuntimeGetVersion(&rt) != cudaSuccess) rt = 0;
-  s += " runtime=" + std::to_string(rt / 1000) + "." + std::to_string(rt % 1000 / 10);
-  int drv = 0;
-  if (cudaDriverGetVersion(&drv) != cudaSuccess) drv = 0;
-  cudaGetLastError();  // leave no error behind on a machine without a driver
-  s += " driver=" + (drv ? std::to_string(drv / 1000) + "." + std::to_string(drv % 1000 / 10)
-                         : std::string("none"));
+  const int drv = driver_version();
+  s += " runtime=" + version_str(CUDART_VERSION);
+  s += " driver=" + (drv ? version_str(drv) : std::string("none"));
   s += " chunk=" + std::to_string(kChunk) + " tensors_per_launch=" + std::to_string(kSmallT) +
        "/" + std::to_string(kMaxT);
   return s;
 }
 
-int cuda_run(const StepArgs& a, int device, intptr_t stream, int phase, int check,
+int cuda_run(const StepArgs& a, int device, intptr_t stream, int mode, int check,
              int32_t* flag) {
-  validate(a);
+  validate(a, mode);
   const Program& pg = *a.prog;
   const int n_e = pg.n_e;
-  if (phase < -2 || phase > n_e)
-    throw std::invalid_argument("thermo_ext CUDA engine: phase " + std::to_string(phase) +
-                                " out of range [-2, " + std::to_string(n_e) + "]");
-  Plan& plan = build_plan(a);
-  const bool any_sum = phase < 0 ? n_e > 0 : phase < n_e;
-  if (any_sum && (!a.scratch || a.scratch_len < plan.total_slots))
+  ChunkLayout& layout = build_layout(a);
+  const bool any_sum = mode != kRunFinish && n_e > 0;
+  const int64_t need = any_sum ? kCoefDoubles + layout.total_slots : (a.hyper ? kCoefDoubles : 0);
+  if (need > 0 && (!a.scratch || a.scratch_len < need))
     throw std::invalid_argument(
-        "thermo_ext CUDA engine: scratch has " + std::to_string(a.scratch_len) +
-        " doubles, this call needs " + std::to_string(plan.total_slots) +
+        "thermo_ext CUDA engine: scratch has " + std::to_string(a.scratch ? a.scratch_len : 0) +
+        " doubles, this call needs " + std::to_string(need) +
         " (allocate cuda_scratch_doubles(numels))");
 
+  require_driver();
   DeviceGuard guard(device);
   cudaStream_t st = (cudaStream_t)stream;
-  if (phase < 0) {
-    // -1: the whole step; -2: its "pre" half (everything that can fail, writing only ws).
-    for (int k = 0; k < n_e; ++k) sum_phase(a, plan, k, true, check, flag, st);
-    if (n_e == 0) write_checks(a, plan, check != 0, true, flag, st);
-    if (phase == -1) write_phase(a, plan, flag, st);
-  } else if (phase < n_e) {
-    sum_phase(a, plan, phase, false, check, flag, st);
-  } else {
-    // The writing phase alone: after update_xi (which saw no tensors) or after a "pre".
-    write_checks(a, plan, check != 0 && n_e == 0, true, flag, st);
-    write_phase(a, plan, flag, st);
+  if (a.hyper) launch_coef(a, st);
+  if (mode != kRunFinish) {
+    if (!a.sum_hook) {
+      for (int k = 0; k < n_e; ++k) sum_phase(a, layout, k, true, check, flag, st);
+      if (n_e == 0) write_checks(a, layout, check != 0, true, flag, st);
+    } else {
+      // Distributed: each E's partial sums, reduced by the hook, then the E. The hook runs on
+      // every rank whatever the flag says (the kernels skip), so the collectives stay matched.
+      for (int k = 0; k < n_e; ++k) {
+        sum_phase(a, layout, k, false, check, flag, st);
+        a.sum_hook->fn(a.sum_hook->ctx, k);
+        update_xi(a, k, flag, st);
+      }
+      write_checks(a, layout, check != 0 && n_e == 0, true, flag, st);
+    }
   }
-  return -1;
-}
-
-int cuda_update_xi(const StepArgs& a, int device, intptr_t stream, int k, int32_t* flag) {
-  if (!a.prog) throw std::invalid_argument("thermo_ext CUDA engine: no program");
-  if (k < 0 || k >= a.prog->n_e)
-    throw std::invalid_argument("thermo_ext CUDA engine: update_xi: no E number " +
-                                std::to_string(k));
-  if (!a.xi || !a.ws || !a.seg_n || a.n_seg < 1)
-    throw std::invalid_argument("thermo_ext CUDA engine: update_xi: xi, ws or seg_n missing");
-  DeviceGuard guard(device);
-  launch_seg(a, nullptr, kSegUpdate, k, 0, flag, (cudaStream_t)stream);
+  if (mode != kRunPre) write_phase(a, layout, flag, st);
   return -1;
 }
 
@@ -937,6 +1087,7 @@ void cuda_fill_normal(float* out, int64_t n, uint64_t seed, uint32_t uid, uint64
   if (n < 0 || offset < 0)
     throw std::invalid_argument("thermo_ext CUDA engine: fill_normal: negative n or offset");
   if (n == 0) return;
+  require_driver();
   DeviceGuard guard(device);
   const int64_t quads = ((offset + n - 1) >> 2) - (offset >> 2) + 1;
   const int threads = 256;

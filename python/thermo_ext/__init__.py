@@ -26,10 +26,13 @@ __all__ = ["Chains", "Thermo", "Langevin", "AdL", "Overdamped", "LaLa", "AdLaLa"
 def build_info() -> dict:
     """What this build of the engine is and can do on this machine."""
     cuda = bool(_C.cuda_compiled())
+    driver, runtime = _C.cuda_versions()  # 1000 * major + 10 * minor; 0 where unknown
     return {
         "version": __version__,
         "cuda": cuda,
         "cuda_archs": _C.cuda_build_info() if cuda else "",
+        "cuda_driver": driver,
+        "cuda_runtime": runtime,
         "cuda_available": cuda and torch.cuda.is_available(),
         "openmp_threads": get_num_threads(),
         "isa": _C.isa(),

@@ -6,10 +6,11 @@ in a *mode*:
 
 * ``"all"``: the whole step of each task in turn;
 * ``"pre"``: everything that can fail (checks, read-only phases, thermostat updates into the
-  workspace), writing nothing; ``"finish"``: the writing phase after a successful ``"pre"``;
-* ``"check"`` then ``"reduce"``: ``"pre"`` cut in two for a distributed step: ``"check"`` runs
-  only this rank's local checks (no collective), ``"reduce"`` the rest of ``"pre"`` with the
-  thermostat's all-reduces, once all ranks agreed the step is clean.
+  workspace), writing nothing; ``"finish"``: the writing phase after a successful ``"pre"``.
+
+A task with a ``sum_hook`` (a collective) runs its ``"pre"`` — hooks included, with zero sums
+for what a refused check did not form — even when this rank refused the step or an earlier task,
+so that every rank calls the same collectives in the same order.
 
 A run returns None or (task index, tensor or segment index, kind). :func:`run_step` is the one
 place that orders the modes so that a refused step changes nothing in any group on any rank.
@@ -68,13 +69,7 @@ class EngineBackend:
         return plans
 
     def run(self, plans, mode: str, check: bool, flag: Optional[torch.Tensor]) -> Bad:
-        if mode in ("all", "pre", "finish"):
-            return kernels.run_plans(plans, check=check, flag=flag, mode=mode)
-        for i, pl in enumerate(plans):
-            bad = pl.check_phase(check, flag) if mode == "check" else pl.reduce_phases(check, flag)
-            if bad is not None:
-                return (i,) + bad
-        return None
+        return kernels.run_plans(plans, check=check, flag=flag, mode=mode)
 
 
 class ReferenceBackend:
@@ -98,13 +93,14 @@ class ReferenceBackend:
         return tasks
 
     def run(self, tasks, mode: str, check: bool, flag: Optional[torch.Tensor]) -> Bad:
-        ref_mode = {"reduce": "pre"}.get(mode, mode)
+        first_bad = None
         for i, kw in enumerate(tasks):
-            bad = reference.thermo_step(check_finite=check and mode != "finish", mode=ref_mode,
-                                        **kw)
-            if bad is not None:
-                return (i,) + tuple(bad)
-        return None
+            if first_bad is not None and not (mode == "pre" and kw["sum_hook"] is not None):
+                continue
+            bad = reference.thermo_step(check_finite=check and mode != "finish", mode=mode, **kw)
+            if bad is not None and first_bad is None:
+                first_bad = (i,) + tuple(bad)
+        return first_bad
 
 
 BACKENDS = {"engine": EngineBackend(), "reference": ReferenceBackend()}
@@ -116,14 +112,15 @@ def run_step(backend, tasks: list, *, check: bool, flag: Optional[torch.Tensor],
     device, a refusal is left in ``flag`` for the caller, except where ranks agree on it).
 
     Without a check a step cannot fail and runs each task whole. With one, several tasks run
-    every ``"pre"`` before any ``"finish"``. Under an :class:`Agreement` the ranks first run
-    their local checks, agree on the verdict (one small all-reduce), and only then exchange
-    thermostat sums and write, so that every rank refuses a step that any rank refuses, nothing
-    changes anywhere, and no rank waits in a collective another rank skipped."""
+    every ``"pre"`` before any ``"finish"``. Under an :class:`Agreement` every rank runs its
+    ``"pre"`` (whose collectives run in lockstep whatever the rank found), the ranks agree on
+    the verdict (one small all-reduce), and only then write: every rank refuses a step that any
+    rank refuses, nothing changes anywhere, and no rank waits in a collective another rank
+    skipped."""
     if not check:
         return _refusal(backend.run(tasks, "all", False, flag))
     if agreement is not None:
-        bad = backend.run(tasks, "check", True, flag)
+        bad = backend.run(tasks, "pre", True, flag)
         agreed = agreement.verdict(bad, flag, host=not capturable)
         if agreed is not None:
             rank, local = agreed
@@ -131,12 +128,7 @@ def run_step(backend, tasks: list, *, check: bool, flag: Optional[torch.Tensor],
             if rank != agreement.rank():
                 refusal.rank = rank
             return refusal
-        # What can still fail (a thermostat overflow) is computed from all-reduced sums: every
-        # rank finds the same failure at the same point.
-        bad = backend.run(tasks, "reduce", True, flag)
-        if bad is None:
-            bad = backend.run(tasks, "finish", False, flag)
-        return _refusal(bad)
+        return _refusal(backend.run(tasks, "finish", False, flag))
     if len(tasks) == 1:
         return _refusal(backend.run(tasks, "all", True, flag))
     bad = backend.run(tasks, "pre", True, flag)

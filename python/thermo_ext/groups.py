@@ -15,8 +15,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
+from . import _C, kernels
 from . import distributed as dist_glue
-from . import kernels
 from . import random as te_random
 from .schemes import FoldedScheme, fold
 
@@ -33,12 +33,10 @@ STRUCTURE_KEYS = ("scheme", "xi0", "thermostat", "momentum_init", "seed", "captu
 #: Keys every saved group of a thermo_ext optimizer has (``maximize`` and torch's keys
 #: ``foreach``/``fused``/``differentiable`` are optional: older checkpoints lack them).
 GROUP_KEYS = tuple(k for k in HYPER_KEYS + STRUCTURE_KEYS if k != "maximize") + ("step", "xi")
-MAX_GROUPS = 2**16  # the uid keeps 16 bits for the group
+MAX_GROUPS = _C.UID_LIMIT  # groups, and tensors per group, the noise counter's uid can name
 
 
-def uid(group_index: int, position: int) -> int:
-    """The noise counter's tensor id (docs/DESIGN.md, "Noise"): (group << 16) | position."""
-    return (group_index << 16) | position
+uid = kernels.uid  # the noise counter's tensor id of (group, position): docs/DESIGN.md, Noise
 
 
 def where(gi: int, group: Dict[str, Any]) -> str:

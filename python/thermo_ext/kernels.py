@@ -17,11 +17,15 @@ from . import _C
 from .schemes import FoldedScheme
 
 __all__ = ["thermo_step", "fill_normal", "philox_words", "build_program", "coefficients",
-           "check_hyper", "check_tensors", "momentum_dtype", "DTYPES", "BAD_KINDS"]
+           "check_hyper", "check_tensors", "momentum_dtype", "uid", "EnginePlan", "run_plans",
+           "DTYPES", "LETTER_CODES", "BAD_KINDS", "MODES", "HYPER_FIELDS"]
 
-DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
-LETTER_CODES = {"A": 0, "B": 1, "O": 2, "C": 3, "D": 4, "E": 5, "V": 6}
-BAD_KINDS = ("gradient", "parameter", "momentum", "thermostat")
+# The engine's constants, defined once in C++ (csrc/engine.h, substeps.h) and read from _C.
+DTYPES = {getattr(torch, name): code for name, code in _C.DTYPE_CODES.items()}
+LETTER_CODES = dict(_C.LETTER_CODES)
+BAD_KINDS = tuple(_C.BAD_KINDS)           # by code % 4 of a refused step
+MODES = dict(_C.MODES)                    # run_plans / thermo_step mode -> engine code
+HYPER_FIELDS = tuple(_C.HYPER_FIELDS)     # the order of a device hyperparameter tensor
 U64 = 2**64
 
 
@@ -51,6 +55,13 @@ def check_hyper(where: str, **values) -> None:
         if math.isnan(v) or v < 0 or (math.isinf(v) and key != "gamma"):
             expect = ">= 0 (inf allowed)" if key == "gamma" else "a finite number >= 0"
             raise ValueError(f"{where}{key}: expected {expect}, got {v}")
+
+
+def uid(group: int, position: int) -> int:
+    """The noise counter's uid of parameter ``position`` of param group ``group`` (both below
+    ``_C.UID_LIMIT``; docs/DESIGN.md, Noise)."""
+    return _C.make_uid(check_int("group", group, 0, _C.UID_LIMIT),
+                       check_int("position", position, 0, _C.UID_LIMIT))
 
 
 def momentum_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -103,38 +114,25 @@ def check_tensors(params: Sequence[torch.Tensor], momenta: Sequence[Optional[tor
 def coefficients(letter: str, delta: float, *, lr: float, gamma: float, tau: float,
                  sigma: float, eps: float, weight_decay: float,
                  maximize: bool = False) -> Tuple[float, float, float]:
-    """The engine's (c0, c1, c2) for one letter (see csrc/substeps.h). ``maximize`` runs the
-    dynamics of −L (B and V see −g; weight decay still pulls θ towards 0)."""
-    sign = -1.0 if maximize else 1.0
-    if letter == "A":
-        return delta, 0.0, 0.0
-    if letter == "B":
-        return sign * delta, sign * weight_decay, 0.0
-    if letter == "O":
-        if math.isinf(gamma):
-            return 0.0, math.sqrt(tau), 0.0
-        return math.exp(-gamma * delta), math.sqrt(tau * -math.expm1(-2.0 * gamma * delta)), 0.0
-    if letter == "C":
-        return delta, 0.0, 0.0
-    if letter == "D":
-        return sigma * math.sqrt(delta), 0.0, 0.0
-    if letter == "E":
-        return eps * delta, tau, 0.0
-    if letter == "V":
-        return sign * lr, sign * weight_decay, math.sqrt(2.0 * lr * tau)
-    raise ValueError(f"unknown letter {letter!r}")
+    """The engine's (c0, c1, c2) for one letter moving by ``delta`` (csrc/substeps.h,
+    letter_coefficients: the formulas the CUDA engine also evaluates on the device).
+    ``maximize`` runs the dynamics of −L (B and V see −g; weight decay still pulls θ to 0)."""
+    if letter not in LETTER_CODES:
+        raise ValueError(f"letter: unknown letter {letter!r}; expected one of "
+                         f"{''.join(LETTER_CODES)}")
+    return _C.letter_coefficients(LETTER_CODES[letter], delta,
+                                  (lr, gamma, tau, sigma, eps, weight_decay), maximize)
 
 
 @functools.lru_cache(maxsize=256)
 def build_program(scheme: FoldedScheme, first: bool, lr: float, gamma: float, tau: float,
                   sigma: float, eps: float, weight_decay: float,
                   maximize: bool = False) -> "_C.Program":
-    ops = []
-    for x in scheme.program(first):
-        c = coefficients(x.letter, x.factor * lr, lr=lr, gamma=gamma, tau=tau, sigma=sigma,
-                         eps=eps, weight_decay=weight_decay, maximize=maximize)
-        ops.append((LETTER_CODES[x.letter], x.draw or 0, x.xi_version, *c))
-    return _C.Program(ops)
+    """The engine program of one step of ``scheme``: its letters with their factors, draws and
+    xi versions, and the coefficients the engine computes from the hyperparameters."""
+    letters = [(LETTER_CODES[x.letter], x.factor, x.draw or 0, x.xi_version)
+               for x in scheme.program(first)]
+    return _C.Program(letters, (lr, gamma, tau, sigma, eps, weight_decay), maximize)
 
 
 def _device_index(t: torch.Tensor) -> int:
@@ -196,13 +194,37 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def check_buffer(name: str, t, *, dtype: torch.dtype, device: torch.device,
+                 numel: Optional[int] = None, at_least: Optional[int] = None) -> None:
+    """A tensor whose pointer the engine reads: a contiguous ``dtype`` tensor on ``device``
+    with exactly ``numel`` (or at least ``at_least``) elements; else TypeError/ValueError
+    naming it. A kernel handed a CPU pointer, a wrong dtype or too few elements would read
+    garbage or fault (and a fault poisons the process's CUDA context)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    size_ok = ((numel is None or t.numel() == numel)
+               and (at_least is None or t.numel() >= at_least))
+    if (t.dtype != dtype or t.device != device or not size_ok or t.layout != torch.strided
+            or not t.is_contiguous()):
+        size = (f"{numel} element(s)" if numel is not None else
+                f"at least {at_least} element(s)" if at_least is not None else "any size")
+        layout = "" if t.layout == torch.strided and t.is_contiguous() else ", not contiguous"
+        raise ValueError(f"{name}: expected a contiguous {dtype} tensor of {size} on {device}, "
+                         f"got {t.numel()} element(s) of {t.dtype} on {t.device}{layout}")
+
+
 class EnginePlan:
     """The fixed part of one engine call: a (device, dtype) list of parameters with their
     momenta, uids, offsets, thermostat segments and buffers. Built once and reused while the
-    tensors stay the same; each step only sets gradients, hyperparameters and the counter."""
+    tensors stay the same; each step only sets gradients, hyperparameters and the counter.
+
+    Every tensor whose pointer the engine keeps is checked here (device, dtype, size,
+    contiguity): xi, workspace, step_tensor, and later the gradients (``set``) and the device
+    hyperparameters (``set_device_hyper``)."""
 
     __slots__ = ("plan", "scheme", "device", "params", "momenta", "xi", "workspace", "scratch",
-                 "step_tensor", "n_seg", "seg_numel", "sum_hook", "program", "program_key")
+                 "step_tensor", "n_seg", "seg_numel", "sum_hook", "hyper", "_sum_views",
+                 "program", "program_key")
 
     def __init__(self, params: Sequence[torch.Tensor], momenta: Sequence[Optional[torch.Tensor]],
                  *, scheme: FoldedScheme, xi: Optional[torch.Tensor], segments: Sequence[int],
@@ -214,9 +236,20 @@ class EnginePlan:
         p0 = params[0]
         dev = _device_index(p0)
         if scheme.uses_thermostat:
+            if not isinstance(xi, torch.Tensor):
+                raise TypeError(f"xi: scheme {scheme.written!r} has a thermostat; expected a "
+                                f"float64 tensor, got {type(xi).__name__}")
+            check_buffer("xi", xi, dtype=torch.float64, device=p0.device)
             n_seg = xi.numel()
+            if n_seg < 1:
+                raise ValueError("xi: expected at least one thermostat variable")
+            if len(segments) != n or any(not 0 <= s < n_seg for s in segments):
+                raise ValueError(f"segments: expected {n} indices in [0, {n_seg})")
         else:
             n_seg, xi, segments = 1, None, [0] * n
+        if step_tensor is not None:
+            check_buffer("step_tensor", step_tensor, dtype=torch.int64, device=p0.device,
+                         numel=1)
         if seg_numel is None:
             seg_numel = [0.0] * n_seg
             for p, s in zip(params, segments):
@@ -231,11 +264,9 @@ class EnginePlan:
                 raise ValueError(f"offsets[{i}]: global indices must stay below 2**34 (the "
                                  f"noise counter's range); got offset {o} + {p.numel()} elements")
         n_e = scheme.n_e
-        if n_e and workspace is not None and (
-                workspace.numel() < 2 * n_e * n_seg or workspace.dtype != torch.float64
-                or workspace.device != p0.device or not workspace.is_contiguous()):
-            raise ValueError(f"workspace: expected a contiguous float64 tensor of at least "
-                             f"{2 * n_e * n_seg} elements on {p0.device}")
+        if n_e and workspace is not None:
+            check_buffer("workspace", workspace, dtype=torch.float64, device=p0.device,
+                         at_least=2 * n_e * n_seg)
         if n_e and workspace is None:
             workspace = torch.empty(2 * n_e * n_seg, dtype=torch.float64, device=p0.device)
         numels = [p.numel() for p in params]
@@ -258,6 +289,8 @@ class EnginePlan:
         self.step_tensor = step_tensor
         self.n_seg = n_seg
         self.seg_numel = list(seg_numel)
+        self.hyper: Optional[torch.Tensor] = None
+        self._sum_views = None
         #: Reduces each E phase's segment sums in place before the xi update (distributed).
         self.sum_hook: Optional[Callable[[torch.Tensor], None]] = None
         self.program, self.program_key = None, None  # the last program set_fast built
@@ -265,6 +298,13 @@ class EnginePlan:
     def set(self, grads: Sequence[torch.Tensor], *, lr, gamma, tau, sigma, eps, weight_decay,
             step: int, first: bool, stochastic_rounding: bool = True,
             maximize: bool = False) -> None:
+        """Gradients, hyperparameters and step counter of the next step; the gradients are
+        checked against the parameters (dtype, device, size, contiguity)."""
+        if len(grads) != len(self.params):
+            raise ValueError(f"grads: expected {len(self.params)} tensors (one per parameter), "
+                             f"got {len(grads)}")
+        for i, (g, p) in enumerate(zip(grads, self.params)):
+            check_buffer(f"grads[{i}]", g, dtype=p.dtype, device=p.device, numel=p.numel())
         prog = build_program(self.scheme, first, lr, gamma, tau, sigma, eps, weight_decay,
                              maximize)
         self.plan.set([g.data_ptr() for g in grads], prog, step % 2**32, stochastic_rounding)
@@ -272,7 +312,9 @@ class EnginePlan:
     def set_fast(self, grads: Sequence[torch.Tensor], hyper: tuple, step: int, first: bool,
                  stochastic_rounding: bool) -> None:
         """``set`` for callers that validated ``hyper`` = (lr, gamma, tau, sigma, eps,
-        weight_decay[, maximize]) and the gradients already (the optimizer's hot path)."""
+        weight_decay[, maximize]) and the gradients already (the optimizer's hot path: torch's
+        ``.grad`` setter guarantees dtype, device and shape, and the optimizer makes them
+        contiguous)."""
         key = (hyper, first)
         if key != self.program_key:  # a step's program changes when its settings do
             self.program = build_program(self.scheme, first, *hyper)
@@ -280,78 +322,69 @@ class EnginePlan:
         self.plan.set([g.data_ptr() for g in grads], self.program, step % 2**32,
                       stochastic_rounding)
 
+    def set_device_hyper(self, hyper: Optional[torch.Tensor]) -> None:
+        """Reads the coefficients' hyperparameters from ``hyper`` (float64, 6 elements in
+        ``HYPER_FIELDS`` order: lr, gamma, tau, sigma, eps, weight_decay, on the plan's CUDA
+        device) at the start of every CUDA call, instead of from the host values given to
+        ``set``. A CUDA graph captured over this plan then follows in-place changes of the
+        tensor (schedulers). The host values still choose the program (first step or not).
+        ``None`` goes back to the host values. The device's exp/expm1/sqrt may differ from the
+        host's by an ulp, so the coefficients (and the step) may too."""
+        if hyper is None:
+            self.plan.set_hyper(0)
+            self.hyper = None
+            return
+        if self.device < 0:
+            raise ValueError("hyper: device hyperparameters are for CUDA plans (the CPU engine "
+                             "uses the host values given to set())")
+        check_buffer("hyper", hyper, dtype=torch.float64, device=self.params[0].device,
+                     numel=len(HYPER_FIELDS))
+        self.plan.set_hyper(hyper.data_ptr())
+        self.hyper = hyper
+
     def stream(self) -> int:
         return _stream(self.device)
 
-    def check_phase(self, check: bool, flag: Optional[torch.Tensor]) -> Optional[tuple]:
-        """This rank's local checks of a distributed step, without a collective: the first
-        read-only phase (checked, its sums into the workspace) or, for a scheme without E, the
-        input check. Returns None or (index, kind)."""
-        phase = 0 if self.scheme.n_e else -2
-        bad = _C.run_phase(self.plan, self.stream(), phase, check, _ptr(flag))
-        return None if bad < 0 else (bad // 4, BAD_KINDS[bad % 4])
-
-    def reduce_phases(self, check: bool, flag: Optional[torch.Tensor]) -> Optional[tuple]:
-        """The rest of a distributed step's read-only half after :meth:`check_phase`: each E's
-        sums reduced by ``sum_hook``, the thermostat updated, the next read-only phase."""
-        n_e, n_seg, ws = self.scheme.n_e, self.n_seg, self.workspace
-        sum_hook = self.sum_hook or (lambda sums: None)
-        stream, flag_ptr = self.stream(), _ptr(flag)
-        for k in range(n_e):
-            if k > 0:
-                bad = _C.run_phase(self.plan, stream, k, check, flag_ptr)
-                if bad >= 0:
-                    return bad // 4, BAD_KINDS[bad % 4]
-            sum_hook(ws[(n_e + k) * n_seg:(n_e + k + 1) * n_seg])
-            bad = _C.update_xi(self.plan, stream, k, flag_ptr, check)
-            if bad >= 0:
-                return bad // 4, BAD_KINDS[bad % 4]
-        return None
-
-    def run_phases(self, check: bool, flag_ptr: int, mode: str) -> int:
-        """The step phase by phase, with ``sum_hook`` reducing each E's sums (distributed)."""
-        sum_hook = self.sum_hook or (lambda sums: None)
-        n_e, n_seg, ws = self.scheme.n_e, self.n_seg, self.workspace
-        stream = self.stream()
-        if mode == "finish":  # the write phase checks its C factors before writing anything
-            return _C.run_phase(self.plan, stream, n_e, check, flag_ptr)
-        if n_e == 0:
-            return _C.run_phase(self.plan, stream, -1 if mode == "all" else -2, check, flag_ptr)
-        for k in range(n_e):
-            bad = _C.run_phase(self.plan, stream, k, check, flag_ptr)
-            if bad >= 0:
-                return bad
-            sum_hook(ws[(n_e + k) * n_seg:(n_e + k + 1) * n_seg])
-            bad = _C.update_xi(self.plan, stream, k, flag_ptr, check)
-            if bad >= 0:
-                return bad
-        return _C.run_phase(self.plan, stream, n_e, check, flag_ptr) if mode == "all" else -1
+    def _hook(self) -> Optional[Callable[[int], None]]:
+        """The engine's callback for E number k: ``sum_hook`` on that E's segment sums (a view
+        of the workspace)."""
+        hook = self.sum_hook
+        if hook is None or not self.scheme.n_e:
+            return None
+        views = self._sum_views
+        if views is None:
+            n_e, n_seg, ws = self.scheme.n_e, self.n_seg, self.workspace
+            views = self._sum_views = [ws[(n_e + k) * n_seg:(n_e + k + 1) * n_seg]
+                                       for k in range(n_e)]
+        return lambda k: hook(views[k])
 
 
-_MODES = {"all": -1, "pre": -2, "finish": -3}
+def _check_flag(flag, plans: Sequence[EnginePlan]) -> None:
+    for pl in plans:
+        if pl.device >= 0:
+            check_buffer("flag", flag, dtype=torch.int32, device=pl.params[0].device,
+                         at_least=1)
 
 
 def run_plans(plans: Sequence[EnginePlan], *, check: bool, flag: Optional[torch.Tensor] = None,
               mode: str = "all") -> Optional[Tuple[int, int, str]]:
-    """One step over several plans (set beforehand). With a check and several plans, every
-    plan's checks and sum phases run before any plan writes. Returns None or
-    (plan index, tensor or segment index, kind)."""
-    flag_ptr = _ptr(flag)
-    if any(pl.sum_hook is not None and pl.scheme.n_e for pl in plans):
-        staged = mode == "all" and check and len(plans) > 1
-        for i, pl in enumerate(plans):
-            bad = pl.run_phases(check, flag_ptr, "pre" if staged else mode)
-            if bad >= 0:
-                return i, bad // 4, BAD_KINDS[bad % 4]
-        if staged:
-            for i, pl in enumerate(plans):
-                bad = pl.run_phases(check, flag_ptr, "finish")
-                if bad >= 0:
-                    return i, bad // 4, BAD_KINDS[bad % 4]
-        return None
+    """One step over several plans (set beforehand), in one engine call. With a check and
+    several plans, every plan's checks and sum phases run before any plan writes (the engine's
+    staging protocol, csrc/bindings.cpp run_plans). A plan with a ``sum_hook`` runs its sum
+    phases one by one with the hook between them, and still runs them (without writing) after
+    another plan was refused, so that the collectives in the hooks match across ranks. Returns
+    None or (plan index, tensor or segment index, kind). ``flag``: the CUDA plans' non-finite
+    flag (int32, on their device)."""
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {tuple(MODES)}, got {mode!r}")
+    if flag is not None:
+        _check_flag(flag, plans)
     streams = [pl.stream() if pl.device >= 0 else 0 for pl in plans]
-    i, bad = _C.run_plans([pl.plan for pl in plans], streams, bool(check), flag_ptr,
-                          _MODES[mode])
+    args = ([pl.plan for pl in plans], streams, bool(check), _ptr(flag), MODES[mode])
+    if any(pl.sum_hook is not None for pl in plans):
+        i, bad = _C.run_plans(*args, [pl._hook() for pl in plans])
+    else:  # the usual step: no per-plan hooks to convert
+        i, bad = _C.run_plans(*args)
     if i < 0:
         return None
     return i, bad // 4, BAD_KINDS[bad % 4]
@@ -389,8 +422,8 @@ def thermo_step(params: List[torch.Tensor], momenta: List[Optional[torch.Tensor]
     n = len(params)
     if n == 0:
         return None
-    if mode not in _MODES:
-        raise ValueError(f"mode: expected one of {tuple(_MODES)}, got {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {tuple(MODES)}, got {mode!r}")
     if validate:
         check_tensors(params, momenta, grads, needs_momentum=scheme.uses_momentum)
         check_hyper("", lr=lr, gamma=gamma, tau=tau, sigma=sigma, eps=eps,

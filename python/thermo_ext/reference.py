@@ -11,12 +11,13 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from . import _C
 from . import random as te_random
 from .schemes import FoldedScheme
 
 __all__ = ["thermo_step", "round_bf16_stochastic"]
 
-ROUNDING_DRAW = 0xFFFF
+ROUNDING_DRAW = _C.ROUNDING_DRAW  # the draw field of the stochastic-rounding bits
 
 
 def _noise(p: torch.Tensor, *, seed, uid, step, draw, offset) -> torch.Tensor:
@@ -46,6 +47,17 @@ def round_bf16_stochastic(x: torch.Tensor, *, seed: int, uid: int, step: int,
     return out.view(x.shape).to(x.device)
 
 
+def _first_nonfinite(params, momenta, grads, scheme) -> Optional[Tuple[int, str]]:
+    for i, (p, m, g) in enumerate(zip(params, momenta, grads)):
+        if not torch.isfinite(g).all():
+            return i, "gradient"
+        if not torch.isfinite(p).all():
+            return i, "parameter"
+        if m is not None and scheme.n_e and not torch.isfinite(m).all():
+            return i, "momentum"
+    return None
+
+
 def thermo_step(params: List[torch.Tensor], momenta: List[Optional[torch.Tensor]],
                 grads: List[torch.Tensor], *, scheme: FoldedScheme, lr: float, gamma: float,
                 tau: float, sigma: float, eps: float, weight_decay: float,
@@ -58,7 +70,8 @@ def thermo_step(params: List[torch.Tensor], momenta: List[Optional[torch.Tensor]
                 step_tensor=None, flag=None, validate: bool = True, mode: str = "all",
                 maximize: bool = False) -> Optional[Tuple[int, str]]:
     """Letter by letter on copies; commits only when every check passed (and mode != "pre").
-    ``mode="check"`` only runs the input checks; ``maximize`` steps on −g."""
+    ``maximize`` steps on −g. A refused "pre" with a ``sum_hook`` still calls the hook once per
+    E (with zeros), as the engine does, so that ranks' collectives match."""
     n = len(params)
     if n == 0:
         return None
@@ -67,15 +80,13 @@ def thermo_step(params: List[torch.Tensor], momenta: List[Optional[torch.Tensor]
     h = float(lr)
     cdt = torch.float64 if params[0].dtype == torch.float64 else torch.float32
     if check_finite and mode != "finish":
-        for i, (p, m, g) in enumerate(zip(params, momenta, grads)):
-            if not torch.isfinite(g).all():
-                return i, "gradient"
-            if not torch.isfinite(p).all():
-                return i, "parameter"
-            if m is not None and scheme.n_e and not torch.isfinite(m).all():
-                return i, "momentum"
-    if mode == "check":
-        return None
+        bad = _first_nonfinite(params, momenta, grads, scheme)
+        if bad is not None:
+            if sum_hook is not None and mode != "all":
+                # Other ranks are in the thermostat's collectives: join them with zero sums.
+                for _ in range(scheme.n_e):
+                    sum_hook(torch.zeros_like(xi, dtype=torch.float64))
+            return bad
 
     th = [p.detach().to(cdt).clone() for p in params]
     mo = [m.detach().clone() if m is not None else None for m in momenta]

@@ -19,12 +19,14 @@ import dataclasses
 import functools
 from typing import Optional, Tuple
 
+from . import _C
+
 __all__ = ["LETTERS", "NAMED", "Letter", "FoldedScheme", "fold", "is_valid"]
 
 LETTERS = "ABOCDE"
 NOISE_LETTERS = "OD"
 NAMED = {"langevin": "BAOAB", "adl": "BACDEDCAB", "overdamped": None}
-MAX_LETTERS = 32  # the engine's program size
+MAX_LETTERS = _C.MAX_OPS  # the engine's program size
 
 _MEANING = {
     "A": "theta += delta p",

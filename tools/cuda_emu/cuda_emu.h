@@ -4,9 +4,12 @@
 // that really run concurrently: __syncthreads is a barrier, a warp shuffle exchanges values
 // through a per-warp barrier, atomics are real atomics. So races and missing barriers inside a
 // block can show up, while what only a GPU has (graph capture, streams, 32 KB parameter
-// support, the device math library's ulps) cannot.
+// support, the device math library's ulps) cannot. The driver is a pretend one: its version and
+// the devices' primary contexts are emulated state.
 #pragma once
 #include <math.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include <barrier>
 #include <cstdint>
@@ -46,6 +49,7 @@ typedef void* cudaStream_t;
 typedef int cudaError_t;
 constexpr cudaError_t cudaSuccess = 0;
 constexpr cudaError_t cudaErrorInvalidConfiguration = 9;
+constexpr cudaError_t cudaErrorInvalidDevice = 101;
 inline cudaError_t emu_error = cudaSuccess;
 inline cudaError_t cudaGetLastError() {
   const cudaError_t e = emu_error;
@@ -53,22 +57,55 @@ inline cudaError_t cudaGetLastError() {
   return e;
 }
 inline const char* cudaGetErrorString(cudaError_t) { return "emulated launch error"; }
-inline const char* cudaGetErrorName(cudaError_t) { return "cudaErrorInvalidConfiguration"; }
+inline const char* cudaGetErrorName(cudaError_t e) {
+  return e == cudaErrorInvalidDevice ? "cudaErrorInvalidDevice" : "cudaErrorInvalidConfiguration";
+}
+// The runtime and driver versions: a CUDA 13.0 build on a CUDA 13.0 driver, unless
+// TE_EMU_DRIVER_VERSION (e.g. 12080) says which driver to pretend (the driver check's test).
+#define CUDART_VERSION 13000
+inline cudaError_t cudaRuntimeGetVersion(int* v) {
+  *v = CUDART_VERSION;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDriverGetVersion(int* v) {
+  const char* env = getenv("TE_EMU_DRIVER_VERSION");
+  *v = env && *env ? atoi(env) : 13000;
+  return cudaSuccess;
+}
+
+// Devices and their primary contexts: cudaSetDevice creates the context of the device it makes
+// current (as CUDA 12+ does); device 0's exists from the start (the tests' tensors live there).
+constexpr int kEmuMaxDevices = 16;
 inline int emu_device = 0;
+inline bool emu_context[kEmuMaxDevices] = {true};
 inline cudaError_t cudaGetDevice(int* d) {
   *d = emu_device;
   return cudaSuccess;
 }
 inline cudaError_t cudaSetDevice(int d) {
+  if (d < 0 || d >= kEmuMaxDevices) return emu_error = cudaErrorInvalidDevice;
   emu_device = d;
+  emu_context[d] = true;
   return cudaSuccess;
 }
-inline cudaError_t cudaRuntimeGetVersion(int* v) {
-  *v = 0;
-  return cudaSuccess;
+inline int emu_primary_ctx_get_state(int d, unsigned int* flags, int* active) {
+  if (d < 0 || d >= kEmuMaxDevices) return 101;  // CUDA_ERROR_INVALID_DEVICE
+  *flags = 0;
+  *active = emu_context[d] ? 1 : 0;
+  return 0;
 }
-inline cudaError_t cudaDriverGetVersion(int* v) {
-  *v = 0;
+enum cudaDriverEntryPointQueryResult {
+  cudaDriverEntryPointSuccess = 0,
+  cudaDriverEntryPointSymbolNotFound = 1,
+  cudaDriverEntryPointVersionNotSufficent = 2
+};
+constexpr unsigned long long cudaEnableDefault = 0;
+inline cudaError_t cudaGetDriverEntryPointByVersion(const char* symbol, void** fn, unsigned int,
+                                                    unsigned long long,
+                                                    cudaDriverEntryPointQueryResult* found) {
+  const bool known = strcmp(symbol, "cuDevicePrimaryCtxGetState") == 0;
+  *fn = known ? (void*)&emu_primary_ctx_get_state : nullptr;
+  if (found) *found = known ? cudaDriverEntryPointSuccess : cudaDriverEntryPointSymbolNotFound;
   return cudaSuccess;
 }
 

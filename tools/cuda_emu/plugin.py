@@ -10,7 +10,12 @@ otherwise, so every parity test compares the two engines on the same machine.
 import os
 import sys
 
-import torch
+# An editable install (pip install -e .) puts a finder on sys.meta_path that imports the
+# development build ahead of PYTHONPATH; the emulation build on PYTHONPATH must win here.
+sys.meta_path[:] = [f for f in sys.meta_path
+                    if not type(f).__module__.startswith("_editable_skbc_")]
+
+import torch  # noqa: E402
 
 torch.cuda.is_available = lambda: True  # test_cuda's skip condition
 torch.cuda.is_current_stream_capturing = lambda: False
