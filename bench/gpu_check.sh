@@ -115,6 +115,10 @@ run_stage build_info 30 140 bash -c "cd /tmp && \"$PY\" -c 'import thermo_ext; p
 run_stage test_cuda 150 70 "$PY" -m pytest -q -rs --durations=10 -p no:cacheprovider \
   tests/test_cuda.py
 
+# torch.compile with CUDA graphs (mode="reduce-overhead") over a capturable optimizer.
+run_stage test_compile_cuda 60 60 "$PY" -m pytest -q -rs -p no:cacheprovider \
+  tests/test_compile.py -k reduce_overhead
+
 if [[ -f tests/test_engine.py ]]; then  # the CPU engine's tests: optional, when time allows
   OPTIONAL=1 run_stage test_engine 60 60 "$PY" -m pytest -q -x -p no:cacheprovider \
     tests/test_engine.py

@@ -598,12 +598,12 @@ def _grads(k):
     return [torch.randn(s, generator=g) for s in SHAPES]
 
 
-def _thermo(params, **kw):
+def _thermo(params, lr=0.05, **kw):
     from thermo_ext.optim import Thermo
     groups = [{"params": params[:2], "scheme": "adl"},
               {"params": params[2:4], "scheme": "langevin"},
               {"params": params[4:], "scheme": "OBABO", "thermostat": "group"}]
-    return Thermo(groups, lr=0.05, tau=0.01, sigma=0.02, seed=2024, **kw)
+    return Thermo(groups, lr=lr, tau=0.01, sigma=0.02, seed=2024, **kw)
 
 
 def test_optimizer_matches_cpu():
@@ -700,6 +700,28 @@ def test_optimizer_device_counter_does_not_advance_on_a_skipped_step():
     assert [int(host(g["step"])) for g in dev_o.param_groups] == [3, 3, 3]
     for a, b in zip(dev_p, eager_p):
         assert torch.equal(host(a.detach()), host(b.detach()))
+
+
+def test_optimizer_device_hyperparameters_follow_in_place_changes():
+    # capturable=True: every CUDA call computes its coefficients from the group's
+    # hyperparameters on the device, so an lr tensor changed in place (as torch's schedulers
+    # change a tensor lr) reaches the next step without a host read -- and a graph's replays.
+    lr = dut(torch.tensor(0.05, dtype=F64))
+    cap_p, plain_p = _opt_params(True), _opt_params(True)
+    cap_o, plain_o = _thermo(cap_p, capturable=True, lr=lr), _thermo(plain_p)
+    for k in range(4):
+        if k == 2:
+            lr.fill_(0.02)
+            for g in plain_o.param_groups:
+                g["lr"] = 0.02
+        for a, b, g in zip(cap_p, plain_p, _grads(k)):
+            a.grad.copy_(dut(g))
+            b.grad.copy_(dut(g))
+        cap_o.step()
+        plain_o.step()
+    sync()
+    for a, b in zip(cap_p, plain_p):  # device and host exp/sqrt may differ by an ulp
+        torch.testing.assert_close(host(a.detach()), host(b.detach()), rtol=1e-6, atol=1e-7)
 
 
 def test_optimizer_capturable_graph_replay():

@@ -166,12 +166,36 @@ class GroupRecord:
     hyper: tuple
     scheme: FoldedScheme
     calls: List[EngineCall]
+    capturable: bool = False
 
     def __post_init__(self):
-        # A tensor hyperparameter may change in place (a scheduler's fill_): read it each step.
-        self.tensor_hyper = any(isinstance(v, torch.Tensor) for v in self.raw)
         self.dtensor = any(c.dtensor for c in self.calls)
         self.on_device = kernels.on_device(self.calls[0].params[0])
+        #: A capturable CUDA group's hyperparameters on its device (kernels.HYPER_FIELDS order),
+        #: from which every CUDA call computes its coefficients: a captured graph's replays
+        #: follow in-place changes of tensor hyperparameters (torch's schedulers fill_ them).
+        self.device_hyper = None
+        if self.capturable and self.on_device:
+            self.device_hyper = torch.empty(len(kernels.HYPER_FIELDS), dtype=torch.float64,
+                                            device=self.calls[0].params[0].device)
+        self.device_filled = None  # the float values last written there
+        # A tensor hyperparameter may change in place (a scheduler's fill_): read it on the host
+        # each step, except where the device reads it (no host synchronisation there).
+        self.tensor_hyper = (self.device_hyper is None
+                             and any(isinstance(v, torch.Tensor) for v in self.raw))
+
+    def fill_device_hyper(self) -> None:
+        """Writes the group's hyperparameters to ``device_hyper`` (on the device, no host
+        read): tensors are copied every step (so that a captured graph copies their current
+        values), floats written when they change."""
+        fields = self.raw[:len(kernels.HYPER_FIELDS)]
+        floats = tuple(None if isinstance(v, torch.Tensor) else v for v in fields)
+        for k, v in enumerate(fields):
+            if isinstance(v, torch.Tensor):
+                self.device_hyper[k].copy_(v.reshape(()))
+            elif self.device_filled is None or self.device_filled[k] != v:
+                self.device_hyper[k].fill_(float(v))
+        self.device_filled = floats
 
 
 def init_momentum(p: torch.Tensor, gi: int, pos: int, group: Dict[str, Any]) -> torch.Tensor:

@@ -231,7 +231,7 @@ class Thermo(Optimizer):
             rec = GroupRecord(active=active, addresses=addresses,
                               buffers=self._buffers_id(group), version=self._version,
                               structure=structure, raw=raw, hyper=hyper, scheme=scheme,
-                              calls=calls)
+                              calls=calls, capturable=group["capturable"])
             self._records[gi] = rec
             self._lists_dirty = True
         else:
@@ -396,7 +396,7 @@ class Thermo(Optimizer):
         """The step (the functional core both ``step()`` and the compiled op run), with the
         gradients ``grad_of(parameter)`` (None: the parameter does not move)."""
         self._check_capture(grad_of)
-        calls, hyper, steps, groups = [], [], [], []
+        calls, hyper, steps, groups, device_hyper = [], [], [], [], []
         on_device = dtensor = capturable = False
         for gi, group in enumerate(self.param_groups):
             rec = self._record(gi, group, grad_of)
@@ -410,6 +410,8 @@ class Thermo(Optimizer):
             groups += [group] * n
             on_device |= rec.on_device
             dtensor |= rec.dtensor
+            if rec.device_hyper is not None:
+                device_hyper.append(rec)
             # The first step runs eagerly (it is never captured): there a capturable group
             # raises like any other instead of skipping on the device.
             capturable |= group["capturable"] and host_step > 0
@@ -432,6 +434,12 @@ class Thermo(Optimizer):
             flag = self._flag(devices.pop())
             flag.zero_()
         tasks = backend.tasks(calls, grads, hyper, steps, self.stochastic_rounding, self.sum_hook)
+        if backend.name == "engine":
+            for rec in device_hyper:
+                rec.fill_device_hyper()
+                for c in rec.calls:
+                    if c.plan.hyper is None:
+                        c.plan.set_device_hyper(rec.device_hyper)
         agreement = None
         if check and (dtensor or self.sum_hook is not None):
             agreement = Agreement.for_tensors([c.sources[0] for c in calls if c.dtensor],
