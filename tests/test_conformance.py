@@ -62,9 +62,14 @@ def test_state_dict_round_trip_continues_bitwise(kind):
     opt2 = H.make(kind, m2, seed=99)  # the loaded seed must win over this one
     opt2.load_state_dict(via_torch_save(sd))
     H.assert_same(opt2.state_dict(), sd, "reloaded state_dict")
-    H.train(m, opt, 3, x, y)
-    H.train(m2, opt2, 3, x, y)
-    H.assert_same(H.snapshot(opt2), H.snapshot(opt))
+    continue_alike((m, opt), (m2, opt2), 3, x, y)
+
+
+def continue_alike(run, twin, steps, x, y):
+    """Both (model, optimizer) pairs take ``steps`` more steps and end bitwise alike."""
+    for m, opt in (run, twin):
+        H.train(m, opt, steps, x, y)
+    H.assert_same(H.snapshot(twin[1]), H.snapshot(run[1]))
 
 
 @pytest.mark.parametrize("kind", kinds())
@@ -80,9 +85,7 @@ def test_second_load_state_dict_restores_again(kind):
     m2.load_state_dict(start)
     opt2.load_state_dict(sd)
     H.assert_same(opt2.state_dict(), sd, "state_dict after the second load")
-    H.train(m, opt, 3, x, y)
-    H.train(m2, opt2, 3, x, y)
-    H.assert_same(H.snapshot(opt2), H.snapshot(opt))
+    continue_alike((m, opt), (m2, opt2), 3, x, y)
 
 
 @pytest.mark.parametrize("kind", ALL)
@@ -133,9 +136,7 @@ def test_named_parameters_round_trip(kind):
     opt2 = H.make(kind, m2.named_parameters(), seed=99)
     opt2.load_state_dict(via_torch_save(sd))
     assert opt2.param_groups[0]["param_names"] == names
-    H.train(m, opt, 3, x, y)
-    H.train(m2, opt2, 3, x, y)
-    H.assert_same(H.snapshot(opt2), H.snapshot(opt))
+    continue_alike((m, opt), (m2, opt2), 3, x, y)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,9 +231,7 @@ def test_load_pre_hook_can_fill_in_a_missing_key(kind):
     opt2.register_load_state_dict_pre_hook(upgrade)
     opt2.load_state_dict(old)
     assert calls == [True]
-    H.train(m, opt, 2, x, y)
-    H.train(m2, opt2, 2, x, y)
-    H.assert_same(H.snapshot(opt2), H.snapshot(opt))
+    continue_alike((m, opt), (m2, opt2), 2, x, y)
 
 
 @pytest.mark.parametrize("kind", kinds())
@@ -246,9 +245,7 @@ def test_load_pre_hook_result_is_what_is_loaded(kind):
     opt2.register_load_state_dict_pre_hook(lambda o, sd: H.clone_state_dict(other))
     opt2.load_state_dict(H.clone_state_dict(opt.state_dict()))
     H.assert_same(opt2.state_dict(), other, "loaded state")
-    H.train(m_other, opt_other, 2, x, y)
-    H.train(m2, opt2, 2, x, y)
-    H.assert_same(H.snapshot(opt2), H.snapshot(opt_other))
+    continue_alike((m_other, opt_other), (m2, opt2), 2, x, y)
 
 
 @pytest.mark.parametrize("kind", kinds())
@@ -620,9 +617,7 @@ def test_maximize_equals_the_run_on_negated_gradients(kind):
     m2 = copy.deepcopy(m_max)
     opt2 = H.make(kind, m2, seed=99, weight_decay=1e-2, maximize=True)
     opt2.load_state_dict(H.clone_state_dict(opt_max.state_dict()))
-    H.train(m_max, opt_max, 2, x, y)
-    H.train(m2, opt2, 2, x, y)
-    H.assert_same(H.snapshot(opt2), H.snapshot(opt_max))
+    continue_alike((m_max, opt_max), (m2, opt2), 2, x, y)
 
 
 @pytest.mark.parametrize("kw", [dict(fused=True, foreach=None, differentiable=False,

@@ -633,16 +633,20 @@ def test_optimizer_nonfinite_raises_and_changes_nothing():
     assert all(torch.equal(host(p.detach()), b) for p, b in zip(dev_p, before))
 
 
+def _step_both(runs, k):
+    """Gradients _grads(k) into every (params, optimizer) run, then a step of each."""
+    for params, opt in runs:
+        for a, g in zip(params, _grads(k)):
+            a.grad.copy_(dut(g))
+        opt.step()
+
+
 def test_optimizer_device_counter_matches_host_counter():
     # Without a graph, capturable=True keeps the counter on the device and changes nothing else.
     cap_p, plain_p = _opt_params(True), _opt_params(True)
     cap_o, plain_o = _thermo(cap_p, capturable=True), _thermo(plain_p)
     for k in range(3):
-        for a, b, g in zip(cap_p, plain_p, _grads(k)):
-            a.grad.copy_(dut(g))
-            b.grad.copy_(dut(g))
-        cap_o.step()
-        plain_o.step()
+        _step_both([(cap_p, cap_o), (plain_p, plain_o)], k)
     sync()
     for a, b in zip(cap_p, plain_p):
         assert torch.equal(host(a.detach()), host(b.detach()))
@@ -655,9 +659,7 @@ def test_optimizer_device_counter_skips_nonfinite_step():
     dev_p = _opt_params(True)
     dev_o = _thermo(dev_p, capturable=True)
     for k in range(2):
-        for a, g in zip(dev_p, _grads(k)):
-            a.grad.copy_(dut(g))
-        dev_o.step()
+        _step_both([(dev_p, dev_o)], k)
     assert int(host(dev_o.skipped_steps())) == 0
     dev_p[3].grad[1] = float("nan")
     before = [host(p.detach()).clone() for p in dev_p]
@@ -665,9 +667,7 @@ def test_optimizer_device_counter_skips_nonfinite_step():
     sync()
     assert all(torch.equal(host(p.detach()), b) for p, b in zip(dev_p, before))
     assert int(host(dev_o.skipped_steps())) == 1
-    for a, g in zip(dev_p, _grads(3)):
-        a.grad.copy_(dut(g))
-    dev_o.step()
+    _step_both([(dev_p, dev_o)], 3)
     sync()
     assert int(host(dev_o.skipped_steps())) == 1
     assert not torch.equal(host(dev_p[0].detach()), before[0])
@@ -679,11 +679,7 @@ def test_optimizer_device_counter_does_not_advance_on_a_skipped_step():
     dev_p, eager_p = _opt_params(True), _opt_params(True)
     dev_o, eager_o = _thermo(dev_p, capturable=True), _thermo(eager_p)
     for k in range(2):
-        for a, b, g in zip(dev_p, eager_p, _grads(k)):
-            a.grad.copy_(dut(g))
-            b.grad.copy_(dut(g))
-        dev_o.step()
-        eager_o.step()
+        _step_both([(dev_p, dev_o), (eager_p, eager_o)], k)
     dev_p[3].grad[1] = float("nan")
     eager_p[3].grad[1] = float("nan")
     dev_o.step()  # skipped on the device
@@ -691,11 +687,7 @@ def test_optimizer_device_counter_does_not_advance_on_a_skipped_step():
         eager_o.step()
     sync()
     assert [int(host(g["step"])) for g in dev_o.param_groups] == [2, 2, 2]
-    for a, b, g in zip(dev_p, eager_p, _grads(3)):
-        a.grad.copy_(dut(g))
-        b.grad.copy_(dut(g))
-    dev_o.step()
-    eager_o.step()
+    _step_both([(dev_p, dev_o), (eager_p, eager_o)], 3)
     sync()
     assert [int(host(g["step"])) for g in dev_o.param_groups] == [3, 3, 3]
     for a, b in zip(dev_p, eager_p):
@@ -714,11 +706,7 @@ def test_optimizer_device_hyperparameters_follow_in_place_changes():
             lr.fill_(0.02)
             for g in plain_o.param_groups:
                 g["lr"] = 0.02
-        for a, b, g in zip(cap_p, plain_p, _grads(k)):
-            a.grad.copy_(dut(g))
-            b.grad.copy_(dut(g))
-        cap_o.step()
-        plain_o.step()
+        _step_both([(cap_p, cap_o), (plain_p, plain_o)], k)
     sync()
     for a, b in zip(cap_p, plain_p):  # device and host exp/sqrt may differ by an ulp
         torch.testing.assert_close(host(a.detach()), host(b.detach()), rtol=1e-6, atol=1e-7)

@@ -82,20 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'thermo-ext COMMAND --help' for a command's options.")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    sp = sub.add_parser("spiral", help="the paper's two-spiral comparison of all methods",
-                        description=textwrap.fill(
-                            "Trains the paper's 2-100-1 net on two spirals with every method "
-                            "and several seeds; prints a table and writes curves and a figure. "
-                            "The paper's run: --epochs 4000 --seeds 5."))
-    _add_run_options(sp, **SPIRAL_DEFAULTS)
-    _add_spiral_options(sp)
-
-    dg = sub.add_parser("digits", help="the same comparison on scikit-learn's digits",
-                        description=textwrap.fill(
-                            "Trains a 64-100-10 net on scikit-learn's handwritten digits "
-                            "(shipped with scikit-learn, no download) with every method."))
-    _add_run_options(dg, **DIGITS_DEFAULTS)
-    _add_digits_options(dg)
+    for name, help_, description, defaults, add_options in (
+            ("spiral", "the paper's two-spiral comparison of all methods",
+             "Trains the paper's 2-100-1 net on two spirals with every method and several "
+             "seeds; prints a table and writes curves and a figure. The paper's run: --epochs "
+             "4000 --seeds 5.", SPIRAL_DEFAULTS, _add_spiral_options),
+            ("digits", "the same comparison on scikit-learn's digits",
+             "Trains a 64-100-10 net on scikit-learn's handwritten digits (shipped with "
+             "scikit-learn, no download) with every method.", DIGITS_DEFAULTS,
+             _add_digits_options)):
+        p = sub.add_parser(name, help=help_, description=textwrap.fill(description))
+        _add_run_options(p, **defaults)
+        add_options(p)
 
     rb = sub.add_parser("robustness", help="final accuracy over step sizes x init scales",
                         description=textwrap.fill(
