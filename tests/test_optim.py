@@ -521,7 +521,7 @@ def test_graph_capture_without_capturable_is_refused(monkeypatch, kw, match):
     x, y = data()
     train(model, opt, 1, x, y)
     before = [p.detach().clone() for p in model.parameters()]
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     with pytest.raises(RuntimeError, match=match):
         opt.step()
@@ -534,7 +534,7 @@ def test_graph_capture_of_the_first_step_is_refused(monkeypatch):
     model = mlp()
     opt = te.Langevin(model, seed=3, capturable=True)
     nn.functional.mse_loss(model(data()[0]), data()[1]).backward()
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     with pytest.raises(RuntimeError, match="first step"):
         opt.step()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["GLOBAL_STEP_PRE_HOOKS", "GLOBAL_STEP_POST_HOOKS", "DTensor",
-           "compute_local_shape_and_global_offset"]
+           "compute_local_shape_and_global_offset", "profiler_enabled", "set_grad_enabled"]
 
 
 def _missing(what: str, why: str) -> ImportError:
@@ -40,3 +40,19 @@ if torch.distributed.is_available():
         raise _missing("torch.distributed.tensor.DTensor and "
                        "torch.distributed.tensor._utils.compute_local_shape_and_global_offset",
                        "the global offsets of FSDP2 shards") from e
+
+import torch.autograd.profiler as _profiler  # noqa: E402
+
+if not isinstance(getattr(_profiler, "_is_profiler_enabled", None), bool):
+    raise _missing("torch.autograd.profiler._is_profiler_enabled",
+                   "opening the step's profiler label only while profiling")  # pragma: no cover
+
+
+def profiler_enabled() -> bool:
+    """Whether torch's profiler is running (torch's own optimizers read the same flag)."""
+    return _profiler._is_profiler_enabled
+
+
+#: Sets grad mode without a context manager's cost (torch.no_grad's own primitive).
+set_grad_enabled = torch._C._set_grad_enabled
+

@@ -53,6 +53,9 @@ class EngineBackend:
     built once per call and cached on it; each step sets gradients, program and counter)."""
 
     name = "engine"
+    #: "all" over several tasks is already all or nothing: the engine stages a whole checked
+    #: step in one call (every plan's checks and read-only phases before any plan writes).
+    stages_all = True
 
     def tasks(self, calls: Sequence[EngineCall], grads, hyper, host_steps,
               stochastic_rounding: bool, sum_hook) -> list:
@@ -77,6 +80,7 @@ class ReferenceBackend:
     keyword arguments."""
 
     name = "reference"
+    stages_all = False
 
     def tasks(self, calls: Sequence[EngineCall], grads, hyper, host_steps,
               stochastic_rounding: bool, sum_hook) -> list:
@@ -129,7 +133,7 @@ def run_step(backend, tasks: list, *, check: bool, flag: Optional[torch.Tensor],
                 refusal.rank = rank
             return refusal
         return _refusal(backend.run(tasks, "finish", False, flag))
-    if len(tasks) == 1:
+    if len(tasks) == 1 or backend.stages_all:
         return _refusal(backend.run(tasks, "all", True, flag))
     bad = backend.run(tasks, "pre", True, flag)
     if bad is None:

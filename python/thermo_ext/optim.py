@@ -18,7 +18,8 @@ from torch.optim import Optimizer
 
 from . import checkpoint, kernels, ops
 from . import distributed as dist_glue
-from ._compat import GLOBAL_STEP_POST_HOOKS, GLOBAL_STEP_PRE_HOOKS, DTensor
+from ._compat import (GLOBAL_STEP_POST_HOOKS, GLOBAL_STEP_PRE_HOOKS, DTensor, profiler_enabled,
+                      set_grad_enabled)
 from .backends import BACKENDS, Refusal, run_step
 from .distributed import Agreement
 from .groups import (HYPER_KEYS, MAX_GROUPS, STRUCTURE_KEYS, EngineCall, GroupRecord,
@@ -298,23 +299,26 @@ class Thermo(Optimizer):
         changes nothing: no parameter, momentum, ξ or counter, and no state it created.
         Step pre/post hooks (global and registered) run as for any torch optimizer."""
         args, kwargs = (self,), {"closure": closure}
-        for pre_hook in (*GLOBAL_STEP_PRE_HOOKS.values(), *self._optimizer_step_pre_hooks.values()):
-            result = pre_hook(self, args, kwargs)
-            if result is not None:
-                if not (isinstance(result, tuple) and len(result) == 2):
-                    raise RuntimeError(f"step pre hook must return None or (new_args, "
-                                       f"new_kwargs), got {result}")
-                args, kwargs = result
-        if torch.autograd.profiler._is_profiler_enabled:
+        if GLOBAL_STEP_PRE_HOOKS or self._optimizer_step_pre_hooks:
+            for pre_hook in (*GLOBAL_STEP_PRE_HOOKS.values(),
+                             *self._optimizer_step_pre_hooks.values()):
+                result = pre_hook(self, args, kwargs)
+                if result is not None:
+                    if not (isinstance(result, tuple) and len(result) == 2):
+                        raise RuntimeError(f"step pre hook must return None or (new_args, "
+                                           f"new_kwargs), got {result}")
+                    args, kwargs = result
+        if profiler_enabled():
             with torch.autograd.profiler.record_function(
                     f"Optimizer.step#{type(self).__name__}.step"):
                 loss = self._step_with_closure(*args[1:], **kwargs)
         else:
             loss = self._step_with_closure(*args[1:], **kwargs)
         self._optimizer_step_code()
-        for post_hook in (*self._optimizer_step_post_hooks.values(),
-                          *GLOBAL_STEP_POST_HOOKS.values()):
-            post_hook(self, args, kwargs)
+        if self._optimizer_step_post_hooks or GLOBAL_STEP_POST_HOOKS:
+            for post_hook in (*self._optimizer_step_post_hooks.values(),
+                              *GLOBAL_STEP_POST_HOOKS.values()):
+                post_hook(self, args, kwargs)
         return loss
 
     def _step_with_closure(self, closure: Optional[Callable[[], Any]] = None):
@@ -338,13 +342,15 @@ class Thermo(Optimizer):
 
     def _step_undoable(self, grad_of=_GRAD) -> None:
         self._created = []
+        grad_mode = torch.is_grad_enabled()
+        set_grad_enabled(False)  # torch.no_grad, without its context manager's cost
         try:
-            with torch.no_grad():
-                self._step(grad_of)
+            self._step(grad_of)
         except BaseException:
             self._rollback()
             raise
         finally:
+            set_grad_enabled(grad_mode)
             self._created = []
             if self._lists_dirty:
                 self._refresh_compiled_lists()
@@ -367,7 +373,8 @@ class Thermo(Optimizer):
     def _check_capture(self, grad_of) -> None:
         """Inside CUDA graph capture only device work is recorded: every group must keep its
         counter on the device, and the first step (a different program) must run eagerly."""
-        if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        # (A capture needs CUDA initialised: asking that first is cheaper than is_available.)
+        if not (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()):
             return
         if self.backend != "engine":
             raise RuntimeError("step() is being captured into a CUDA graph, but "
