@@ -18,6 +18,7 @@ from torch.optim import Optimizer
 from . import kernels, reference
 from . import random as te_random
 from .schemes import FoldedScheme, fold
+from .stability import StabilityMonitor
 
 __all__ = ["Thermo"]
 
@@ -188,6 +189,9 @@ class Thermo(Optimizer):
             On CUDA it costs one device-to-host read per step, unless ``capturable``, where a
             flagged step is skipped on the device instead of raising and counted by
             :meth:`skipped_steps`.
+        check_stability: every 16 steps, look for a group running away while still finite
+            (its parameters' RMS growing by large factors) and warn once per group with an
+            :class:`thermo_ext.InstabilityWarning` (see :mod:`thermo_ext.stability`).
         stochastic_rounding: bf16 parameters are rounded stochastically from float32 results.
         backend: ``"engine"`` (compiled) or ``"reference"`` (plain torch, slow; the oracle).
     """
@@ -197,7 +201,8 @@ class Thermo(Optimizer):
                  weight_decay: float = 0.0, thermostat: str = "tensor",
                  momentum_init: str = "zero", seed: Optional[int] = None,
                  capturable: bool = False, *, chains: int = 0, check_finite: bool = True,
-                 stochastic_rounding: bool = True, backend: str = "engine"):
+                 check_stability: bool = True, stochastic_rounding: bool = True,
+                 backend: str = "engine"):
         if backend not in _BACKENDS:
             raise ValueError(f"backend: expected one of {tuple(_BACKENDS)}, got {backend!r}")
         if not isinstance(check_finite, bool):
@@ -212,6 +217,10 @@ class Thermo(Optimizer):
                         chains=chains)
         _check_group(defaults, "")
         self.check_finite = check_finite
+        if not isinstance(check_stability, bool):
+            raise TypeError(f"check_stability: expected a bool, got {check_stability!r}")
+        self.check_stability = check_stability
+        self._stability = StabilityMonitor()
         self.stochastic_rounding = bool(stochastic_rounding)
         self.backend = backend
         #: Optional hook(sums) reducing each E's segment sums in place (distributed training).
@@ -611,6 +620,8 @@ class Thermo(Optimizer):
             for src, buf in c.staged:
                 src.copy_(buf)
         self._advance()
+        if self.check_stability:
+            self._stability.observe(self)
 
     def _reference_step(self, calls, grads, check):
         staged = check and len(calls) > 1
