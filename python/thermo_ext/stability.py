@@ -156,17 +156,21 @@ class StabilityMonitor:
                 norms = torch.stack(torch._foreach_norm(d[key])).double()
                 rows = [g + offset for g in d[gkey]]
                 sums += self._summing(rows, 2 * groups, device) @ (norms * norms)
-            if device.type == "cuda":
-                # No host synchronisation: a pinned copy behind an event, read once completed.
-                host = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=True)
-                host.copy_(sums, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record()
-                parts.append((event, host))
-            else:
-                parts.append((None, sums))
+            parts.append(self._to_host(sums))
         self._pending.append((self._calls, numel, groups, parts))
         self._collect(opt)
+
+    @staticmethod
+    def _to_host(sums: torch.Tensor):
+        """(event or None, a tensor to read once the event has completed)."""
+        if sums.device.type != "cuda":
+            return None, sums
+        # No host synchronisation: a pinned copy behind an event, read once it has completed.
+        host = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=True)
+        host.copy_(sums, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return event, host
 
     def _collect(self, opt) -> None:
         """Judges every check whose numbers have all arrived (at once on the CPU)."""
