@@ -65,9 +65,9 @@ def test_named_method_matches_reference_over_50_steps(name, dtype):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-def test_named_defaults_are_the_papers():
+def test_paper_preset_is_the_papers():
     m = mlp()
-    opt = te.AdLaLa(m)
+    opt = te.AdLaLa(m, preset="paper")
     g1, g2 = opt.param_groups
     assert (g1["scheme"], g2["scheme"]) == ("adl", "langevin")
     assert g1["lr"] == g2["lr"] == 0.25
@@ -75,9 +75,12 @@ def test_named_defaults_are_the_papers():
     assert g2["gamma"] == 0.1 and g1["sigma"] == 0.01 and g1["eps"] == 0.05
     assert g1["xi0"] == 0.1
     assert [len(g["params"]) for g in opt.param_groups] == [2, 4]
-    lol = te.LOL(m)
+    lol = te.LOL(m, preset="paper")
     assert lol.param_groups[1]["gamma"] == math.inf
-    lala = te.LaLa(m, gamma=[0.1, 0.2, 0.3], tau=1e-3)
+    assert [g["lr"] for g in lol.param_groups] == [0.25, 0.25]
+    assert lol.param_groups[0]["gamma"] == 0.1
+    lala = te.LaLa(m, gamma=[0.1, 0.2, 0.3], tau=1e-3, preset="paper")
+    assert [g["lr"] for g in lala.param_groups] == [0.25] * 3
     assert [g["gamma"] for g in lala.param_groups] == [0.1, 0.2, 0.3]
     assert [g["tau"] for g in lala.param_groups] == [1e-3] * 3
 

@@ -11,16 +11,19 @@ __version__ = "0.1.0"
 import torch  # noqa: F401  (the compiled module takes tensors' raw pointers)
 
 from . import _C
-from . import kernels, partition, random, reference, schemes
+from . import kernels, partition, random, reference, schemes, stability, tuning
 from .chains import Chains
 from .kernels import get_num_threads, set_num_threads
 from .methods import LOL, AdL, AdLaLa, LaLa, Langevin, Overdamped
 from .optim import Thermo
 from .schedulers import TemperatureScheduler
+from .stability import InstabilityWarning
+from .tuning import from_adam, from_sgd
 
 __all__ = ["Chains", "Thermo", "Langevin", "AdL", "Overdamped", "LaLa", "AdLaLa", "LOL",
-           "TemperatureScheduler", "build_info", "get_num_threads", "set_num_threads", "kernels",
-           "partition", "random", "reference", "schemes", "__version__"]
+           "TemperatureScheduler", "InstabilityWarning", "from_sgd", "from_adam", "build_info",
+           "get_num_threads", "set_num_threads", "kernels", "partition", "random", "reference",
+           "schemes", "stability", "tuning", "__version__"]
 
 
 def build_info() -> dict:

@@ -25,6 +25,7 @@ from .distributed import Agreement
 from .groups import (HYPER_KEYS, MAX_GROUPS, STRUCTURE_KEYS, EngineCall, GroupRecord,
                      build_calls, check_group, group_xi, hyper_values, where)
 from .schemes import FoldedScheme, fold
+from .stability import StabilityMonitor
 
 __all__ = ["Thermo"]
 
@@ -94,6 +95,9 @@ class Thermo(Optimizer):
             On CUDA it costs one device-to-host read per step, unless ``capturable``, where a
             flagged step is skipped on the device instead of raising (its step counter does
             not advance) and counted by :meth:`skipped_steps`.
+        check_stability: every 16 steps, look for a group running away while still finite
+            (its parameters' RMS growing by large factors) and warn once per group with an
+            :class:`thermo_ext.InstabilityWarning` (see :mod:`thermo_ext.stability`).
         stochastic_rounding: bf16 parameters are rounded stochastically from float32 results.
         backend: ``"engine"`` (compiled) or ``"reference"`` (plain torch, slow; the oracle).
 
@@ -108,7 +112,8 @@ class Thermo(Optimizer):
                  capturable: bool = False, *, chains: int = 0, maximize: bool = False,
                  foreach: Optional[bool] = None, fused: Optional[bool] = None,
                  differentiable: bool = False, check_finite: bool = True,
-                 stochastic_rounding: bool = True, backend: str = "engine"):
+                 check_stability: bool = True, stochastic_rounding: bool = True,
+                 backend: str = "engine"):
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {tuple(BACKENDS)}, got {backend!r}")
         if not isinstance(check_finite, bool):
@@ -125,6 +130,9 @@ class Thermo(Optimizer):
                         differentiable=differentiable)
         check_group(defaults, "")
         self.check_finite = check_finite
+        if not isinstance(check_stability, bool):
+            raise TypeError(f"check_stability: expected a bool, got {check_stability!r}")
+        self.check_stability = check_stability
         self.stochastic_rounding = bool(stochastic_rounding)
         self.backend = backend
         #: Optional hook(sums) reducing each E's segment sums in place (distributed training).
@@ -143,6 +151,7 @@ class Thermo(Optimizer):
         self._created: list = []  # state created by the running step (undone if it fails)
         self._version = 0  # bumped whenever state is replaced wholesale
         self._handle = ops.register(self)
+        self._stability = StabilityMonitor()  # a copy watches its own run afresh
         self._params: List[torch.Tensor] = []  # what a compiled step hands its op
         self._state_tensors: List[torch.Tensor] = []
         self._lists_dirty = True
@@ -152,7 +161,7 @@ class Thermo(Optimizer):
     #: engine's plans hold raw addresses of the original's tensors) and, as torch.optim does,
     #: the hooks.
     _NOT_COPIED = ("_records", "_host_steps", "_created", "_handle", "_params", "_state_tensors",
-                   "_lists_dirty", "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+                   "_lists_dirty", "_stability", "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
                    "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
                    "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
 
@@ -181,6 +190,9 @@ class Thermo(Optimizer):
         params = param_group["params"]
         # A list now: a generator would be used up here and reach torch empty.
         params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if not params:
+            raise ValueError(f"{wh}no parameters (an empty list, or a generator already used "
+                             f"up, e.g. model.parameters() passed to two groups)")
         if len(params) >= MAX_GROUPS:
             raise ValueError(f"{wh}at most {MAX_GROUPS - 1} tensors per group")
         tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]
@@ -354,6 +366,9 @@ class Thermo(Optimizer):
             self._created = []
             if self._lists_dirty:
                 self._refresh_compiled_lists()
+        # After the step is complete (a warning turned into an error must not undo it).
+        if self.check_stability:
+            self._stability.observe(self)
 
     def _rollback(self) -> None:
         """Forgets the momenta and ξ a failed step created (a retry starts afresh)."""

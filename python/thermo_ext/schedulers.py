@@ -7,6 +7,8 @@ from typing import Any, Dict, List
 
 from torch.optim import Optimizer
 
+from .optim import Thermo
+
 __all__ = ["TemperatureScheduler"]
 
 
@@ -18,9 +20,12 @@ class TemperatureScheduler:
     """
 
     def __init__(self, optimizer: Optimizer, factor, last_step: int = -1):
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"optimizer: expected a torch optimizer, got "
-                            f"{type(optimizer).__name__}")
+        if not isinstance(optimizer, Thermo):
+            what = ("a torch optimizer without a temperature" if isinstance(optimizer, Optimizer)
+                    else "not an optimizer")
+            raise TypeError(f"optimizer: expected a thermo_ext optimizer (te.Thermo or a named "
+                            f"method such as te.AdLaLa), got {type(optimizer).__name__} "
+                            f"({what}); TemperatureScheduler scales each group's tau")
         n = len(optimizer.param_groups)
         factors = list(factor) if isinstance(factor, (list, tuple)) else [factor] * n
         if len(factors) != n or not all(callable(f) for f in factors):

@@ -1,0 +1,232 @@
+"""Partitions as a user expects: frozen parameters, named and generator input, the first layer,
+parameters owned by containers, names in groups and errors, empty partitions refused."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import thermo_ext as te
+
+
+class Net(nn.Module):
+    """A head registered before the body, and a parameter of the top module itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(8, 3)
+        self.pos = nn.Parameter(torch.zeros(8))
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8))
+
+    def forward(self, x):
+        return self.head(self.body(x) + self.pos)
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 8), nn.Tanh(),
+                         nn.Linear(8, 1))
+
+
+def data(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(32, 2, generator=g)
+    return x, (x[:, :1] * x[:, 1:] > 0).float()
+
+
+def train(model, opt, steps, x, y):
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.binary_cross_entropy_with_logits(model(x), y).backward()
+        opt.step()
+
+
+def ids(tensors):
+    return [id(t) for t in tensors]
+
+
+def test_module_partitions_carry_names_and_skip_frozen():
+    m = mlp()
+    m[2].weight.requires_grad_(False)  # half a layer frozen
+    m[4].requires_grad_(False)  # a whole layer frozen: no partition at all
+    parts = te.partition.partitions(m)
+    assert [p.name for p in parts] == ["0", "2"]
+    assert [p.param_names for p in parts] == [["0.weight", "0.bias"], ["2.bias"]]
+    assert all(p.layer for p in parts)
+    lala = te.LaLa(m)
+    assert [g["name"] for g in lala.param_groups] == ["0", "2"]
+    assert [g["param_names"] for g in lala.param_groups] == [["0.weight", "0.bias"], ["2.bias"]]
+    frozen = [m[2].weight, m[4].weight, m[4].bias]
+    for opt in (te.Langevin(m), te.AdL(m), te.Overdamped(m), te.AdLaLa(m), te.LOL(m), lala):
+        held = {id(p) for g in opt.param_groups for p in g["params"]}
+        assert not held & set(ids(frozen)), type(opt)
+    before = [p.detach().clone() for p in frozen]
+    x, y = data()
+    train(m, te.AdLaLa(m, seed=1), 3, x, y)
+    for b, p in zip(before, frozen):
+        assert torch.equal(b, p)
+
+
+def test_all_frozen_first_layer_is_never_a_group():
+    m = mlp()
+    m[0].requires_grad_(False)  # e.g. a frozen embedding: AdLaLa's AdL group must not be it
+    opt = te.AdLaLa(m)
+    assert opt.param_groups[0]["name"] == "2"
+    assert opt.param_groups[0]["param_names"] == ["2.weight", "2.bias"]
+    assert opt.param_groups[1]["param_names"] == ["4.weight", "4.bias"]
+    m.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        te.AdLaLa(m)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        te.Langevin(m)
+
+
+def test_named_parameters_and_module_give_the_same_groups_and_run():
+    x, y = data()
+    flats = []
+    for make in (lambda m: m, lambda m: m.named_parameters(),
+                 lambda m: (layer.parameters() for layer in m if list(layer.parameters())),
+                 lambda m: [list(m[0].named_parameters()), m[2], m[4].parameters()]):
+        m = mlp()
+        opt = te.AdLaLa(make(m), seed=5)
+        assert [len(g["params"]) for g in opt.param_groups] == [2, 4]
+        assert ids(opt.param_groups[0]["params"]) == ids(m[0].parameters())
+        train(m, opt, 5, x, y)
+        flats.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
+    for f in flats[1:]:
+        assert torch.equal(flats[0], f)  # same partitions, uids and noise: the same bits
+
+
+def test_group_names_by_input_kind():
+    m = mlp()
+    assert [g["name"] for g in te.LaLa(m.named_parameters()).param_groups] == ["0", "2", "4"]
+    assert te.LaLa(m.named_parameters()).param_groups[1]["param_names"] == ["2.weight",
+                                                                            "2.bias"]
+    opt = te.AdLaLa(m)
+    assert [g["name"] for g in opt.param_groups] == ["0", "rest (all but 0)"]
+    assert opt.param_groups[1]["param_names"] == ["2.weight", "2.bias", "4.weight", "4.bias"]
+    unnamed = te.LaLa([m[0].parameters(), list(m[2].parameters()) + list(m[4].parameters())])
+    assert [g["name"] for g in unnamed.param_groups] == ["partition 0", "partition 1"]
+    assert all("param_names" not in g for g in unnamed.param_groups)
+    mods = te.LaLa([m[0], m[2]])
+    assert [g["name"] for g in mods.param_groups] == ["partition 0 (Linear)",
+                                                      "partition 1 (Linear)"]
+    assert te.Langevin(m).param_groups[0]["param_names"] == [n for n, _ in m.named_parameters()]
+    assert te.Langevin(m).param_groups[0]["name"] == "all"
+
+
+def test_flat_parameters_are_refused_for_layer_methods_with_the_alternatives():
+    m = mlp()
+    for method in (te.LaLa, te.AdLaLa, te.LOL):
+        with pytest.raises(TypeError, match="named_parameters"):
+            method(m.parameters())
+    te.Langevin(m.parameters())  # one-group methods take parameters as any torch optimizer
+
+
+def test_empty_partitions_are_errors():
+    m = mlp()
+    gen = m.parameters()
+    with pytest.raises(ValueError, match=r"model\[1\].*used up"):
+        te.LaLa([gen, gen])  # a generator passed twice
+    with pytest.raises(ValueError, match=r"model\[1\]"):
+        te.AdLaLa([m[0].parameters(), []])
+    used = m.named_parameters()
+    list(used)
+    with pytest.raises(ValueError, match="empty"):
+        te.AdLaLa(used)
+    m[2].requires_grad_(False)
+    with pytest.raises(ValueError, match=r"model\[1\].*frozen"):
+        te.AdLaLa([m[0].parameters(), m[2].parameters()])
+    with pytest.raises(ValueError, match=r"model\[1\].*already given"):
+        te.AdLaLa([m[0].parameters(), m[0].parameters()])
+    with pytest.raises(ValueError, match="first: it holds every"):
+        te.AdLaLa(m, first="")
+    with pytest.raises(ValueError, match="at least two"):
+        te.LOL(nn.Linear(2, 2))
+
+
+def test_first_layer_skips_containers_and_can_be_chosen():
+    net = Net()
+    parts = te.partition.partitions(net)
+    assert [(p.name, p.layer) for p in parts] == [("(top)", False), ("head", True),
+                                                  ("body.0", True), ("body.2", True)]
+    # Registration order: the head was registered first, so it is the first layer ...
+    assert te.AdLaLa(net).param_groups[0]["name"] == "head"
+    # ... the top module's own parameter never is: it goes with the rest.
+    assert "pos" in te.AdLaLa(net).param_groups[1]["param_names"]
+    lala = te.LaLa(net)
+    assert [g["name"] for g in lala.param_groups] == ["(top)", "head", "body.0", "body.2"]
+    for first in (net.body[0], "body.0", net.body[0].parameters(),
+                  [("body.0.weight", net.body[0].weight), ("body.0.bias", net.body[0].bias)]):
+        opt = te.AdLaLa(net, first=first)
+        g1, g2 = opt.param_groups
+        assert ids(g1["params"]) == ids(net.body[0].parameters())
+        assert g1["param_names"] == ["body.0.weight", "body.0.bias"]
+        assert len(g2["params"]) == 5 and g2["scheme"] == "langevin"
+    assert te.LOL(net, first="body.0").param_groups[0]["name"] == "body.0"
+    assert te.LOL(net, first=net.body[0]).param_groups[0]["name"] == "body.0"
+    assert te.LOL(net, first="pos").param_groups[0]["param_names"] == ["pos"]
+    assert te.LOL(net, first="body").param_groups[0]["param_names"] == [
+        "body.0.weight", "body.0.bias", "body.2.weight", "body.2.bias"]
+    with pytest.raises(ValueError, match="no module or parameter named 'nope'"):
+        te.AdLaLa(net, first="nope")
+    with pytest.raises(ValueError, match="not trainable parameters of model"):
+        te.AdLaLa(net, first=nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="first"):
+        te.AdLaLa(net, first=3)
+    net.body[0].requires_grad_(False)
+    with pytest.raises(ValueError, match="first: no trainable parameters"):
+        te.AdLaLa(net, first="body.0")
+
+
+def test_attention_owns_parameters_as_a_container():
+    enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    parts = {p.name: p.layer for p in te.partition.partitions(enc)}
+    assert parts["self_attn"] is False and parts["self_attn.out_proj"] is True
+    assert te.AdLaLa(enc).param_groups[0]["name"] == "self_attn.out_proj"
+
+
+def test_names_appear_in_errors():
+    m = mlp()
+    x, y = data()
+    for opt in (te.AdLaLa(m, seed=1), te.LaLa(m.named_parameters(), seed=1),
+                te.Langevin(m, seed=1)):
+        opt.zero_grad()
+        nn.functional.binary_cross_entropy_with_logits(m(x), y).backward()
+        m[2].weight.grad[0, 0] = math.nan
+        with pytest.raises(FloatingPointError, match=r"'2\.weight'"):
+            opt.step()
+
+
+def test_named_groups_survive_state_dict_round_trip():
+    m = mlp()
+    x, y = data()
+    opt = te.AdLaLa(m, seed=3)
+    train(m, opt, 3, x, y)
+    sd = opt.state_dict()
+    assert [g["param_names"] for g in sd["param_groups"]] == [
+        ["0.weight", "0.bias"], ["2.weight", "2.bias", "4.weight", "4.bias"]]
+    m2 = mlp()
+    m2.load_state_dict(m.state_dict())
+    opt2 = te.AdLaLa(m2, seed=3)
+    opt2.load_state_dict(sd)
+    train(m, opt, 2, x, y)
+    train(m2, opt2, 2, x, y)
+    for a, b in zip(m.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_chains_keep_names_and_partitions():
+    chains = te.Chains(lambda: nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1)), 3,
+                       init_seed=0)
+    opt = te.AdLaLa(chains, seed=1)
+    assert [g["name"] for g in opt.param_groups] == ["0", "rest (all but 0)"]
+    assert opt.param_groups[0]["param_names"] == ["0.weight", "0.bias"]
+    assert [tuple(p.shape) for p in opt.param_groups[0]["params"]] == [(3, 4, 2), (3, 4)]
+    assert opt.param_groups[0]["chains"] == 3
+    assert te.LOL(chains, first="2").param_groups[0]["param_names"] == ["2.weight", "2.bias"]
+    assert te.Langevin(chains).param_groups[0]["param_names"] == ["0.weight", "0.bias",
+                                                                   "2.weight", "2.bias"]
+    # The stacked tensors keep the order (hence the uids and the noise) of before.
+    assert ids(te.LaLa(chains).param_groups[0]["params"]) == ids(chains.partitions()[0])

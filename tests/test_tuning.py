@@ -1,0 +1,129 @@
+"""Hyperparameters in the user's terms (SGD/Adam settings to h, gamma) and schedulers."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import thermo_ext as te
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 1)).double()
+
+
+def batches(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        x = torch.randn(16, 3, generator=g, dtype=torch.float64)
+        yield x, (x.sum(1, keepdim=True) > 0).double()
+
+
+@pytest.mark.parametrize("lr,momentum", [(0.01, 0.9), (0.05, 0.5), (0.003, 0.99)])
+def test_langevin_at_zero_temperature_is_sgd_with_momentum(lr, momentum):
+    """BAOAB with tau = 0 and from_sgd's (h, gamma) runs torch's SGD(lr, momentum) step for
+    step; its first step starts from p = 0 with B(h/2), i.e. counts the first gradient half."""
+    kw = te.from_sgd(lr, momentum)
+    assert te.tuning.to_sgd(kw["lr"], kw["gamma"]) == pytest.approx((lr, momentum), rel=1e-12)
+    m1, m2 = mlp(), mlp()
+    thermo = te.Langevin(m1, tau=0.0, seed=1, **kw)
+    sgd = torch.optim.SGD(m2.parameters(), lr=lr, momentum=momentum)
+    for k, (x, y) in enumerate(batches(40)):
+        for m, opt in ((m1, thermo), (m2, sgd)):
+            opt.zero_grad()
+            nn.functional.binary_cross_entropy_with_logits(m(x), y).backward()
+            if opt is sgd and k == 0:
+                for p in m.parameters():
+                    p.grad.mul_(0.5)
+            opt.step()
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_from_sgd_per_method():
+    h = math.sqrt(2 * 0.01 / 1.9)
+    g = -math.log(0.9) / h
+    assert te.from_sgd(0.01, 0.9) == pytest.approx({"lr": h, "gamma": g})
+    assert te.from_sgd(0.01, 0.9, method="AdL") == pytest.approx({"lr": h, "xi0": g})
+    assert te.from_sgd(0.01, 0.9, method="AdLaLa", tau=1e-5) == pytest.approx(
+        {"lr": h, "gamma": g, "xi0": g, "tau1": 1e-5, "tau2": 1e-5})
+    assert te.from_sgd(0.01, 0.9, method="LaLa", tau=0) == pytest.approx(
+        {"lr": h, "gamma": g, "tau": 0.0})
+    assert te.from_sgd(0.05, 0.0, method="LOL") == {"lr": math.sqrt(0.1), "gamma": math.inf}
+    assert te.from_sgd(0.05, 0.8, method="Overdamped") == pytest.approx({"lr": 0.25})
+    # The result is keyword arguments for the method.
+    opt = te.AdLaLa(mlp(), **te.from_sgd(0.01, 0.9, method="AdLaLa", tau=1e-6))
+    assert opt.param_groups[1]["gamma"] == pytest.approx(g)
+    assert opt.param_groups[0]["xi0"] == pytest.approx(g)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(lr=0.0), "lr"), (dict(lr=-1.0), "lr"), (dict(lr=math.nan), "lr"),
+    (dict(lr=0.1, momentum=1.0), "momentum"), (dict(lr=0.1, momentum=-0.1), "momentum"),
+    (dict(lr=0.1, method="Adam"), "method"), (dict(lr=0.1, tau=-1.0), "tau"),
+    (dict(lr=0.1, momentum=0.0, method="AdL"), "momentum"), (dict(lr=True), "lr"),
+])
+def test_from_sgd_rejects_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        te.from_sgd(**kwargs)
+
+
+def test_from_adam_scales_the_defaults():
+    import inspect
+
+    for method in ("Langevin", "LaLa", "AdLaLa", "LOL"):
+        sig = inspect.signature(getattr(te, method)).parameters
+        h0, g0 = sig["lr"].default, sig["gamma"].default
+        assert te.from_adam(1e-3, method=method)["lr"] == pytest.approx(h0)
+        kw = te.from_adam(4e-3, method=method)
+        assert kw["lr"] == pytest.approx(2 * h0)
+        assert kw["gamma"] * kw["lr"] == pytest.approx(g0 * h0)  # the momentum is kept
+    h0 = inspect.signature(te.Overdamped).parameters["lr"].default
+    assert te.from_adam(4e-3, method="Overdamped") == pytest.approx({"lr": 2 * h0})
+    sig = inspect.signature(te.AdL).parameters
+    kw = te.from_adam(1e-4, method="AdL")
+    assert kw == pytest.approx({"lr": sig["lr"].default / math.sqrt(10),
+                                "xi0": sig["xi0"].default * math.sqrt(10)})
+    with pytest.raises(ValueError, match="lr"):
+        te.from_adam(0.0)
+
+
+def test_temperature_scheduler_needs_a_thermo_optimizer():
+    m = mlp()
+    with pytest.raises(TypeError, match="thermo_ext optimizer.*Adam"):
+        te.TemperatureScheduler(torch.optim.Adam(m.parameters()), lambda s: 1.0)
+    with pytest.raises(TypeError, match="thermo_ext optimizer"):
+        te.TemperatureScheduler("opt", lambda s: 1.0)
+    opt = te.LaLa(m, tau=1e-4)
+    sched = te.TemperatureScheduler(opt, lambda s: 1.0 - s / 10)
+    for _ in range(5):
+        sched.step()
+    assert sched.get_last_tau() == pytest.approx([0.5e-4, 0.5e-4])
+
+
+@pytest.mark.parametrize("make", [
+    lambda opt, **k: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.2, total_steps=20, **k),
+    lambda opt, **k: torch.optim.lr_scheduler.CyclicLR(opt, 0.01, 0.2, step_size_up=5, **k),
+])
+def test_cyclic_schedulers(make):
+    """They drive h like any lr; their default momentum cycling needs a 'momentum' the thermo
+    optimizers do not have, and torch's error names the option to turn off."""
+    m = mlp()
+    with pytest.raises(ValueError, match="cycle_momentum"):
+        make(te.AdLaLa(m))
+    opt = te.AdLaLa(m, seed=1)
+    sched = make(opt, cycle_momentum=False)
+    ref = torch.optim.SGD(mlp().parameters(), lr=0.1)
+    ref_sched = make(ref, cycle_momentum=False)
+    for x, y in batches(12):
+        opt.zero_grad()
+        nn.functional.binary_cross_entropy_with_logits(m(x), y).backward()
+        opt.step()
+        sched.step()
+        ref.step()
+        ref_sched.step()
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx(
+            [ref.param_groups[0]["lr"]] * 2)
+    assert all(torch.isfinite(p).all() for p in m.parameters())
