@@ -161,8 +161,9 @@ def _explicit(items: list, where: str) -> List[Partition]:
                 raise TypeError(f"{at}: expected tensors or (name, tensor) pairs, got "
                                 f"{type(e).__name__} at position {j}")
             if id(p) in owner:
-                raise ValueError(f"{at}: parameter {name or j!r} was already given in "
-                                 f"{where}[{owner[id(p)]}]; pass each parameter once")
+                raise ValueError(f"{at}: parameter {name or j!r} appears more than once (it "
+                                 f"was already given in {where}[{owner[id(p)]}]); pass each "
+                                 f"parameter once")
             owner[id(p)] = i
             if not p.requires_grad:
                 frozen += 1

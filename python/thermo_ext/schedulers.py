@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, List
 
+import torch
 from torch.optim import Optimizer
 
 from .optim import Thermo
@@ -16,7 +17,8 @@ class TemperatureScheduler:
     """Scales each group's τ from its initial value: τ = τ₀ · factor(step), like LambdaLR.
 
     ``factor`` is a function of the scheduler's step count, or a list of them, one per group.
-    Call ``step()`` after ``optimizer.step()``.
+    Call ``step()`` after ``optimizer.step()``. A tensor τ is changed in place (so a capturable
+    group's CUDA graph follows it).
     """
 
     def __init__(self, optimizer: Optimizer, factor, last_step: int = -1):
@@ -33,7 +35,8 @@ class TemperatureScheduler:
         self.optimizer = optimizer
         self.factors = factors
         for group in optimizer.param_groups:
-            group.setdefault("initial_tau", group["tau"])
+            tau = group["tau"]
+            group.setdefault("initial_tau", float(tau) if isinstance(tau, torch.Tensor) else tau)
         self.last_step = last_step
         self.step()
 
@@ -45,7 +48,13 @@ class TemperatureScheduler:
                 raise ValueError(f"factor({step}) = {v}: expected a finite number >= 0")
         self.last_step = step
         for group, v in zip(self.optimizer.param_groups, values):
-            group["tau"] = group["initial_tau"] * v
+            tau = group["initial_tau"] * v
+            if isinstance(group["tau"], torch.Tensor):
+                # In place, as torch's LR schedulers change a tensor lr: a capturable group's
+                # CUDA graph reads this tensor at every replay.
+                group["tau"].fill_(tau)
+            else:
+                group["tau"] = tau
 
     def get_last_tau(self) -> List[float]:
         return [g["tau"] for g in self.optimizer.param_groups]
