@@ -150,8 +150,9 @@ def fsdp_nan_worker(rank, world, port, out_dir, scheme):
 
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
-    # A short timeout: a rank left waiting in a collective fails the test instead of hanging.
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    # A bounded timeout: a rank left waiting in a collective fails the test instead of hanging
+    # for gloo's default 30 minutes (generous, for a loaded machine).
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=180))
     torch.set_num_threads(1)
     x, y = global_batch()
     n = x.shape[0] // world
