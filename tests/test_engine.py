@@ -522,6 +522,121 @@ def test_bitwise_across_isas(runs):
 
 
 # ---------------------------------------------------------------------------------------------
+# A plan's store of normals: from its second step on, the CPU engine keeps the normals that the
+# read-only phases drew and the later phases read them back instead of drawing them again
+# (csrc/cpu/cpu_engine.h, CpuStore). The bits must be those of drawing them again, which a fresh
+# plan per step (thermo_step) still does.
+# ---------------------------------------------------------------------------------------------
+
+STORE_SIZES = [2**16 + 3, 5, 40001]
+
+
+def _plan(st):
+    return kernels.EnginePlan(st.params, st.momenta, scheme=st.scheme, xi=st.xi,
+                              segments=st.segments, seg_numel=None, seed=SEED, uids=st.uids,
+                              offsets=st.offsets)
+
+
+def _set(plan, grads, k, **hyper):
+    kw = dict(HYPER, eps=1e-5)
+    kw.update(hyper)
+    plan.set(grads, step=k, first=k == 0, **kw)
+
+
+def _fresh_step(st, grads, k, check=True, **hyper):
+    kw = dict(HYPER, eps=1e-5)
+    kw.update(hyper)
+    return st.step(kernels.thermo_step, grads, step=k, first=k == 0, check_finite=check, **kw)
+
+
+@pytest.mark.parametrize("scheme", ["adl", "BACDEODEDCAB", "OBACDEDCABO", "BAOEOAB"])
+@pytest.mark.parametrize("dtype", [F32, F64, torch.bfloat16], ids=["f32", "f64", "bf16"])
+@pytest.mark.parametrize("check", [True, False], ids=["check", "nocheck"])
+def test_plan_store_gives_the_bits_of_redrawing(scheme, dtype, check, gen):
+    st_ = State(STORE_SIZES, dtype, scheme, gen=gen, thermostat="group")
+    st_.offsets = [3, 0, 2**15 + 1]
+    grads = make_grads(st_, gen, 4)
+    kept, fresh = st_.clone(), st_.clone()
+    plan = _plan(kept)
+    for k, g in enumerate(grads):
+        _set(plan, g, k, weight_decay=0.01 if k % 2 else 0.0)
+        assert kernels.run_plans([plan], check=check) is None
+        assert _fresh_step(fresh, g, k, check, weight_decay=0.01 if k % 2 else 0.0) is None
+        for x, y in zip(kept.tensors(), fresh.tensors()):
+            assert bits_equal(x, y), f"step {k}"
+    assert not torch.equal(kept.xi, st_.xi)
+
+
+def test_plan_store_with_a_zero_noise_scale(gen):
+    # sigma = 0: D draws nothing, so nothing is stored; the steps still match
+    st_ = State(STORE_SIZES, F32, "adl", gen=gen)
+    grads = make_grads(st_, gen, 3)
+    kept, fresh = st_.clone(), st_.clone()
+    plan = _plan(kept)
+    for k, g in enumerate(grads):
+        sigma = 0.0 if k == 1 else 0.3
+        _set(plan, g, k, sigma=sigma)
+        assert kernels.run_plans([plan], check=True) is None
+        assert _fresh_step(fresh, g, k, sigma=sigma) is None
+        assert_states_equal(kept, fresh)
+
+
+def test_plan_stores_are_per_plan_in_a_staged_step(gen):
+    # several plans in one checked call: every plan's read-only phase runs before any plan
+    # writes, so each plan needs its own store
+    states = [State(STORE_SIZES, F32, "adl", gen=gen) for _ in range(3)]
+    for i, s in enumerate(states):
+        s.uids = [(i << 16) | j for j in range(len(STORE_SIZES))]
+    grads = [make_grads(s, gen, 3) for s in states]
+    kept = [s.clone() for s in states]
+    fresh = [s.clone() for s in states]
+    plans = [_plan(s) for s in kept]
+    for k in range(3):
+        for pl, g in zip(plans, grads):
+            _set(pl, g[k], k)
+        assert kernels.run_plans(plans, check=True) is None
+        for s, g in zip(fresh, grads):
+            assert _fresh_step(s, g[k], k) is None
+        for a, b in zip(kept, fresh):
+            assert_states_equal(a, b)
+
+
+def test_plan_store_pre_then_finish(gen):
+    st_ = State(STORE_SIZES, F32, "BACDEODEDCAB", gen=gen)
+    grads = make_grads(st_, gen, 3)
+    kept, fresh = st_.clone(), st_.clone()
+    plan = _plan(kept)
+    for k, g in enumerate(grads):
+        _set(plan, g, k)
+        assert kernels.run_plans([plan], check=True, mode="pre") is None
+        assert kernels.run_plans([plan], check=False, mode="finish") is None
+        assert _fresh_step(fresh, g, k) is None
+        assert_states_equal(kept, fresh)
+
+
+def test_plan_store_refused_step_changes_nothing(gen):
+    st_ = State(STORE_SIZES, F32, "adl", gen=gen)
+    grads = make_grads(st_, gen, 4)
+    kept, fresh = st_.clone(), st_.clone()
+    plan = _plan(kept)
+    for k in range(2):
+        _set(plan, grads[k], k)
+        assert kernels.run_plans([plan], check=True) is None
+        assert _fresh_step(fresh, grads[k], k) is None
+    before = kept.clone()
+    bad = [g.clone() for g in grads[2]]
+    bad[2][7] = float("nan")
+    _set(plan, bad, 2)
+    assert kernels.run_plans([plan], check=True) == (0, 2, "gradient")
+    assert_states_equal(kept, before)
+    for k in (2, 3):
+        _set(plan, grads[k], k)
+        assert kernels.run_plans([plan], check=True) is None
+        assert _fresh_step(fresh, grads[k], k) is None
+        assert_states_equal(kept, fresh)
+
+
+# ---------------------------------------------------------------------------------------------
 # Sharding by global offsets
 # ---------------------------------------------------------------------------------------------
 
