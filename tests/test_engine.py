@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -454,6 +455,19 @@ SUBPROCESS_SCRIPT = textwrap.dedent(r"""
                                           first=k == 0)
                 assert bad is None
             res[f"{dtype}/{scheme}/{seg}"] = dict(params=ps, momenta=ms, xi=xi)
+    # a plan kept over steps: from its second step it stores the read-only phase's normals
+    f = fold("adl")
+    ps = [torch.randn(n, dtype=torch.float64).float() for n in sizes]
+    ms = [torch.randn(n) for n in sizes]
+    xi = torch.full((1,), 0.1, dtype=torch.float64)
+    plan = kernels.EnginePlan(ps, ms, scheme=f, xi=xi, segments=[0, 0, 0], seg_numel=None,
+                              seed=2**40 + 3, uids=[7, 8, 9], offsets=[1, 0, 2**15 + 7])
+    for k in range(3):
+        gs = [torch.randn(n) for n in sizes]
+        plan.set(gs, lr=0.1, gamma=1.0, tau=0.5, sigma=0.3, eps=1e-5, weight_decay=0.0,
+                 step=k, first=k == 0)
+        assert kernels.run_plans([plan], check=True) is None
+    res["plan/adl"] = dict(params=ps, momenta=ms, xi=xi)
     z = thermo_ext.random.normal(2**17 + 9, seed=5, uid=1, step=2, draw=3, offset=6)
     res["normal"] = dict(params=[z], momenta=[], xi=torch.zeros(1, dtype=torch.float64))
     torch.save(res, sys.argv[1])
@@ -506,19 +520,39 @@ def test_bitwise_across_omp_num_threads(runs):
     _assert_results_bitwise(one, two, "OMP_NUM_THREADS 1 vs 2")
 
 
-def test_bitwise_across_isas(runs):
-    isas = thermo_ext.build_info()["isas"]
-    default = thermo_ext.build_info()["isa"]
-    if len(isas) < 2:
-        pytest.skip(f"only one ISA on this machine: {isas}")
+#: The CPU flags each instruction set of the engine needs (csrc/cpu/engine_cpu.cpp, supported).
+ISA_FLAGS = {"baseline": (), "avx2": ("avx2", "fma"),
+             "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma")}
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+@pytest.mark.parametrize("isa", list(ISA_FLAGS))
+def test_bitwise_across_isas(runs, isa):
+    # every instruction set the CPU has against the one the engine picks by itself
+    info = thermo_ext.build_info()
+    if isa not in info["isas"]:
+        if platform.machine().lower() not in ("x86_64", "amd64"):
+            pytest.skip(f"ISA {isa}: x86 only; this build runs on {platform.machine()}")
+        flags = _cpu_flags()
+        missing = ([f for f in ISA_FLAGS[isa] if f not in flags] if flags is not None
+                   else list(ISA_FLAGS[isa]))
+        pytest.skip(f"ISA {isa}: compiled in, but this CPU does not expose "
+                    f"{', '.join(missing)} (supported here: {', '.join(info['isas'])})")
     base_info, base = runs(2)
-    assert base_info["isa"] == default
-    for isa in isas:
-        if isa == default:
-            continue
-        info, res = runs(2, isa)
-        assert info["isa"] == isa
-        _assert_results_bitwise(base, res, f"ISA {default} vs {isa}")
+    assert base_info["isa"] == info["isa"]
+    got_info, got = runs(2, isa)
+    assert got_info["isa"] == isa
+    _assert_results_bitwise(base, got, f"ISA {info['isa']} vs {isa}")
 
 
 # ---------------------------------------------------------------------------------------------
