@@ -1009,9 +1009,11 @@ def test_low_precision_parameters_match_reference(scheme, dtype, stochastic, gen
     assert not torch.equal(eng.params[3], st_.params[3])
 
 
-def test_bf16_stochastic_rounding_is_unbiased_and_deterministic(gen):
+@pytest.mark.parametrize("offset", [0, 5, 2**15 + 3])
+def test_bf16_stochastic_rounding_is_unbiased_and_deterministic(offset, gen):
     # theta = 1 + 0.3 ulp(bf16) exactly in float32; stochastic rounding goes up with
-    # probability 0.3, round-to-nearest always down
+    # probability 0.3, round-to-nearest always down. The bits equal the reference's (one Philox
+    # word per element), also where blocks start inside a quad (offset)
     n = 100000
     ulp = 2.0**-7
     for stochastic, want in [(True, 0.3), (False, 0.0)]:
@@ -1020,7 +1022,7 @@ def test_bf16_stochastic_rounding_is_unbiased_and_deterministic(gen):
         g = torch.zeros(n, dtype=torch.bfloat16)
         kw = dict(scheme=fold("BA"), lr=1.0, gamma=0.0, tau=0.0, sigma=0.0, eps=0.0,
                   weight_decay=0.0, xi=None, segments=[0], seed=99, step=0, uids=[3],
-                  first=True, stochastic_rounding=stochastic)
+                  offsets=[offset], first=True, stochastic_rounding=stochastic)
         assert kernels.thermo_step([p], [m], [g], **kw) is None
         up = (p.float() == 1.0 + ulp).double().mean().item()
         assert set(p.float().unique().tolist()) <= {1.0, 1.0 + ulp}

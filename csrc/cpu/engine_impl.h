@@ -148,8 +148,30 @@ void store_theta(P* __restrict out, const T* __restrict th, int len, int stochas
                  const NoiseKey& k, int64_t g0) {
   if constexpr (std::is_same<P, bf16_t>::value) {
     if (stochastic) {
-      for (int j = 0; j < len; ++j)
-        out[j] = to_storage<P>(th[j], true, rounding_bits(k, (uint64_t)(g0 + j)));
+      // One Philox call per quad of elements, its four words shared by the quad's lanes
+      // (lowp.h rounding_bits makes one per element): the same bits.
+      constexpr int kQuads = kBlock / 4 + 32;  // a block spans kBlock / 4 + 1 quads at most
+      alignas(64) uint32_t w[4][kQuads];
+      const uint64_t q0 = (uint64_t)g0 >> 2;
+      const int nq = (int)(((uint64_t)(g0 + len - 1) >> 2) - q0 + 1);
+#if defined(TE_PHILOX_SIMD)
+      for (int i = 0; i < nq; i += 32)
+        philox4x32_10_x32(w[0] + i, w[1] + i, w[2] + i, w[3] + i, (uint32_t)(q0 + i), k.uid,
+                          k.step, k.draw, k.k0, k.k1);
+#else
+      for (int i = 0; i < nq; ++i) {
+        uint32_t c0 = (uint32_t)(q0 + i), c1 = k.uid, c2 = k.step, c3 = k.draw;
+        philox4x32_10(c0, c1, c2, c3, k.k0, k.k1);
+        w[0][i] = c0;
+        w[1][i] = c1;
+        w[2][i] = c2;
+        w[3][i] = c3;
+      }
+#endif
+      for (int j = 0; j < len; ++j) {
+        const uint64_t g = (uint64_t)(g0 + j);
+        out[j] = to_storage<P>(th[j], true, w[g & 3][(g >> 2) - q0] >> 16);
+      }
       return;
     }
   }
