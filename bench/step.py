@@ -8,6 +8,7 @@ speed-up of the engine over the reference.
     python bench/step.py                 # CPU: 10 M float32 parameters in 20 tensors
     python bench/step.py --device cuda   # GPU: 2**26 float32 elements in 200 tensors
     python bench/step.py --spiral        # per-step overhead on the paper's 2-100-1 net
+    python bench/step.py --isa all       # once per instruction set (THERMO_EXT_ISA), summary
 
 The benchmark lives in the package (thermo_ext.benchmark) so that the installed console script
 runs it too (``thermo-ext bench``, same options, same table); this file is its checkout entry point.

@@ -8,6 +8,7 @@
 #include <pybind11/stl.h>
 
 #include <cmath>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -142,6 +143,7 @@ struct Plan {
   int64_t scratch_len = 0;
   intptr_t hyper = 0;
   bool stochastic_rounding = true;
+  std::shared_ptr<CpuStore> cpu_store = std::make_shared<CpuStore>();
 
   StepArgs args() const {
     if (!has_prog) throw std::invalid_argument("plan: no program set");
@@ -161,6 +163,7 @@ struct Plan {
     a.scratch = (double*)scratch;
     a.scratch_len = scratch_len;
     a.hyper = (const double*)hyper;
+    a.cpu_store = device < 0 ? cpu_store.get() : nullptr;
     return a;
   }
 };

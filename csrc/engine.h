@@ -34,6 +34,9 @@ struct SumHook {
   void* ctx;
 };
 
+// What a CPU plan keeps for the engine between the phases of a step (cpu/cpu_engine.h).
+struct CpuStore;
+
 // xi:     n_seg doubles, the live thermostat variables (version 0 during a step).
 // ws:     2 * n_e * n_seg doubles of workspace: versions 1..n_e, then the n_e segment sums.
 // seg_n:  n_seg doubles, the number of elements of each segment (whole tensors, all shards).
@@ -59,6 +62,7 @@ struct StepArgs {
   int64_t scratch_len;
   const double* hyper;
   const SumHook* sum_hook;      // null: the sums stay local
+  CpuStore* cpu_store;          // CPU: the plan's store; null: later phases redraw the normals
 };
 
 // What a call runs: the whole step; everything of it that can fail, writing only the workspace

@@ -52,57 +52,117 @@ TE_HD void philox4x32_10(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3,
   philox_round(c0, c1, c2, c3, k0 + 9u * kPhiloxW0, k1 + 9u * kPhiloxW1);
 }
 
-#if defined(__AVX2__) && !defined(__CUDA_ARCH__)
+#if (defined(__x86_64__) || defined(__SSE2__)) && !defined(__CUDACC__)
+#define TE_PHILOX_SIMD 1
 }  // namespace te
 #include <immintrin.h>
 namespace te {
-// Eight Philox4x32-10 evaluations at once (AVX2), counters and results as SoA lanes. The words
-// are exact integers, so they equal the scalar function's; GCC's own vectorisation of the scalar
-// loop spends most of its time shuffling 64-bit products.
-static inline __attribute__((always_inline)) __m256i philox_mulhi_x8(__m256i x, __m256i m,
-                                                                      __m256i& lo) {
-  const __m256i even = _mm256_mul_epu32(x, m);
-  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(x, 32), m);
-  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
-  return _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-}
-// Sixteen evaluations (two independent sets of eight, interleaved for ILP) of counters
-// (b0 + i, c1, c2, c3), i < 16; words into w0..w3[0..15].
-static inline __attribute__((always_inline)) void philox4x32_10_x16(
+// Philox4x32-10 of many counters at once with x86 vector intrinsics: 32-bit lanes, the 32x32->64
+// products of the even and of the odd lanes (mul_epu32) recombined into high and low words.
+// The words are exact integers, so they equal the scalar function's; GCC's own vectorisation
+// of the scalar loop spends most of its time shuffling 64-bit products. One vector type per
+// ISA; philox_x32 below is written once for all three.
+struct PhiloxSse2 {  // x86-64 baseline
+  using V = __m128i;
+  static constexpr int kLanes = 4;
+  static V set1(uint32_t x) { return _mm_set1_epi32((int)x); }
+  static V iota() { return _mm_setr_epi32(0, 1, 2, 3); }
+  static V add(V a, V b) { return _mm_add_epi32(a, b); }
+  static V bxor(V a, V b) { return _mm_xor_si128(a, b); }
+  static V mul_even(V a, V b) { return _mm_mul_epu32(a, b); }
+  static V odd_down(V a) { return _mm_srli_epi64(a, 32); }
+  // (low words, high words) of the even-lane products pe and odd-lane products po
+  static V lo_words(V pe, V po) {
+    return _mm_or_si128(_mm_and_si128(pe, _mm_set1_epi64x(0xFFFFFFFFll)), _mm_slli_epi64(po, 32));
+  }
+  static V hi_words(V pe, V po) {
+    return _mm_or_si128(_mm_srli_epi64(pe, 32),
+                        _mm_and_si128(po, _mm_set1_epi64x((long long)0xFFFFFFFF00000000ull)));
+  }
+  static void store(uint32_t* p, V a) { _mm_storeu_si128((__m128i*)p, a); }
+};
+#if defined(__AVX2__)
+struct PhiloxAvx2 {
+  using V = __m256i;
+  static constexpr int kLanes = 8;
+  static V set1(uint32_t x) { return _mm256_set1_epi32((int)x); }
+  static V iota() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
+  static V add(V a, V b) { return _mm256_add_epi32(a, b); }
+  static V bxor(V a, V b) { return _mm256_xor_si256(a, b); }
+  static V mul_even(V a, V b) { return _mm256_mul_epu32(a, b); }
+  static V odd_down(V a) { return _mm256_srli_epi64(a, 32); }
+  static V lo_words(V pe, V po) { return _mm256_blend_epi32(pe, _mm256_slli_epi64(po, 32), 0xAA); }
+  static V hi_words(V pe, V po) { return _mm256_blend_epi32(_mm256_srli_epi64(pe, 32), po, 0xAA); }
+  static void store(uint32_t* p, V a) { _mm256_storeu_si256((__m256i*)p, a); }
+};
+#endif
+#if defined(__AVX512F__)
+struct PhiloxAvx512 {
+  using V = __m512i;
+  static constexpr int kLanes = 16;
+  static V set1(uint32_t x) { return _mm512_set1_epi32((int)x); }
+  static V iota() {
+    return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  }
+  static V add(V a, V b) { return _mm512_add_epi32(a, b); }
+  static V bxor(V a, V b) { return _mm512_xor_si512(a, b); }
+  static V mul_even(V a, V b) { return _mm512_mul_epu32(a, b); }
+  static V odd_down(V a) { return _mm512_srli_epi64(a, 32); }
+  // mask_blend(k, a, b) takes b where bit k is set: the odd 32-bit lanes
+  static V lo_words(V pe, V po) {
+    return _mm512_mask_blend_epi32((__mmask16)0xAAAA, pe, _mm512_slli_epi64(po, 32));
+  }
+  static V hi_words(V pe, V po) {
+    return _mm512_mask_blend_epi32((__mmask16)0xAAAA, _mm512_srli_epi64(pe, 32), po);
+  }
+  static void store(uint32_t* p, V a) { _mm512_storeu_si512((void*)p, a); }
+};
+using PhiloxVec = PhiloxAvx512;
+#elif defined(__AVX2__)
+using PhiloxVec = PhiloxAvx2;
+#else
+using PhiloxVec = PhiloxSse2;
+#endif
+
+// The words of counters (b0 + i, c1, c2, c3), i < 32, into w0..w3[0..31]: 32 / kLanes
+// independent vectors interleaved, so that the rounds' multiply-xor chains overlap.
+template <class X>
+static inline __attribute__((always_inline)) void philox4x32_10_x32_with(
     uint32_t* w0, uint32_t* w1, uint32_t* w2, uint32_t* w3, uint32_t b0, uint32_t c1,
     uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
-  const __m256i m0 = _mm256_set1_epi32((int)kPhiloxM0);
-  const __m256i m1 = _mm256_set1_epi32((int)kPhiloxM1);
-  __m256i a0 = _mm256_add_epi32(_mm256_set1_epi32((int)b0), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  __m256i b0v = _mm256_add_epi32(a0, _mm256_set1_epi32(8));
-  __m256i a1 = _mm256_set1_epi32((int)c1), a2 = _mm256_set1_epi32((int)c2);
-  __m256i a3 = _mm256_set1_epi32((int)c3);
-  __m256i b1 = a1, b2 = a2, b3 = a3;
-  for (int r = 0; r < 10; ++r) {
-    const __m256i kk0 = _mm256_set1_epi32((int)(k0 + (uint32_t)r * kPhiloxW0));
-    const __m256i kk1 = _mm256_set1_epi32((int)(k1 + (uint32_t)r * kPhiloxW1));
-    __m256i la0, la1, lb0, lb1;
-    const __m256i ha0 = philox_mulhi_x8(a0, m0, la0);
-    const __m256i ha1 = philox_mulhi_x8(a2, m1, la1);
-    const __m256i hb0 = philox_mulhi_x8(b0v, m0, lb0);
-    const __m256i hb1 = philox_mulhi_x8(b2, m1, lb1);
-    a0 = _mm256_xor_si256(_mm256_xor_si256(ha1, a1), kk0);
-    a1 = la1;
-    a2 = _mm256_xor_si256(_mm256_xor_si256(ha0, a3), kk1);
-    a3 = la0;
-    b0v = _mm256_xor_si256(_mm256_xor_si256(hb1, b1), kk0);
-    b1 = lb1;
-    b2 = _mm256_xor_si256(_mm256_xor_si256(hb0, b3), kk1);
-    b3 = lb0;
+  using V = typename X::V;
+  constexpr int S = 32 / X::kLanes;
+  const V m0 = X::set1(kPhiloxM0), m1 = X::set1(kPhiloxM1);
+  V x0[S], x1[S], x2[S], x3[S];
+  for (int s = 0; s < S; ++s) {
+    x0[s] = X::add(X::set1(b0 + (uint32_t)(s * X::kLanes)), X::iota());
+    x1[s] = X::set1(c1);
+    x2[s] = X::set1(c2);
+    x3[s] = X::set1(c3);
   }
-  _mm256_storeu_si256((__m256i*)w0, a0);
-  _mm256_storeu_si256((__m256i*)(w0 + 8), b0v);
-  _mm256_storeu_si256((__m256i*)w1, a1);
-  _mm256_storeu_si256((__m256i*)(w1 + 8), b1);
-  _mm256_storeu_si256((__m256i*)w2, a2);
-  _mm256_storeu_si256((__m256i*)(w2 + 8), b2);
-  _mm256_storeu_si256((__m256i*)w3, a3);
-  _mm256_storeu_si256((__m256i*)(w3 + 8), b3);
+  for (int r = 0; r < 10; ++r) {
+    const V kk0 = X::set1(k0 + (uint32_t)r * kPhiloxW0);
+    const V kk1 = X::set1(k1 + (uint32_t)r * kPhiloxW1);
+    for (int s = 0; s < S; ++s) {
+      const V pe0 = X::mul_even(x0[s], m0), po0 = X::mul_even(X::odd_down(x0[s]), m0);
+      const V pe1 = X::mul_even(x2[s], m1), po1 = X::mul_even(X::odd_down(x2[s]), m1);
+      x0[s] = X::bxor(X::bxor(X::hi_words(pe1, po1), x1[s]), kk0);
+      x1[s] = X::lo_words(pe1, po1);
+      x2[s] = X::bxor(X::bxor(X::hi_words(pe0, po0), x3[s]), kk1);
+      x3[s] = X::lo_words(pe0, po0);
+    }
+  }
+  for (int s = 0; s < S; ++s) {
+    X::store(w0 + s * X::kLanes, x0[s]);
+    X::store(w1 + s * X::kLanes, x1[s]);
+    X::store(w2 + s * X::kLanes, x2[s]);
+    X::store(w3 + s * X::kLanes, x3[s]);
+  }
+}
+static inline __attribute__((always_inline)) void philox4x32_10_x32(
+    uint32_t* w0, uint32_t* w1, uint32_t* w2, uint32_t* w3, uint32_t b0, uint32_t c1,
+    uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+  philox4x32_10_x32_with<PhiloxVec>(w0, w1, w2, w3, b0, c1, c2, c3, k0, k1);
 }
 #endif
 
@@ -117,65 +177,145 @@ TE_HD float bits_f32(uint32_t u) {
   return x;
 }
 
-// Round-to-nearest uint32 -> float32 from two exact halves: SIMD units only convert signed ints.
-TE_HD float u32_to_f32(uint32_t w) {
-  return (float)(int32_t)(w >> 16) * 65536.0f + (float)(int32_t)(w & 0xFFFFu);
+// a * b + c rounded once (IEEE fusedMultiplyAdd) gives the same bits on every path: the FMA
+// instruction where the ISA has one (CUDA, x86 with -mfma, AArch64), else a software fma in
+// double (x86-64 baseline). The build turns contraction off, so only these explicit calls fuse.
+#if defined(__CUDA_ARCH__) || defined(__FMA__) || defined(__ARM_FEATURE_FMA) || \
+    defined(__aarch64__)
+#define TE_SOFT_FMA 0
+#else
+#define TE_SOFT_FMA 1
+#endif
+
+// The software fma, with floating-point operations only so that loops over it still vectorise
+// (SSE2 has no 64-bit integer compare). The product of two floats is exact in double and TwoSum
+// gives the double sum s and its exact error; rounding s to float differs from rounding the
+// exact value only when s lies exactly halfway between two floats and the error is nonzero,
+// which then decides the side: the other float neighbour is s + (s - RN(s)), representable
+// exactly when s is such a midpoint.
+TE_HD float fma_soft(float a, float b, float c) {
+  const double p = (double)a * (double)b;
+  const double dc = (double)c;
+  const double s = p + dc;
+  const double bp = s - dc;
+  const double err = (p - bp) + (dc - (s - bp));
+  const float f1 = (float)s;
+  const double d = s - (double)f1;
+  const double far = s + d;
+  const float f2 = (float)far;
+  // & rather than &&, so that there is no branch; f1 infinite: so is d, and f1 is the answer.
+  const bool take_far = (d != 0.0) & (d < HUGE_VAL) & (d > -HUGE_VAL) & ((double)f2 == far) &
+                        (err * d > 0.0);
+  return take_far ? f2 : f1;
 }
 
-// Natural log of a positive normal float (Cephes logf polynomial, about 1 ulp).
-TE_HD float log_f32(float x) {
-  const uint32_t bits = f32_bits(x);
-  const uint32_t mant = bits & 0x007FFFFFu;
-  // m in [sqrt(1/2), sqrt(2)): the mantissa with exponent 0, or -1 when it exceeds sqrt(2).
-  // Integer selects only, so that a loop over this vectorises without trapping-math branches.
-  const bool big = mant > 0x3504F3u;
-  const float m = bits_f32(mant | (big ? 0x3F000000u : 0x3F800000u));
-  const int32_t e = (int32_t)(bits >> 23) - 127 + (big ? 1 : 0);
-  const float f = m - 1.0f;  // exact (Sterbenz)
-  // Cephes logf's polynomial, evaluated by Estrin's scheme: short dependency chains, so that
-  // the many independent lanes of a block keep the FP units busy.
-  const float z = f * f;
-  const float z2 = z * z;
-  const float q0 = 3.3333331174e-1f + -2.4999993993e-1f * f;
-  const float q1 = 2.0000714765e-1f + -1.6668057665e-1f * f;
-  const float q2 = 1.4249322787e-1f + -1.2420140846e-1f * f;
-  const float q3 = 1.1676998740e-1f + -1.1514610310e-1f * f;
-  const float r0 = q0 + q1 * z;
-  const float r1 = q2 + q3 * z;
-  const float poly = r0 + (r1 + 7.0376836292e-2f * z2) * z2;
+TE_HD float fma_f32(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#elif !TE_SOFT_FMA
+  return __builtin_fmaf(a, b, c);
+#else
+  return fma_soft(a, b, c);
+#endif
+}
+
+// fma_f32 for the hot loops. With kFlag on the software path it rounds the double sum to float
+// directly (a third of fma_soft's work) and sets `risk` where that may differ from fma_f32:
+// the sum exactly at a float midpoint (low 29 bits 1 << 28) or below the normal range (whose
+// midpoints have other patterns); the caller then redoes its batch with fma_f32 (about once in
+// 2^29 calls). Elsewhere it is fma_f32 and leaves `risk` alone.
+template <bool kFlag>
+TE_HD float fma_risky(float a, float b, float c, uint32_t& risk) {
+#if TE_SOFT_FMA
+  if (kFlag) {
+    const double s = (double)a * (double)b + (double)c;
+    uint64_t u;
+    memcpy(&u, &s, 8);
+    risk |= (((uint32_t)u & 0x1FFFFFFFu) == 0x10000000u) | (fabs(s) < 0x1p-126);
+    return (float)s;
+  }
+#endif
+  (void)risk;
+  return fma_f32(a, b, c);
+}
+
+// a * b + c where the product a * b is exact in float (a power-of-two factor): one rounding
+// either way, so the plain add of the software path gives the FMA's bits.
+TE_HD float fma_exact_product(float a, float b, float c) {
+#if TE_SOFT_FMA
+  return a * b + c;
+#else
+  return fma_f32(a, b, c);
+#endif
+}
+
+// -2 ln(u) of a positive normal float u, the Box–Muller radius squared. u = 2^e m with m in
+// [sqrt(1/2), sqrt(2)) (integer arithmetic on the bits, exact), f = m - 1 (exact, Sterbenz);
+// -2 ln(1 + f) = -2 f + f^2 Q(f), Q a degree-7 minimax polynomial (relative error of the whole
+// below 2^-25 on the interval), then e times -2 ln 2 in two parts (the first with few bits, so
+// that its product with e is exact: |e| < 2^8).
+template <bool kFlag>
+TE_HD float minus_2_log_f32(float u, uint32_t& risk) {
+  const int32_t ix = (int32_t)f32_bits(u) - 0x3F3504F3;
+  const int32_t e = ix >> 23;  // arithmetic shift: floor
+  const float m = bits_f32((uint32_t)(ix & 0x007FFFFF) + 0x3F3504F3u);
+  const float f = m - 1.0f;
+  const float f2 = f * f;
+  // Estrin: short dependency chains for the many independent lanes of a block.
+  const float q01 = fma_risky<kFlag>(-6.666790247e-01f, f, 9.999998212e-01f, risk);
+  const float q23 = fma_risky<kFlag>(-3.992414176e-01f, f, 5.000351071e-01f, risk);
+  const float q45 = fma_risky<kFlag>(-2.983597815e-01f, f, 3.314102888e-01f, risk);
+  const float q67 = fma_risky<kFlag>(-1.746950150e-01f, f, 2.861496508e-01f, risk);
+  const float q03 = fma_risky<kFlag>(q23, f2, q01, risk);
+  const float q47 = fma_risky<kFlag>(q67, f2, q45, risk);
+  const float q = fma_risky<kFlag>(q47, f2 * f2, q03, risk);
+  const float l = fma_risky<kFlag>(f2, q, -2.0f * f, risk);
   const float fe = (float)e;
-  const float y = (f * z * poly + -2.12194440e-4f * fe) + -0.5f * z;
-  return (f + y) + 0.693359375f * fe;
+  return fma_exact_product(fe, -1.38671875f, fma_risky<kFlag>(fe, 4.243888834e-04f, l, risk));
 }
 
-// sin and cos of 2*pi*u for u in [0, 1]: exact reduction to t in [-1/8, 1/8] of a turn, then
-// Cephes minimax polynomials on [-pi/4, pi/4] and a quadrant swap.
-TE_HD void sincos_2pi_f32(float u, float& s_out, float& c_out) {
-  const int32_t q = (int32_t)(u * 4.0f + 0.5f);
-  const float t = u - (float)q * 0.25f;  // exact: both are multiples of ulp(u)
-  const float x = t * 6.28318530717958647692f;
-  const float z = x * x;
-  const float z2 = z * z;
-  const float s = x + (x * z) * ((-1.6666654611e-1f + 8.3321608736e-3f * z) +
-                                 -1.9515295891e-4f * z2);
-  const float c = (1.0f - 0.5f * z) + z2 * ((4.166664568298827e-2f + -1.388731625493765e-3f * z) +
-                                            2.443315711809948e-5f * z2);
-  const int32_t qi = q & 3;
-  const float sc = (qi & 1) ? c : s;
-  const float cs = (qi & 1) ? s : c;
-  s_out = (qi & 2) ? -sc : sc;
-  c_out = ((qi + 1) & 2) ? -cs : cs;
+// sin and cos of 2 pi w / 2^32 (a 32-bit word as a fraction of a turn): the nearest quarter turn
+// q and the rest d / 2^32, |d| <= 2^29, in exact integer arithmetic; t = d / 2^32 (d rounded to
+// float: 2^-24 relative, so the normals keep their relative accuracy near the zeros of sin and
+// cos); minimax polynomials in t^2 on |t| <= 1/8: sin(2 pi t) = t S(t^2) (relative error
+// 2^-28), cos(2 pi t) = 1 + t^2 C(t^2) (2^-33); then the quadrant's swap and signs.
+template <bool kFlag>
+TE_HD void sincos_turn_u32(uint32_t w, float& s_out, float& c_out, uint32_t& risk) {
+  const uint32_t q = (w + 0x20000000u) >> 30;
+  const int32_t d = (int32_t)(w - (q << 30));
+  const float t = (float)d * 2.3283064365386963e-10f;
+  const float y = t * t;
+  const float s3 = fma_risky<kFlag>(-7.539356232e+01f, y, 8.159235382e+01f, risk);
+  const float s2 = fma_risky<kFlag>(s3, y, -4.134166336e+01f, risk);
+  const float s = t * fma_risky<kFlag>(s2, y, 6.283185482e+00f, risk);
+  const float c3 = fma_risky<kFlag>(5.922924042e+01f, y, -8.544323730e+01f, risk);
+  const float c2 = fma_risky<kFlag>(c3, y, 6.493932343e+01f, risk);
+  const float c1 = fma_risky<kFlag>(c2, y, -1.973920822e+01f, risk);
+  const float c = fma_risky<kFlag>(y, c1, 1.0f, risk);
+  // cos(2 pi (q/4 + t)), sin(...) for q = 0..3: (c, s), (-s, c), (-c, -s), (s, -c).
+  const bool odd = (q & 1u) != 0;
+  const float cv = odd ? s : c;
+  const float sv = odd ? c : s;
+  c_out = bits_f32(f32_bits(cv) ^ (((q + 1u) & 2u) << 30));
+  s_out = bits_f32(f32_bits(sv) ^ ((q & 2u) << 30));
 }
 
-// The two normals of one word pair (w_a, w_b): r cos(2 pi u2) for the even lane, r sin for the odd.
-TE_HD void box_muller(uint32_t wa, uint32_t wb, float& z_even, float& z_odd) {
-  const float u1 = u32_to_f32(wa) * 2.3283064365386963e-10f + 1.1641532182693481e-10f;
-  const float u2 = u32_to_f32(wb) * 2.3283064365386963e-10f;
-  const float r = sqrtf(-2.0f * log_f32(u1));
+// The two normals of one word pair (w_a, w_b): u = w_a 2^-32 + 2^-33 (in float32, as written),
+// r = sqrt(-2 ln u), and r cos(2 pi w_b / 2^32) for the even lane, r sin(...) for the odd lane.
+// kFlag: fma_risky's fast software path (the caller checks `risk`).
+template <bool kFlag>
+TE_HD void box_muller_impl(uint32_t wa, uint32_t wb, float& z_even, float& z_odd,
+                           uint32_t& risk) {
+  const float u = fma_exact_product((float)wa, 2.3283064365386963e-10f, 1.1641532182693481e-10f);
+  const float r = sqrtf(minus_2_log_f32<kFlag>(u, risk));
   float s, c;
-  sincos_2pi_f32(u2, s, c);
+  sincos_turn_u32<kFlag>(wb, s, c, risk);
   z_even = r * c;
   z_odd = r * s;
+}
+TE_HD void box_muller(uint32_t wa, uint32_t wb, float& z_even, float& z_odd) {
+  uint32_t unused = 0;
+  box_muller_impl<false>(wa, wb, z_even, z_odd, unused);
 }
 
 // The counter-based key and counter of docs/DESIGN.md, Noise.

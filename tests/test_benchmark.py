@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -106,3 +107,102 @@ def test_table_prints_times_spread_and_ratios(capsys):
                                            (4.56e-5, "45.6 µs"), (3e-9, "3 ns")])
 def test_time_units(seconds, text):
     assert benchmark._time(seconds).strip() == text
+
+
+def _args(**kw):
+    import argparse
+    ap = argparse.ArgumentParser()
+    benchmark.add_arguments(ap)
+    args = ap.parse_args([])
+    for k, v in kw.items():
+        setattr(args, k, v)
+    return args
+
+
+def test_isa_option_rejects_a_set_the_cpu_lacks(monkeypatch, capsys):
+    monkeypatch.setattr(te, "build_info", lambda: {"isa": "avx2", "isas": ["baseline", "avx2"]})
+    errors = []
+    assert benchmark.run(_args(isa="avx512"), error=errors.append) == 2
+    assert errors == ["--isa: avx512 is not supported by this CPU or build (supported: "
+                      "baseline, avx2)"]
+    assert benchmark.run(_args(isa="avx512")) == 2
+    assert "--isa: avx512 is not supported" in capsys.readouterr().err
+
+
+def test_isa_all_runs_each_set_in_its_own_process(monkeypatch, capsys):
+    # each set in a fresh process with THERMO_EXT_ISA (the engine picks its set once per
+    # process), the options passed on, then one summary line per set
+    monkeypatch.setattr(te, "build_info", lambda: {"isa": "avx2", "isas": ["baseline", "avx2"]})
+    calls = []
+
+    def fake_call(cmd, env):
+        isa = env["THERMO_EXT_ISA"]
+        calls.append((isa, cmd))
+        path = cmd[cmd.index("--summary-json") + 1]
+        with open(path, "w") as f:
+            json.dump({"isa": isa, "thermo_ext langevin": [1.25, 1.5],
+                       "ns per normal per thread, 1 thread": 0.75}, f)
+        return 0
+
+    monkeypatch.setattr(benchmark.subprocess, "call", fake_call)
+    assert benchmark.run(_args(isa="all", numel=1000, no_reference=True)) == 0
+    assert [c[0] for c in calls] == ["baseline", "avx2"]
+    for isa, cmd in calls:
+        assert cmd[1:3] == ["-m", "thermo_ext.benchmark"]
+        assert cmd[cmd.index("--isa") + 1] == isa
+        assert cmd[cmd.index("--numel") + 1] == "1000" and "--no-reference" in cmd
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2].split()[:4] == ["baseline", "1.250;", "1.500", "-"]
+    assert out[-1].split()[:4] == ["avx2", "1.250;", "1.500", "-"]
+    assert "0.750" in out[-1]
+
+
+def test_isa_of_this_process_runs_here(monkeypatch):
+    isa = te.build_info()["isa"]
+    monkeypatch.setattr(benchmark.subprocess, "call", lambda *a, **k: pytest.fail("spawned"))
+    monkeypatch.setattr(benchmark, "WARMUP_S", 0.0)
+    assert benchmark.run(_args(isa=isa, spiral=True, rounds=1)) == 0
+
+
+def test_noise_table_reports_the_cost_of_a_normal_per_thread(monkeypatch):
+    monkeypatch.setattr(benchmark, "WARMUP_S", 0.0)
+    rows = {r.name: r for r in benchmark.bench_noise(CPU, 1 << 16, rounds=1)}
+    one = rows["ns per normal per thread, 1 thread"]
+    assert one.note == "ns" and 0 < one.value < 1000
+    t = rows["thermo_ext noise, 1 thread"].timing
+    assert one.value == pytest.approx(t.median / (1 << 16) * 1e9)
+    n = te.get_num_threads()
+    if n > 1:
+        assert rows[f"ns per normal per thread, {n} threads"].value == pytest.approx(
+            rows["thermo_ext noise"].timing.median * n / (1 << 16) * 1e9)
+    else:
+        assert not any(k.startswith("ns per normal per thread, ") and k != one.name
+                       for k in rows)
+
+
+def test_posteriors_updates_read_the_fixed_gradients(monkeypatch):
+    # the contenders' steps are posteriors' own updates with the .grad tensors as gradients:
+    # SGLD at temperature 0 is theta + lr * grad exactly; the gradient function is restored
+    pytest.importorskip("posteriors")
+    import posteriors.sgmcmc.sgld as sgld
+
+    monkeypatch.setattr(benchmark, "POSTERIORS_SAMPLERS",
+                        {"posteriors SGLD": ("sgld", dict(lr=0.5, temperature=0.0))})
+    made = []
+
+    def make():
+        ps = benchmark._params(1000, 3, CPU, seed=len(made))
+        made.append([(p.detach().clone(), p.grad.clone()) for p in ps])
+        return ps
+
+    original = sgld.grad_and_value
+    with benchmark.posteriors_updates(make) as steps:
+        assert list(steps) == ["posteriors SGLD"] and sgld.grad_and_value is not original
+        steps["posteriors SGLD"]()
+        steps["posteriors SGLD"]()
+    assert sgld.grad_and_value is original
+    assert len(made) == 1
+    params = steps["posteriors SGLD"].state.params
+    assert sorted(params) == ["0", "1", "2"]
+    for i, (theta0, g) in enumerate(made[0]):
+        assert torch.equal(params[str(i)], (theta0 + 0.5 * g) + 0.5 * g)

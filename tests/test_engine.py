@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -454,6 +455,19 @@ SUBPROCESS_SCRIPT = textwrap.dedent(r"""
                                           first=k == 0)
                 assert bad is None
             res[f"{dtype}/{scheme}/{seg}"] = dict(params=ps, momenta=ms, xi=xi)
+    # a plan kept over steps: from its second step it stores the read-only phase's normals
+    f = fold("adl")
+    ps = [torch.randn(n, dtype=torch.float64).float() for n in sizes]
+    ms = [torch.randn(n) for n in sizes]
+    xi = torch.full((1,), 0.1, dtype=torch.float64)
+    plan = kernels.EnginePlan(ps, ms, scheme=f, xi=xi, segments=[0, 0, 0], seg_numel=None,
+                              seed=2**40 + 3, uids=[7, 8, 9], offsets=[1, 0, 2**15 + 7])
+    for k in range(3):
+        gs = [torch.randn(n) for n in sizes]
+        plan.set(gs, lr=0.1, gamma=1.0, tau=0.5, sigma=0.3, eps=1e-5, weight_decay=0.0,
+                 step=k, first=k == 0)
+        assert kernels.run_plans([plan], check=True) is None
+    res["plan/adl"] = dict(params=ps, momenta=ms, xi=xi)
     z = thermo_ext.random.normal(2**17 + 9, seed=5, uid=1, step=2, draw=3, offset=6)
     res["normal"] = dict(params=[z], momenta=[], xi=torch.zeros(1, dtype=torch.float64))
     torch.save(res, sys.argv[1])
@@ -506,19 +520,154 @@ def test_bitwise_across_omp_num_threads(runs):
     _assert_results_bitwise(one, two, "OMP_NUM_THREADS 1 vs 2")
 
 
-def test_bitwise_across_isas(runs):
-    isas = thermo_ext.build_info()["isas"]
-    default = thermo_ext.build_info()["isa"]
-    if len(isas) < 2:
-        pytest.skip(f"only one ISA on this machine: {isas}")
+#: The CPU flags each instruction set of the engine needs (csrc/cpu/engine_cpu.cpp, supported).
+ISA_FLAGS = {"baseline": (), "avx2": ("avx2", "fma"),
+             "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma")}
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+@pytest.mark.parametrize("isa", list(ISA_FLAGS))
+def test_bitwise_across_isas(runs, isa):
+    # every instruction set the CPU has against the one the engine picks by itself
+    info = thermo_ext.build_info()
+    if isa not in info["isas"]:
+        if platform.machine().lower() not in ("x86_64", "amd64"):
+            pytest.skip(f"ISA {isa}: x86 only; this build runs on {platform.machine()}")
+        flags = _cpu_flags()
+        missing = ([f for f in ISA_FLAGS[isa] if f not in flags] if flags is not None
+                   else list(ISA_FLAGS[isa]))
+        pytest.skip(f"ISA {isa}: compiled in, but this CPU does not expose "
+                    f"{', '.join(missing)} (supported here: {', '.join(info['isas'])})")
     base_info, base = runs(2)
-    assert base_info["isa"] == default
-    for isa in isas:
-        if isa == default:
-            continue
-        info, res = runs(2, isa)
-        assert info["isa"] == isa
-        _assert_results_bitwise(base, res, f"ISA {default} vs {isa}")
+    assert base_info["isa"] == info["isa"]
+    got_info, got = runs(2, isa)
+    assert got_info["isa"] == isa
+    _assert_results_bitwise(base, got, f"ISA {info['isa']} vs {isa}")
+
+
+# ---------------------------------------------------------------------------------------------
+# A plan's store of normals: from its second step on, the CPU engine keeps the normals that the
+# read-only phases drew and the later phases read them back instead of drawing them again
+# (csrc/cpu/cpu_engine.h, CpuStore). The bits must be those of drawing them again, which a fresh
+# plan per step (thermo_step) still does.
+# ---------------------------------------------------------------------------------------------
+
+STORE_SIZES = [2**16 + 3, 5, 40001]
+
+
+def _plan(st):
+    return kernels.EnginePlan(st.params, st.momenta, scheme=st.scheme, xi=st.xi,
+                              segments=st.segments, seg_numel=None, seed=SEED, uids=st.uids,
+                              offsets=st.offsets)
+
+
+def _set(plan, grads, k, **hyper):
+    kw = dict(HYPER, eps=1e-5)
+    kw.update(hyper)
+    plan.set(grads, step=k, first=k == 0, **kw)
+
+
+def _fresh_step(st, grads, k, check=True, **hyper):
+    kw = dict(HYPER, eps=1e-5)
+    kw.update(hyper)
+    return st.step(kernels.thermo_step, grads, step=k, first=k == 0, check_finite=check, **kw)
+
+
+@pytest.mark.parametrize("scheme", ["adl", "BACDEODEDCAB", "OBACDEDCABO", "BAOEOAB"])
+@pytest.mark.parametrize("dtype", [F32, F64, torch.bfloat16], ids=["f32", "f64", "bf16"])
+@pytest.mark.parametrize("check", [True, False], ids=["check", "nocheck"])
+def test_plan_store_gives_the_bits_of_redrawing(scheme, dtype, check, gen):
+    st_ = State(STORE_SIZES, dtype, scheme, gen=gen, thermostat="group")
+    st_.offsets = [3, 0, 2**15 + 1]
+    grads = make_grads(st_, gen, 4)
+    kept, fresh = st_.clone(), st_.clone()
+    plan = _plan(kept)
+    for k, g in enumerate(grads):
+        _set(plan, g, k, weight_decay=0.01 if k % 2 else 0.0)
+        assert kernels.run_plans([plan], check=check) is None
+        assert _fresh_step(fresh, g, k, check, weight_decay=0.01 if k % 2 else 0.0) is None
+        for x, y in zip(kept.tensors(), fresh.tensors()):
+            assert bits_equal(x, y), f"step {k}"
+    assert not torch.equal(kept.xi, st_.xi)
+
+
+def test_plan_store_with_a_zero_noise_scale(gen):
+    # sigma = 0: D draws nothing, so nothing is stored; the steps still match
+    st_ = State(STORE_SIZES, F32, "adl", gen=gen)
+    grads = make_grads(st_, gen, 3)
+    kept, fresh = st_.clone(), st_.clone()
+    plan = _plan(kept)
+    for k, g in enumerate(grads):
+        sigma = 0.0 if k == 1 else 0.3
+        _set(plan, g, k, sigma=sigma)
+        assert kernels.run_plans([plan], check=True) is None
+        assert _fresh_step(fresh, g, k, sigma=sigma) is None
+        assert_states_equal(kept, fresh)
+
+
+def test_plan_stores_are_per_plan_in_a_staged_step(gen):
+    # several plans in one checked call: every plan's read-only phase runs before any plan
+    # writes, so each plan needs its own store
+    states = [State(STORE_SIZES, F32, "adl", gen=gen) for _ in range(3)]
+    for i, s in enumerate(states):
+        s.uids = [(i << 16) | j for j in range(len(STORE_SIZES))]
+    grads = [make_grads(s, gen, 3) for s in states]
+    kept = [s.clone() for s in states]
+    fresh = [s.clone() for s in states]
+    plans = [_plan(s) for s in kept]
+    for k in range(3):
+        for pl, g in zip(plans, grads):
+            _set(pl, g[k], k)
+        assert kernels.run_plans(plans, check=True) is None
+        for s, g in zip(fresh, grads):
+            assert _fresh_step(s, g[k], k) is None
+        for a, b in zip(kept, fresh):
+            assert_states_equal(a, b)
+
+
+def test_plan_store_pre_then_finish(gen):
+    st_ = State(STORE_SIZES, F32, "BACDEODEDCAB", gen=gen)
+    grads = make_grads(st_, gen, 3)
+    kept, fresh = st_.clone(), st_.clone()
+    plan = _plan(kept)
+    for k, g in enumerate(grads):
+        _set(plan, g, k)
+        assert kernels.run_plans([plan], check=True, mode="pre") is None
+        assert kernels.run_plans([plan], check=False, mode="finish") is None
+        assert _fresh_step(fresh, g, k) is None
+        assert_states_equal(kept, fresh)
+
+
+def test_plan_store_refused_step_changes_nothing(gen):
+    st_ = State(STORE_SIZES, F32, "adl", gen=gen)
+    grads = make_grads(st_, gen, 4)
+    kept, fresh = st_.clone(), st_.clone()
+    plan = _plan(kept)
+    for k in range(2):
+        _set(plan, grads[k], k)
+        assert kernels.run_plans([plan], check=True) is None
+        assert _fresh_step(fresh, grads[k], k) is None
+    before = kept.clone()
+    bad = [g.clone() for g in grads[2]]
+    bad[2][7] = float("nan")
+    _set(plan, bad, 2)
+    assert kernels.run_plans([plan], check=True) == (0, 2, "gradient")
+    assert_states_equal(kept, before)
+    for k in (2, 3):
+        _set(plan, grads[k], k)
+        assert kernels.run_plans([plan], check=True) is None
+        assert _fresh_step(fresh, grads[k], k) is None
+        assert_states_equal(kept, fresh)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -860,9 +1009,11 @@ def test_low_precision_parameters_match_reference(scheme, dtype, stochastic, gen
     assert not torch.equal(eng.params[3], st_.params[3])
 
 
-def test_bf16_stochastic_rounding_is_unbiased_and_deterministic(gen):
+@pytest.mark.parametrize("offset", [0, 5, 2**15 + 3])
+def test_bf16_stochastic_rounding_is_unbiased_and_deterministic(offset, gen):
     # theta = 1 + 0.3 ulp(bf16) exactly in float32; stochastic rounding goes up with
-    # probability 0.3, round-to-nearest always down
+    # probability 0.3, round-to-nearest always down. The bits equal the reference's (one Philox
+    # word per element), also where blocks start inside a quad (offset)
     n = 100000
     ulp = 2.0**-7
     for stochastic, want in [(True, 0.3), (False, 0.0)]:
@@ -871,7 +1022,7 @@ def test_bf16_stochastic_rounding_is_unbiased_and_deterministic(gen):
         g = torch.zeros(n, dtype=torch.bfloat16)
         kw = dict(scheme=fold("BA"), lr=1.0, gamma=0.0, tau=0.0, sigma=0.0, eps=0.0,
                   weight_decay=0.0, xi=None, segments=[0], seed=99, step=0, uids=[3],
-                  first=True, stochastic_rounding=stochastic)
+                  offsets=[offset], first=True, stochastic_rounding=stochastic)
         assert kernels.thermo_step([p], [m], [g], **kw) is None
         up = (p.float() == 1.0 + ulp).double().mean().item()
         assert set(p.float().unique().tolist()) <= {1.0, 1.0 + ulp}

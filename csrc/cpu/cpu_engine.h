@@ -3,9 +3,26 @@
 #pragma once
 #include <stdint.h>
 
+#include <memory>
+
 #include "../engine.h"
 
 namespace te {
+
+// What a CPU plan keeps between the phases of a step: the normals of the noise letters that the
+// read-only phases drew, so that the later phases of the step (the writing one above all) read
+// them back instead of drawing them again (adl: two normals per element and step instead of
+// three). On the CPU a normal costs more than the 8 bytes of traffic of storing and reading it;
+// the CUDA engine keeps recomputing. Allocated on the plan's second step (a plan used once, as
+// thermo_step's, never allocates), then reused; `filled` names the step whose normals it holds.
+struct CpuStore {
+  std::unique_ptr<float[]> z;  // slot s of call element e (tensors in order) at z[s * n + e]
+  int64_t capacity = 0;        // floats allocated
+  int64_t steps = 0;           // writing phases run with this store
+  bool filled = false;         // the slots hold the normals of (seed, step, prog) below
+  uint64_t seed = 0, step = 0;
+  const Program* prog = nullptr;
+};
 
 struct CpuKernels {
   const char* isa;

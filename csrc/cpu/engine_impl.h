@@ -69,16 +69,16 @@ std::vector<Item>& build_items(const StepArgs& a, int64_t& total) {
 }
 
 // out[i] = normal of global element 4*b0 + i, for nb blocks of four. The Philox words of up to
-// 64 blocks go to L1-resident arrays (AVX2 intrinsics where available: the same integers), then
-// a vectorised Box–Muller loop turns them into normals.
+// 64 blocks go to L1-resident arrays (x86 vector intrinsics where available: the same
+// integers), then a vectorised Box–Muller loop turns them into normals.
 void normals_from_blocks(float* __restrict out, const NoiseKey& k, uint64_t b0, int64_t nb) {
   constexpr int kWords = 64;
   alignas(64) uint32_t w0[kWords], w1[kWords], w2[kWords], w3[kWords];
   for (int64_t i0 = 0; i0 < nb; i0 += kWords) {
     const int cnt = (int)std::min<int64_t>(kWords, nb - i0);
-#if defined(__AVX2__)
-    for (int i = 0; i < cnt; i += 16)
-      philox4x32_10_x16(w0 + i, w1 + i, w2 + i, w3 + i, (uint32_t)(b0 + i0 + i), k.uid, k.step,
+#if defined(TE_PHILOX_SIMD)
+    for (int i = 0; i < cnt; i += 32)
+      philox4x32_10_x32(w0 + i, w1 + i, w2 + i, w3 + i, (uint32_t)(b0 + i0 + i), k.uid, k.step,
                         k.draw, k.k0, k.k1);
 #else
     for (int i = 0; i < cnt; ++i) {
@@ -91,16 +91,29 @@ void normals_from_blocks(float* __restrict out, const NoiseKey& k, uint64_t b0, 
     }
 #endif
     float* __restrict o = out + 4 * i0;
-    // Unrolled so that independent vectors' long log/sqrt/sincos chains overlap.
-#pragma GCC unroll 2
+    // fma_risky's fast path on ISAs without FMA (philox.h): the few flagged quads (about one
+    // in 10^3) are redone with the exact software fma.
+    alignas(64) uint32_t risk[kWords];
+    uint32_t any_risk = 0;
+#pragma omp simd reduction(| : any_risk)
     for (int i = 0; i < cnt; ++i) {
       float z0, z1, z2, z3;
-      box_muller(w0[i], w1[i], z0, z1);
-      box_muller(w2[i], w3[i], z2, z3);
+      uint32_t r = 0;
+      box_muller_impl<true>(w0[i], w1[i], z0, z1, r);
+      box_muller_impl<true>(w2[i], w3[i], z2, z3, r);
       o[4 * i + 0] = z0;
       o[4 * i + 1] = z1;
       o[4 * i + 2] = z2;
       o[4 * i + 3] = z3;
+      risk[i] = r;
+      any_risk |= r;
+    }
+    if (TE_SOFT_FMA && any_risk) {
+      for (int i = 0; i < cnt; ++i) {
+        if (!risk[i]) continue;
+        box_muller(w0[i], w1[i], o[4 * i + 0], o[4 * i + 1]);
+        box_muller(w2[i], w3[i], o[4 * i + 2], o[4 * i + 3]);
+      }
     }
   }
 }
@@ -135,12 +148,64 @@ void store_theta(P* __restrict out, const T* __restrict th, int len, int stochas
                  const NoiseKey& k, int64_t g0) {
   if constexpr (std::is_same<P, bf16_t>::value) {
     if (stochastic) {
-      for (int j = 0; j < len; ++j)
-        out[j] = to_storage<P>(th[j], true, rounding_bits(k, (uint64_t)(g0 + j)));
+      // One Philox call per quad of elements, its four words shared by the quad's lanes
+      // (lowp.h rounding_bits makes one per element): the same bits.
+      constexpr int kQuads = kBlock / 4 + 32;  // a block spans kBlock / 4 + 1 quads at most
+      alignas(64) uint32_t w[4][kQuads];
+      const uint64_t q0 = (uint64_t)g0 >> 2;
+      const int nq = (int)(((uint64_t)(g0 + len - 1) >> 2) - q0 + 1);
+#if defined(TE_PHILOX_SIMD)
+      for (int i = 0; i < nq; i += 32)
+        philox4x32_10_x32(w[0] + i, w[1] + i, w[2] + i, w[3] + i, (uint32_t)(q0 + i), k.uid,
+                          k.step, k.draw, k.k0, k.k1);
+#else
+      for (int i = 0; i < nq; ++i) {
+        uint32_t c0 = (uint32_t)(q0 + i), c1 = k.uid, c2 = k.step, c3 = k.draw;
+        philox4x32_10(c0, c1, c2, c3, k.k0, k.k1);
+        w[0][i] = c0;
+        w[1][i] = c1;
+        w[2][i] = c2;
+        w[3][i] = c3;
+      }
+#endif
+      for (int j = 0; j < len; ++j) {
+        const uint64_t g = (uint64_t)(g0 + j);
+        out[j] = to_storage<P>(th[j], true, w[g & 3][(g >> 2) - q0] >> 16);
+      }
       return;
     }
   }
   for (int j = 0; j < len; ++j) out[j] = to_storage<P>(th[j], false, 0);
+}
+
+// The noise letters of a program whose normals go through the plan's store (cpu_engine.h,
+// CpuStore): those before the last E, where a read-only phase draws them first, with a nonzero
+// scale (a zero scale draws nothing). slot[o] numbers them (-1: drawn where used); drawn_in[o]
+// is the phase that draws and stores letter o.
+struct StoreSlots {
+  int8_t slot[kMaxOps];
+  int8_t drawn_in[kMaxOps];
+  int n;
+};
+
+StoreSlots store_slots(const Program& pg) {
+  StoreSlots s;
+  s.n = 0;
+  const int end = pg.n_e > 0 ? pg.e_pos[pg.n_e - 1] : 0;
+  int phase = 0;
+  for (int o = 0; o < kMaxOps; ++o) {
+    s.slot[o] = -1;
+    s.drawn_in[o] = -1;
+    if (o >= end) continue;
+    while (o > pg.e_pos[phase]) ++phase;
+    const Op& op = pg.ops[o];
+    const double scale = op.letter == kO ? op.c[1] : op.letter == kD ? op.c[0]
+                         : op.letter == kV ? op.c[2] : 0.0;
+    if (scale == 0.0) continue;
+    s.slot[o] = (int8_t)s.n++;
+    s.drawn_in[o] = (int8_t)phase;
+  }
+  return s;
 }
 
 // One phase over all tensors. P: parameter/gradient storage, M: momentum storage, T: compute.
@@ -166,6 +231,32 @@ int phase_impl(const StepArgs& a, int phase, bool check) {
   const bool fused_check = check && sum_phase && phase == 0;
   const bool skip_theta = sum_phase && !sum_reads_theta(pg.ops, n_ops, fused_check);
   constexpr bool kSameTypes = std::is_same<P, T>::value && std::is_same<M, T>::value;
+
+  // The plan's store: phase 0 (re)fills it, the later phases of the same step read it back.
+  CpuStore* const st = a.cpu_store;
+  const StoreSlots slots = store_slots(pg);
+  bool store_reads = false, store_writes = false;
+  if (st && slots.n > 0 && st->steps > 0) {
+    if (phase == 0) {
+      const int64_t need = (int64_t)slots.n * total;
+      if (st->capacity < need) {
+        st->z.reset();  // the old buffer first: the peak stays at the new size
+        st->z.reset(new float[(size_t)need]);
+        st->capacity = need;
+      }
+      st->filled = false;
+      store_writes = true;
+    } else {
+      store_reads = st->filled && st->seed == a.seed && st->step == step && st->prog == a.prog;
+      store_writes = store_reads && sum_phase;
+    }
+  }
+  float* const store = store_writes || store_reads ? st->z.get() : nullptr;
+  thread_local std::vector<int64_t> tbase;  // call element index of each tensor's element 0
+  tbase.resize((size_t)a.n_tensors);
+  for (int t = 0; t < a.n_tensors; ++t)
+    tbase[t] = t == 0 ? 0 : tbase[t - 1] + a.tensors[t - 1].numel;
+  const int64_t* tbase_all = tbase.data();
 
   for_each_item(n_items, total >= kParallelMin, [&](int64_t it) {
     Item& item = items[it];
@@ -215,7 +306,14 @@ int phase_impl(const StepArgs& a, int phase, bool check) {
           memset(zbuf, 0, sizeof(zbuf));
           return zbuf;
         }
-        return noise_block(zbuf, make_key(a.seed, d.uid, step, op.draw), g0, len);
+        const int o = (int)(&op - pg.ops);  // interpret passes pg.ops[o]
+        const int slot = store ? slots.slot[o] : -1;
+        float* const zs = slot >= 0 ? store + (int64_t)slot * total + tbase_all[item.t] + lo
+                                    : nullptr;
+        if (zs && slots.drawn_in[o] < phase) return zs;  // drawn by an earlier phase
+        const float* z = noise_block(zbuf, make_key(a.seed, d.uid, step, op.draw), g0, len);
+        if (zs) memcpy(zs, z, sizeof(float) * (size_t)len);
+        return z;
       };
       interpret<0>(pg.ops, n_ops, len, thb, pmb, grb, fac, skip_theta, noise);
       if (sum_phase) {
@@ -236,6 +334,18 @@ int phase_impl(const StepArgs& a, int phase, bool check) {
     for (const Item& item : items)
       for (int kind = 0; kind < 3; ++kind)
         if (item.bad >> kind & 1) return item.t * 4 + kind;
+  if (st) {
+    if (phase == 0 && store_writes) {
+      st->filled = true;
+      st->seed = a.seed;
+      st->step = step;
+      st->prog = a.prog;
+    }
+    if (write) {
+      st->filled = false;
+      ++st->steps;
+    }
+  }
   if (sum_phase) {
     double* sums = a.ws + (int64_t)(pg.n_e + phase) * a.n_seg;
     for (int s = 0; s < a.n_seg; ++s) sums[s] = 0.0;

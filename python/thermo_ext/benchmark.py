@@ -10,6 +10,12 @@ the spread says how quiet the machine was.
     thermo-ext bench                     # CPU: 10 M float32 parameters in 20 tensors
     thermo-ext bench --device cuda       # GPU: 2**26 float32 elements in 200 tensors
     thermo-ext bench --spiral            # per-step overhead on the paper's 2-100-1 net
+    thermo-ext bench --isa all           # the CPU tables once per instruction set, then a summary
+
+The engine picks its instruction set once per process (``THERMO_EXT_ISA`` or the best the CPU
+has); ``--isa`` runs the benchmark in a fresh process per named set. When ``posteriors`` is
+installed, its BAOA, SGNHT and SGLD updates join the step table (their gradient function
+replaced by the fixed gradients the other contenders read from ``.grad``).
 
 ``python bench/step.py`` (from a checkout) runs the same code with the same options.
 """
@@ -20,8 +26,11 @@ import argparse
 import contextlib
 import dataclasses
 import gc
+import json
 import math
+import os
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -177,8 +186,71 @@ def _params(numel: int, n_tensors: int, device, seed: int = 0) -> List[torch.nn.
     return ps
 
 
+#: posteriors' samplers in the step table, with the settings of its sgmcmc module's build():
+#: (module, keyword arguments). Their lr is the thermo_ext contenders' h.
+POSTERIORS_SAMPLERS = {
+    "posteriors BAOA": ("baoa", dict(lr=0.01, alpha=0.01, sigma=1.0, temperature=1.0)),
+    "posteriors SGNHT": ("sgnht", dict(lr=0.01, alpha=0.01, sigma=1.0, temperature=1.0)),
+    "posteriors SGLD": ("sgld", dict(lr=0.01, temperature=1.0)),
+}
+
+
+def posteriors_version() -> Optional[str]:
+    """posteriors' version, or None when it is not installed (it is an optional contender)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # its dataclasses warn about tensordict defaults
+            import posteriors
+    except ImportError:
+        return None
+    return getattr(posteriors, "__version__", "?")
+
+
+@contextlib.contextmanager
+def posteriors_updates(make: Callable[[], List[torch.nn.Parameter]]):
+    """posteriors' in-place sampler updates (POSTERIORS_SAMPLERS) on parameters from ``make``,
+    as {name: step function}; empty when posteriors is not installed. Inside the block each
+    module's ``grad_and_value`` returns the parameters' fixed ``.grad`` tensors, so that a step
+    costs its update minus its gradient function, as the torch optimizers' steps do."""
+    if posteriors_version() is None:
+        yield {}
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import importlib
+        modules = {m: importlib.import_module(f"posteriors.sgmcmc.{m}")
+                   for m, _ in POSTERIORS_SAMPLERS.values()}
+    steps, current = {}, [None]
+    for name, (m, kw) in POSTERIORS_SAMPLERS.items():
+        params = make()
+        transform = modules[m].build(lambda p, batch: (torch.zeros(()), None), **kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # a dict: posteriors' state keeps a dict of tensors as it is (a list it converts)
+            state = transform.init({str(i): p.detach() for i, p in enumerate(params)})
+
+        def step(transform=transform, state=state,
+                 grads={str(i): p.grad for i, p in enumerate(params)}):
+            current[0] = grads  # what the patched gradient function hands this update
+            transform.update(state, None, inplace=True)
+        step.state = state  # the sampler's state, for tests
+        steps[name] = step
+
+    def fixed_grads(fn, has_aux=False):
+        return lambda params, batch: (current[0], (torch.zeros(()), None))
+
+    saved = {m: mod.grad_and_value for m, mod in modules.items()}
+    try:
+        for mod in modules.values():
+            mod.grad_and_value = fixed_grads
+        yield steps
+    finally:
+        for m, mod in modules.items():
+            mod.grad_and_value = saved[m]
+
+
 def bench_step(device: torch.device, numel: int, n_tensors: int, rounds: int = ROUNDS,
-               with_reference: bool = True) -> List[Row]:
+               with_reference: bool = True, with_posteriors: bool = True) -> List[Row]:
     """Rows: every contender against Adam(fused), the engine's speed-up over the reference, and
     on CUDA the achieved bandwidth against a copy."""
     make = lambda: _params(numel, n_tensors, device)  # noqa: E731
@@ -198,13 +270,26 @@ def bench_step(device: torch.device, numel: int, n_tensors: int, rounds: int = R
                                                  backend="reference")
         optims["reference adl"] = te.Thermo(make(), lr=0.01, scheme="adl", eps=1e-9, seed=1,
                                             backend="reference")
-    t = measure({k: o.step for k, o in optims.items()}, device, rounds)
+    contenders = {k: o.step for k, o in optims.items()}
+    others = (posteriors_updates(make) if with_posteriors and device.type == "cpu"
+              else contextlib.nullcontext({}))
+    with others as extra:
+        contenders.update(extra)
+        t = measure(contenders, device, rounds)
     rows = _ratios(t, "Adam(fused)")
+    def speed_up(name: str, slow: str, fast: str) -> Row:
+        return Row(name, t[slow].median / t[fast].median,
+                   f"x  (of minimums {t[slow].min / t[fast].min:.3f} x)")
+
     if with_reference:
         for scheme in ("langevin", "adl"):
-            rows.append(Row(f"speed-up of the engine ({scheme}) over the reference",
-                            t[f"reference {scheme}"].median / t[f"thermo_ext {scheme}"].median,
-                            "x"))
+            rows.append(speed_up(f"speed-up of the engine ({scheme}) over the reference",
+                                 f"reference {scheme}", f"thermo_ext {scheme}"))
+    for name, ours in (("posteriors BAOA", "langevin"), ("posteriors SGNHT", "adl"),
+                       ("posteriors SGLD", "langevin")):
+        if name in t:
+            rows.append(speed_up(f"speed-up of thermo_ext {ours} over {name}", name,
+                                 f"thermo_ext {ours}"))
     if device.type == "cuda":
         # Achieved bandwidth against a device-to-device copy of the same bytes. A Langevin step
         # reads theta, p, g and writes theta, p (20 B/element); the check adds a read of theta
@@ -223,15 +308,28 @@ def bench_step(device: torch.device, numel: int, n_tensors: int, rounds: int = R
 
 
 def bench_noise(device: torch.device, numel: int, rounds: int = ROUNDS) -> List[Row]:
+    """thermo_ext's normals against torch's normal_, and on CPU the cost of one normal per
+    thread: fill_normal timed on one engine thread, and on all of them (time x threads / n)."""
     x = torch.empty(numel, dtype=torch.float32, device=device)
-    contenders = {
-        "torch normal_": lambda: x.normal_(),
-        "thermo_ext noise": lambda: te.kernels.fill_normal(x, seed=1, uid=0, step=0, draw=0),
-    }
+    fill = lambda: te.kernels.fill_normal(x, seed=1, uid=0, step=0, draw=0)  # noqa: E731
+    contenders = {"torch normal_": lambda: x.normal_(), "thermo_ext noise": fill}
+    if device.type == "cpu":
+        def one_thread():
+            with threads(1):
+                fill()
+        contenders["thermo_ext noise, 1 thread"] = one_thread
     t = measure(contenders, device, rounds)
-    return _ratios(t, "torch normal_") + [
+    rows = _ratios(t, "torch normal_") + [
         Row("noise: thermo_ext speed-up over torch normal_",
             t["torch normal_"].median / t["thermo_ext noise"].median, "x")]
+    if device.type == "cpu":
+        n_threads = te.get_num_threads()
+        rows.append(Row("ns per normal per thread, 1 thread",
+                        t["thermo_ext noise, 1 thread"].median / numel * 1e9, "ns"))
+        if n_threads > 1:
+            rows.append(Row(f"ns per normal per thread, {n_threads} threads",
+                            t["thermo_ext noise"].median * n_threads / numel * 1e9, "ns"))
+    return rows
 
 
 #: Threads of the spiral table: the experiments run their tiny nets single-threaded
@@ -381,12 +479,118 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="only the torch.compile table (spiral net: step and train step, eager "
                          "and compiled, AdLaLa and Adam(fused))")
     ap.add_argument("--no-reference", action="store_true", help="skip the (slow) reference")
+    ap.add_argument("--no-posteriors", action="store_true",
+                    help="skip posteriors' samplers (otherwise in the step table when installed)")
+    ap.add_argument("--isa", choices=ISAS + ("all",), default=None,
+                    help="the engine's instruction set: run in a fresh process with "
+                         "THERMO_EXT_ISA set (the engine picks it once per process); 'all': "
+                         "every set this CPU supports, one after the other, then a summary "
+                         "table (default: the one the engine picks, printed in the header)")
+    ap.add_argument("--summary-json", default=None, help=argparse.SUPPRESS)
+
+
+#: The engine's instruction sets, as THERMO_EXT_ISA names them.
+ISAS = ("baseline", "avx2", "avx512")
+
+
+def _child_argv(args: argparse.Namespace, isa: str, summary: str) -> List[str]:
+    argv = ["--device", args.device, "--isa", isa, "--summary-json", summary]
+    for flag in ("numel", "tensors", "rounds"):
+        if getattr(args, flag) is not None:
+            argv += [f"--{flag}", str(getattr(args, flag))]
+    for flag in ("spiral", "compile", "no_reference", "no_posteriors"):
+        if getattr(args, flag):
+            argv.append("--" + flag.replace("_", "-"))
+    return argv
+
+
+def _run_per_isa(args: argparse.Namespace, isas: Sequence[str], prog: str) -> int:
+    """The benchmark once per instruction set, each in a fresh process, then one summary."""
+    import tempfile
+
+    summaries = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for isa in isas:
+            path = os.path.join(tmp, f"{isa}.json")
+            env = dict(os.environ, THERMO_EXT_ISA=isa)
+            cmd = [sys.executable, "-m", "thermo_ext.benchmark", *_child_argv(args, isa, path)]
+            print(f"\n=== ISA {isa} ===", flush=True)
+            rc = subprocess.call(cmd, env=env)
+            if rc != 0:
+                print(f"{prog}: the run with ISA {isa} failed (exit status {rc})",
+                      file=sys.stderr)
+                return rc
+            if os.path.exists(path):
+                with open(path) as f:
+                    summaries.append(json.load(f))
+    if summaries:
+        print_isa_summary(summaries)
+    return 0
+
+
+#: The summary table's columns: (heading, key in a run's summary, format).
+SUMMARY_COLUMNS = (
+    ("langevin", "thermo_ext langevin", "ratio"),
+    ("langevin, no check", "thermo_ext langevin, no check", "ratio"),
+    ("adl", "thermo_ext adl", "ratio"),
+    ("adl, no check", "thermo_ext adl, no check", "ratio"),
+    ("ns/normal (1 thread)", "ns per normal per thread, 1 thread", "value"),
+    ("ns/normal (all threads)", "ns per normal per thread, all threads", "value"),
+    ("spiral AdLaLa", "spiral AdLaLa", "ratio"),
+)
+
+
+def print_isa_summary(summaries: Sequence[Dict[str, Any]]) -> None:
+    """One line per instruction set: the step ratios to Adam(fused) (median; of minimums) and
+    the cost of a normal per thread."""
+    print("\nPer instruction set: step time / Adam(fused) (median; of minimums, each measured in "
+          "that ISA's process), and ns per normal per thread")
+    head = "  " + f"{'ISA':<9}" + "".join(f"{h:>24}" for h, _, _ in SUMMARY_COLUMNS)
+    print(head)
+    for sm in summaries:
+        cells = []
+        for _, key, kind in SUMMARY_COLUMNS:
+            v = sm.get(key)
+            if v is None:
+                cells.append(f"{'-':>24}")
+            elif kind == "ratio":
+                cells.append(f"{v[0]:>15.3f}; {v[1]:>6.3f}")
+            else:
+                cells.append(f"{v:>24.3f}")
+        print("  " + f"{sm['isa']:<9}" + "".join(cells))
+
+
+def _summary(rows: Sequence[Row]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for r in rows:
+        if r.timing is not None:
+            out[r.name] = [r.value, r.min_ratio]
+        elif r.note == "ns" or r.note.startswith("x"):
+            out[r.name] = r.value
+    for k in list(out):
+        if k.startswith("ns per normal per thread, ") and not k.endswith("1 thread"):
+            out["ns per normal per thread, all threads"] = out[k]
+    return out
 
 
 def run(args: argparse.Namespace, prog: str = "bench/step.py",
         error: Optional[Callable[[str], Any]] = None) -> int:
     """Runs the benchmark for parsed ``args``; ``error(message)`` reports a bad option (it may
     raise, as ``ArgumentParser.error`` does)."""
+    isa = getattr(args, "isa", None)
+    if isa is not None:
+        supported = te.build_info()["isas"]
+        if isa != "all" and isa not in supported:
+            message = (f"--isa: {isa} is not supported by this CPU or build (supported: "
+                       f"{', '.join(supported)})")
+            if error is None:
+                print(f"{prog}: error: {message}", file=sys.stderr)
+                return 2
+            error(message)
+            return 2
+        wanted = list(supported) if isa == "all" else [isa]
+        if wanted != [te.build_info()["isa"]]:
+            return _run_per_isa(args, wanted, prog)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print(f"{prog}: --device cuda but torch.cuda.is_available() is False",
@@ -408,8 +612,13 @@ def run(args: argparse.Namespace, prog: str = "bench/step.py",
     tensors = args.tensors or (200 if device.type == "cuda" else 20)
     info = te.build_info()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    with_posteriors = not getattr(args, "no_posteriors", False)
+    pv = posteriors_version() if with_posteriors else None
     print(f"thermo_ext {info['version']} | torch {torch.__version__} | {name} | ISA {info['isa']}"
-          f" | OpenMP threads {info['openmp_threads']} | torch threads {torch.get_num_threads()}")
+          f" (of {', '.join(info['isas'])}) | OpenMP threads {info['openmp_threads']} | torch "
+          f"threads {torch.get_num_threads()} | posteriors "
+          f"{pv or ('not installed' if with_posteriors else 'skipped')}")
+    summary: Dict[str, Any] = {"isa": info["isa"]}
     if args.compile:
         rounds = args.rounds or SPIRAL_ROUNDS
         print_table(f"torch.compile on the spiral net (2-100-1, batch 25, cpu, {SPIRAL_THREADS} "
@@ -418,17 +627,26 @@ def run(args: argparse.Namespace, prog: str = "bench/step.py",
         return 0
     if not args.spiral:
         rounds = args.rounds or ROUNDS
-        rows = bench_step(device, numel, tensors, rounds, not args.no_reference)
+        rows = bench_step(device, numel, tensors, rounds, not args.no_reference,
+                          with_posteriors)
         print_table(f"Step time on {numel:,} float32 parameters in {tensors} tensors "
                     f"({device.type}), time per step over {rounds} interleaved rounds",
                     rows, "median / Adam(fused)")
+        noise = bench_noise(device, numel, rounds)
         print_table(f"Noise generation ({numel:,} float32 normals), time per call over "
-                    f"{rounds} rounds", bench_noise(device, numel, rounds), "median / normal_")
+                    f"{rounds} rounds", noise, "median / normal_")
+        summary.update(_summary(rows))
+        summary.update(_summary(noise))
     if args.spiral or device.type == "cpu":
         rounds = args.rounds or SPIRAL_ROUNDS
+        spiral = bench_spiral(rounds)
         print_table(f"Per-step time on the spiral net (2-100-1, four tensors, cpu, "
                     f"{SPIRAL_THREADS} thread), over {rounds} interleaved rounds",
-                    bench_spiral(rounds), "median / Adam(fused)")
+                    spiral, "median / Adam(fused)")
+        summary.update({f"spiral {k}": v for k, v in _summary(spiral).items()})
+    if getattr(args, "summary_json", None):
+        with open(args.summary_json, "w") as f:
+            json.dump(summary, f)
     return 0
 
 
