@@ -163,3 +163,59 @@ def assert_same(a, b, path: str = "") -> None:
 def clone_state_dict(sd):
     """A detached copy, so that the live optimizer's later steps cannot change it."""
     return copy.deepcopy(sd)
+
+
+class CallState:
+    """Parameters, momenta, xi (and optionally gradients) of one engine call, drawn from
+    ``gen`` in a fixed order: parameters, gradients (``with_grads``), momenta (zero, or normals
+    times ``momentum_scale``), xi (uniform in [-0.05, 0.15), or all ``xi0``). ``thermostat``:
+    one segment per tensor ("tensor") or one for all ("group"). The uids are those of param
+    group ``uid_group``."""
+
+    def __init__(self, shapes, dtype, scheme, *, gen, thermostat="tensor", with_grads=False,
+                 zero_momenta=False, momentum_scale=1.0, xi0=None, uid_group=1):
+        from thermo_ext import kernels
+        from thermo_ext.schemes import fold
+
+        self.scheme = fold(scheme) if isinstance(scheme, str) else scheme
+        self.dtype = dtype
+        self.shapes = [s if isinstance(s, tuple) else (s,) for s in shapes]
+        n = len(self.shapes)
+        self.params = [torch.randn(s, generator=gen, dtype=F64).to(dtype) for s in self.shapes]
+        if with_grads:
+            self.grads = [torch.randn(s, generator=gen, dtype=F64).to(dtype)
+                          for s in self.shapes]
+        mdt = kernels.momentum_dtype(dtype)
+        if self.scheme.uses_momentum:
+            self.momenta = [(torch.zeros(s, dtype=mdt) if zero_momenta else
+                             (momentum_scale * torch.randn(s, generator=gen, dtype=F64)).to(mdt))
+                            for s in self.shapes]
+        else:
+            self.momenta = [None] * n
+        self.segments = list(range(n)) if thermostat == "tensor" else [0] * n
+        n_seg = max(self.segments) + 1
+        if xi0 is None:
+            self.xi = 0.2 * torch.rand(n_seg, generator=gen, dtype=F64) - 0.05
+        else:
+            self.xi = torch.full((n_seg,), float(xi0), dtype=F64)
+        self.uids = [kernels.uid(uid_group, i) for i in range(n)]
+        self.offsets = [0] * n
+
+    def copy(self, place=lambda t: t.clone()):
+        """The same state with every tensor passed through ``place`` (a clone by default)."""
+        c = object.__new__(type(self))
+        c.__dict__.update(self.__dict__)
+        c.params = [place(p) for p in self.params]
+        if hasattr(self, "grads"):
+            c.grads = [place(g) for g in self.grads]
+        c.momenta = [place(m) if m is not None else None for m in self.momenta]
+        c.xi = place(self.xi)
+        return c
+
+    def tensors(self):
+        """Everything a step may write (xi only for schemes with a thermostat)."""
+        out = list(self.params) + [m for m in self.momenta if m is not None]
+        if self.scheme.uses_thermostat:
+            out.append(self.xi)
+        return out
+

@@ -16,6 +16,7 @@ import math
 import pytest
 import torch
 
+import helpers as H
 import thermo_ext
 from thermo_ext import kernels
 from thermo_ext.random import normal
@@ -64,37 +65,11 @@ def new_flag() -> torch.Tensor:
 # State: parameters, momenta, gradients and xi of one call, on the CPU; copies go to the device.
 # ---------------------------------------------------------------------------------------------
 
-class State:
+class State(H.CallState):
     def __init__(self, sizes, dtype, scheme, *, seed=0, thermostat="tensor", xi0=None):
-        gen = torch.Generator().manual_seed(seed)
-        self.scheme = fold(scheme)
-        self.dtype = dtype
-        n = len(sizes)
-        self.params = [torch.randn(s, generator=gen, dtype=F64).to(dtype) for s in sizes]
-        self.grads = [torch.randn(s, generator=gen, dtype=F64).to(dtype) for s in sizes]
-        mdt = kernels.momentum_dtype(dtype)
-        if self.scheme.uses_momentum:
-            self.momenta = [(0.1 * torch.randn(s, generator=gen, dtype=F64)).to(mdt)
-                            for s in sizes]
-        else:
-            self.momenta = [None] * n
-        self.segments = list(range(n)) if thermostat == "tensor" else [0] * n
-        n_seg = max(self.segments) + 1
-        if xi0 is None:
-            self.xi = 0.2 * torch.rand(n_seg, generator=gen, dtype=F64) - 0.05
-        else:
-            self.xi = torch.full((n_seg,), float(xi0), dtype=F64)
-        self.uids = [(3 << 16) | i for i in range(n)]
-        self.offsets = [0] * n
-
-    def copy(self, place):
-        c = object.__new__(State)
-        c.__dict__.update(self.__dict__)
-        c.params = [place(p) for p in self.params]
-        c.grads = [place(g) for g in self.grads]
-        c.momenta = [place(m) if m is not None else None for m in self.momenta]
-        c.xi = place(self.xi)
-        return c
+        super().__init__(sizes, dtype, scheme, gen=torch.Generator().manual_seed(seed),
+                         thermostat=thermostat, with_grads=True, momentum_scale=0.1, xi0=xi0,
+                         uid_group=3)
 
     def to_dut(self):
         return self.copy(dut)
@@ -110,12 +85,6 @@ class State:
             self.params, self.momenta, self.grads, scheme=self.scheme,
             xi=self.xi if thermo else None, segments=self.segments, seed=SEED, step=step,
             uids=self.uids, offsets=self.offsets, first=first, flag=flag, **args)
-
-    def tensors(self):
-        out = list(self.params) + [m for m in self.momenta if m is not None]
-        if self.scheme.uses_thermostat:
-            out.append(self.xi)
-        return out
 
 
 def assert_close_state(got: State, want: State, rtol=None):

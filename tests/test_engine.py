@@ -21,6 +21,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+import helpers as H
 import thermo_ext
 from thermo_ext import kernels, reference
 from thermo_ext.random import normal
@@ -40,39 +41,14 @@ HYPER = dict(lr=0.1, gamma=1.0, tau=0.5, sigma=0.3, eps=0.0, weight_decay=0.0)
 # Helpers
 # ---------------------------------------------------------------------------------------------
 
-class State:
-    """Parameters, momenta and xi of one call, with the thermostat per tensor or per group."""
-
-    def __init__(self, shapes, dtype, scheme, *, gen, thermostat="tensor", zero_momenta=False):
-        self.scheme = fold(scheme) if isinstance(scheme, str) else scheme
-        self.dtype = dtype
-        self.shapes = [s if isinstance(s, tuple) else (s,) for s in shapes]
-        n = len(self.shapes)
-        self.params = [torch.randn(s, generator=gen, dtype=F64).to(dtype) for s in self.shapes]
-        mdt = kernels.momentum_dtype(dtype)
-        if self.scheme.uses_momentum:
-            self.momenta = [(torch.zeros(s, dtype=mdt) if zero_momenta else
-                             torch.randn(s, generator=gen, dtype=F64).to(mdt))
-                            for s in self.shapes]
-        else:
-            self.momenta = [None] * n
-        if thermostat == "tensor":
-            self.segments = list(range(n))
-        else:
-            self.segments = [0] * n
-        self.xi = 0.2 * torch.rand(max(self.segments) + 1, generator=gen, dtype=F64) - 0.05
-        self.uids = [(1 << 16) | i for i in range(n)]
-        self.offsets = [0] * n
+class State(H.CallState):
+    """Parameters, momenta and xi of one call (param group 1's uids), stepped by an
+    implementation: the engine or the reference."""
 
     def clone(self):
-        c = object.__new__(State)
-        c.__dict__.update(self.__dict__)
-        c.params = [p.clone() for p in self.params]
-        c.momenta = [m.clone() if m is not None else None for m in self.momenta]
-        c.xi = self.xi.clone()
-        return c
+        return self.copy()
 
-    def tensors(self):
+    def tensors(self):  # xi too: the engine is handed it whatever the scheme
         return [*self.params, *(m for m in self.momenta if m is not None), self.xi]
 
     def step(self, impl, grads, *, step, first, **hyper):
