@@ -30,6 +30,7 @@ import contextlib
 import itertools
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -42,24 +43,15 @@ import thermo_ext as te
 from thermo_ext.data import digits, generator
 from thermo_ext.stability import StabilityMonitor
 
+# The CNN and the transformer are the examples' (examples/cnn.py, examples/transformer.py).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+from cnn import CNN  # noqa: E402
+from transformer import Sorter  # noqa: E402
+
 METHODS = ("Adam", "Langevin", "LaLa", "AdL", "AdLaLa", "LOL", "Overdamped")
 
 
 # ============================================================================ families
-class CNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
-        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
-        self.fc = nn.Linear(32 * 4 * 4, 10)
-
-    def forward(self, x):
-        x = x.view(-1, 1, 8, 8)
-        x = torch.relu(self.conv1(x))
-        x = nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
-        return self.fc(x.flatten(1))
-
-
 class GRUNet(nn.Module):
     def __init__(self):
         super().__init__()
@@ -69,23 +61,6 @@ class GRUNet(nn.Module):
     def forward(self, x):
         _, h = self.gru(x.view(-1, 8, 8))
         return self.fc(h[-1])
-
-
-class Sorter(nn.Module):
-    """Sorts a sequence of tokens: per position, the token the sorted sequence has there."""
-
-    def __init__(self, vocab: int = 10, length: int = 8, d_model: int = 32):
-        super().__init__()
-        # A parameter of the top module itself, as a user's positional embedding often is.
-        self.pos = nn.Parameter(0.02 * torch.randn(length, d_model))
-        self.embed = nn.Embedding(vocab, d_model)
-        layer = nn.TransformerEncoderLayer(d_model, nhead=4, dim_feedforward=64, dropout=0.0,
-                                           batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
-        self.head = nn.Linear(d_model, vocab)
-
-    def forward(self, x):
-        return self.head(self.encoder(self.embed(x) + self.pos))
 
 
 class Family:

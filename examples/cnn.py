@@ -30,11 +30,15 @@ METHODS = ("Langevin", "LaLa", "AdL", "AdLaLa", "LOL", "Overdamped", "Adam")
 
 
 class CNN(nn.Module):
-    def __init__(self):
+    """Conv(1->c1) + Conv(c1->c2) + maxpool + Linear on 8x8 images (the model-family benchmark
+    and the tests use it too)."""
+
+    def __init__(self, widths=(16, 32)):
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
-        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
-        self.fc = nn.Linear(32 * 4 * 4, 10)
+        c1, c2 = widths
+        self.conv1 = nn.Conv2d(1, c1, 3, padding=1)
+        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
+        self.fc = nn.Linear(c2 * 4 * 4, 10)
 
     def forward(self, x):
         x = torch.relu(self.conv1(x.view(-1, 1, 8, 8)))

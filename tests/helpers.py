@@ -219,3 +219,36 @@ class CallState:
             out.append(self.xi)
         return out
 
+
+def example(name: str):
+    """The module of examples/<name>.py (its models are shared by the tests)."""
+    import importlib.util
+    import os
+    import sys
+
+    key = f"thermo_ext_example_{name}"
+    if key not in sys.modules:
+        path = os.path.join(os.path.dirname(__file__), "..", "examples", f"{name}.py")
+        spec = importlib.util.spec_from_file_location(key, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
+def train_digits(model, opt, x, y, steps: int, seed: int, batch: int = 32) -> None:
+    """``steps`` steps of cross-entropy on shuffled batches of (x, y), epoch after epoch (the
+    order drawn from thermo_ext.data.generator(seed, "shuffle"))."""
+    from thermo_ext.data import generator
+
+    g = generator(seed, "shuffle")
+    done = 0
+    while done < steps:
+        for idx in torch.randperm(len(x), generator=g).split(batch):
+            if done == steps:
+                break
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+            done += 1
+

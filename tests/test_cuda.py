@@ -366,57 +366,42 @@ def test_bf16_stochastic_rounding_unbiased():
 # Non-finite values
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("scheme", ["langevin", "adl", "overdamped"])
-def test_nonfinite_gradient_flags_and_changes_nothing(scheme):
-    state = State(SIZES, F32, scheme, seed=12)
-    state.grads[3][5] = float("nan")
-    state.grads[4][0] = float("inf")
-    c = state.to_host()
-    assert c.step(step=3) == (3, "gradient")
+def assert_flagged_and_unchanged(state: State, index: int, kind: str):
+    """The device step sets the flag to the code of (index, kind) + 1 and changes nothing; the
+    CPU engine refuses the same step with (index, kind)."""
     d = state.to_dut()
     before = [host(t).clone() for t in d.tensors()]
     flag = new_flag()
     assert d.step(step=3, flag=flag) is None
     sync()
-    assert int(host(flag)[0]) == 3 * 4 + 0 + 1
-    for x, y in zip(d.tensors(), before):
-        assert torch.equal(host(x), y)
+    assert int(host(flag)[0]) == index * 4 + kernels.BAD_KINDS.index(kind) + 1
+    assert all(torch.equal(host(x), y) for x, y in zip(d.tensors(), before))
+    assert state.to_host().step(step=3) == (index, kind)
+
+
+@pytest.mark.parametrize("scheme", ["langevin", "adl", "overdamped"])
+def test_nonfinite_gradient_flags_and_changes_nothing(scheme):
+    state = State(SIZES, F32, scheme, seed=12)
+    state.grads[3][5] = float("nan")
+    state.grads[4][0] = float("inf")
+    assert_flagged_and_unchanged(state, 3, "gradient")
 
 
 def test_nonfinite_parameter_and_momentum():
     state = State(SIZES, F32, "adl", seed=13)
     state.params[3][2] = float("inf")
     state.grads[5][0] = float("nan")
-    d = state.to_dut()
-    before = [host(t).clone() for t in d.tensors()]
-    flag = new_flag()
-    d.step(step=3, flag=flag)
-    sync()
-    assert int(host(flag)[0]) == 3 * 4 + 1 + 1
-    assert all(torch.equal(host(x), y) for x, y in zip(d.tensors(), before))
-    assert state.to_host().step(step=3) == (3, "parameter")
+    assert_flagged_and_unchanged(state, 3, "parameter")
 
     state = State(SIZES, F32, "adl", seed=13)
     state.momenta[1][0] = float("nan")  # checked by schemes with E (their phase 0 reads p)
-    d = state.to_dut()
-    flag = new_flag()
-    d.step(step=3, flag=flag)
-    sync()
-    assert int(host(flag)[0]) == 1 * 4 + 2 + 1
-    assert state.to_host().step(step=3) == (1, "momentum")
+    assert_flagged_and_unchanged(state, 1, "momentum")
 
 
 def test_thermostat_overflow_flags():
     state = State(SIZES[:4], F32, "adl", seed=14)
     state.xi[2] = -1e308  # exp(-xi delta) overflows
-    d = state.to_dut()
-    before = [host(t).clone() for t in d.tensors()]
-    flag = new_flag()
-    d.step(step=3, flag=flag)
-    sync()
-    assert int(host(flag)[0]) == 2 * 4 + 3 + 1
-    assert all(torch.equal(host(x), y) for x, y in zip(d.tensors(), before))
-    assert state.to_host().step(step=3) == (2, "thermostat")
+    assert_flagged_and_unchanged(state, 2, "thermostat")
 
 
 def test_flag_cleared_and_unchecked_step_runs():

@@ -577,18 +577,28 @@ def test_plan_store_gives_the_bits_of_redrawing(scheme, dtype, check, gen):
     assert not torch.equal(kept.xi, st_.xi)
 
 
-def test_plan_store_with_a_zero_noise_scale(gen):
-    # sigma = 0: D draws nothing, so nothing is stored; the steps still match
-    st_ = State(STORE_SIZES, F32, "adl", gen=gen)
-    grads = make_grads(st_, gen, 3)
+def _kept_plan_follows_fresh_plans(st_, grads, run, **hyper_of_step):
+    """Steps a plan kept over the steps (``run(plan)`` runs it and returns the engine's
+    verdict) and fresh plans side by side, the hyperparameters of step k from
+    ``hyper_of_step[key](k)``; every step must pass and both must agree bitwise."""
     kept, fresh = st_.clone(), st_.clone()
     plan = _plan(kept)
     for k, g in enumerate(grads):
-        sigma = 0.0 if k == 1 else 0.3
-        _set(plan, g, k, sigma=sigma)
-        assert kernels.run_plans([plan], check=True) is None
-        assert _fresh_step(fresh, g, k, sigma=sigma) is None
+        hyper = {key: f(k) for key, f in hyper_of_step.items()}
+        _set(plan, g, k, **hyper)
+        assert run(plan) is None
+        assert _fresh_step(fresh, g, k, **hyper) is None
         assert_states_equal(kept, fresh)
+    return kept, plan
+
+
+def test_plan_store_with_a_zero_noise_scale(gen):
+    # sigma = 0: D draws nothing, so nothing is stored; the steps still match
+    st_ = State(STORE_SIZES, F32, "adl", gen=gen)
+    _kept_plan_follows_fresh_plans(
+        st_, make_grads(st_, gen, 3),
+        lambda plan: kernels.run_plans([plan], check=True),
+        sigma=lambda k: 0.0 if k == 1 else 0.3)
 
 
 def test_plan_stores_are_per_plan_in_a_staged_step(gen):
@@ -612,16 +622,12 @@ def test_plan_stores_are_per_plan_in_a_staged_step(gen):
 
 
 def test_plan_store_pre_then_finish(gen):
-    st_ = State(STORE_SIZES, F32, "BACDEODEDCAB", gen=gen)
-    grads = make_grads(st_, gen, 3)
-    kept, fresh = st_.clone(), st_.clone()
-    plan = _plan(kept)
-    for k, g in enumerate(grads):
-        _set(plan, g, k)
+    def pre_then_finish(plan):
         assert kernels.run_plans([plan], check=True, mode="pre") is None
-        assert kernels.run_plans([plan], check=False, mode="finish") is None
-        assert _fresh_step(fresh, g, k) is None
-        assert_states_equal(kept, fresh)
+        return kernels.run_plans([plan], check=False, mode="finish")
+
+    st_ = State(STORE_SIZES, F32, "BACDEODEDCAB", gen=gen)
+    _kept_plan_follows_fresh_plans(st_, make_grads(st_, gen, 3), pre_then_finish)
 
 
 def test_plan_store_refused_step_changes_nothing(gen):

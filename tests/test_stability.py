@@ -8,24 +8,13 @@ import pytest
 import torch
 from torch import nn
 
+import helpers as H
 import thermo_ext as te
 from thermo_ext.data import digits, generator, two_spirals
 from thermo_ext.stability import StabilityMonitor
 
 
-class CNN(nn.Module):
-    """The issue's CNN: Conv(1->16) + Conv(16->32) + maxpool + Linear on the 8x8 digits."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
-        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
-        self.fc = nn.Linear(32 * 4 * 4, 10)
-
-    def forward(self, x):
-        x = torch.relu(self.conv1(x.view(-1, 1, 8, 8)))
-        x = nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
-        return self.fc(x.flatten(1))
+CNN = H.example("cnn").CNN  # Conv(1->16) + Conv(16->32) + maxpool + Linear on the digits
 
 
 def run_digits(opt_factory, steps, seed=0):
@@ -33,18 +22,9 @@ def run_digits(opt_factory, steps, seed=0):
     torch.manual_seed(seed)
     model = CNN()
     opt = opt_factory(model)
-    g = generator(seed, "shuffle")
-    done = 0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        while done < steps:
-            for idx in torch.randperm(len(x), generator=g).split(32):
-                if done == steps:
-                    break
-                opt.zero_grad()
-                nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-                opt.step()
-                done += 1
+        H.train_digits(model, opt, x, y, steps, seed)
     return model, opt, [w for w in caught if issubclass(w.category, te.InstabilityWarning)]
 
 

@@ -8,23 +8,15 @@ import pytest
 import torch
 from torch import nn
 
+import helpers as H
 import thermo_ext as te
-from thermo_ext.data import digits, generator
+from thermo_ext.data import digits
 
 METHODS = ("Langevin", "LaLa", "AdL", "AdLaLa", "LOL", "Overdamped")
 
 
-class CNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
-        self.fc = nn.Linear(16 * 4 * 4, 10)
-
-    def forward(self, x):
-        x = torch.relu(self.conv1(x.view(-1, 1, 8, 8)))
-        x = nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
-        return self.fc(x.flatten(1))
+def CNN():
+    return H.example("cnn").CNN(widths=(8, 16))
 
 
 def mlp():
@@ -43,16 +35,7 @@ def fit(make, method, data, steps, seed=0):
     model = make()
     opt = (torch.optim.Adam(model.parameters(), lr=1e-3) if method == "Adam"
            else getattr(te, method)(model, seed=seed))
-    g = generator(seed, "shuffle")
-    done = 0
-    while done < steps:
-        for idx in torch.randperm(len(x), generator=g).split(32):
-            if done == steps:
-                break
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-            done += 1
+    H.train_digits(model, opt, x, y, steps, seed)
     with torch.no_grad():
         return 100.0 * (model(x_test).argmax(1) == y_test).float().mean().item()
 
