@@ -555,3 +555,81 @@ def test_skipped_steps_is_zero_where_steps_raise():
         opt.step()
     skipped = opt.skipped_steps()
     assert skipped.dtype == torch.int64 and skipped.dim() == 0 and int(skipped) == 0
+
+
+@pytest.mark.parametrize("name", ["AdLaLa", "Langevin", "LOL"])
+def test_repeated_step_shortcut_matches_the_general_step(name, monkeypatch):
+    """An unchanged optimizer's step takes a shortcut (identity checks, then one engine call).
+    Run side by side with an optimizer that never takes it, through every change the shortcut
+    must notice (hyperparameters, a missing or column-major gradient, a parameter swapped
+    through .data, a tensor lr, a loaded state, a refused step): both give the same bits at
+    every step, and the shortcut is taken again once nothing changes."""
+    import thermo_ext.optim as optim_module
+
+    x, y = data()
+    models = [mlp(seed=4), mlp(seed=4)]
+    opts = [METHODS[name](m, seed=9) for m in models]
+    taken = []
+    shortcut = optim_module.Thermo._steady_step
+
+    def counting(self):
+        done = shortcut(self)
+        taken.append(done)
+        return done
+
+    monkeypatch.setattr(optim_module.Thermo, "_steady_step", counting)
+    opts[1]._steady = None
+    never = opts[1]
+
+    def step_both(change=None):
+        for m, opt in zip(models, opts):
+            H.backward(m, x, y)
+            if change is not None:
+                change(m, opt)
+            if opt is never:
+                opt._steady = None  # the general path, every step
+            opt.step()
+        H.assert_same(H.snapshot(opts[0]), H.snapshot(opts[1]))
+
+    def lr(m, opt):
+        opt.param_groups[-1]["lr"] = opt.param_groups[-1]["lr"] * 0.5
+
+    def no_grad(m, opt):
+        m[0].bias.grad = None
+
+    def transposed(m, opt):
+        w = m[0].weight
+        w.grad = w.grad.t().contiguous().t()  # the same values, column-major
+
+    def swapped(m, opt):
+        w = m[2].weight
+        w.data = w.data.clone()
+
+    def tensor_lr(m, opt):  # read on the host at every step: never the shortcut
+        opt.param_groups[0]["lr"] = torch.tensor(float(opt.param_groups[0]["lr"]))
+
+    def float_lr(m, opt):
+        opt.param_groups[0]["lr"] = float(opt.param_groups[0]["lr"])
+
+    for change in [None, None, lr, None, no_grad, None, transposed, None, swapped, None,
+                   tensor_lr, None, float_lr, None, None]:
+        step_both(change)
+    assert any(taken)
+
+    # A loaded state, then a refused step (nothing changes), then training goes on.
+    for opt in opts:
+        opt.load_state_dict(opt.state_dict())
+    step_both()
+    step_both()
+    for m, opt in zip(models, opts):
+        H.backward(m, x, y)
+        m[0].weight.grad[0, 0] = float("nan")
+        before = H.snapshot(opt)
+        with pytest.raises(FloatingPointError):
+            opt.step()
+        H.assert_same(before, H.snapshot(opt))
+    step_both()
+    step_both()
+    calls = len(taken)
+    step_both()
+    assert taken[calls:] == [True]  # back on the shortcut once nothing changes

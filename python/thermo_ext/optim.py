@@ -37,6 +37,38 @@ def _GRAD(p: torch.Tensor) -> Optional[torch.Tensor]:
     return p.grad
 
 
+class _Steady:
+    """What :meth:`Thermo._steady_step` repeats: per group its record and, per engine call, the
+    plan and the positions of its parameters; the calls and plans in step order."""
+
+    __slots__ = ("groups", "calls", "plans")
+
+    @staticmethod
+    def of(opt, calls) -> "Optional[_Steady]":
+        """For a step of ``calls`` that the steady path can repeat: every group moves all its
+        parameters (real, plain tensors on the CPU, each one engine call of its own), with
+        host step counters and float hyperparameters; otherwise None."""
+        groups = []
+        for gi, group in enumerate(opt.param_groups):
+            rec = opt._records.get(gi)
+            if (rec is None or rec.dtensor or rec.on_device or rec.tensor_hyper
+                    or rec.device_hyper is not None or type(group["step"]) is not int
+                    or rec.active != tuple(range(len(group["params"])))):
+                return None
+            places = []
+            for c in rec.calls:
+                if (c.chain is not None or c.staged or c.xi_index is not None or c.plan is None
+                        or c.sum_hook is not None
+                        or any(p is not q for p, q in zip(c.params, c.sources))):
+                    return None
+                places.append((c.plan, list(c.positions)))
+            groups.append((rec, places))
+        steady = _Steady()
+        steady.groups, steady.calls = groups, list(calls)
+        steady.plans = [c.plan for c in calls]
+        return steady
+
+
 def _draw_seed() -> int:
     """A uint64 from torch's default generator, so torch.manual_seed makes runs reproducible."""
     hi, lo = torch.randint(0, 2**32, (2,), dtype=torch.int64).tolist()
@@ -146,6 +178,7 @@ class Thermo(Optimizer):
         """What a step keeps for the next one and a copy rebuilds (never copied or pickled: the
         engine's plans hold raw addresses)."""
         self._records: Dict[int, GroupRecord] = {}
+        self._steady: Optional[_Steady] = None  # what the next step may repeat as it is
         self._host_steps: Dict[int, int] = {}
         self._flags: Dict[torch.device, torch.Tensor] = {}
         self._created: list = []  # state created by the running step (undone if it fails)
@@ -160,7 +193,7 @@ class Thermo(Optimizer):
     #: What a copy or unpickled optimizer rebuilds instead of carrying: the step's caches (the
     #: engine's plans hold raw addresses of the original's tensors) and, as torch.optim does,
     #: the hooks.
-    _NOT_COPIED = ("_records", "_host_steps", "_created", "_handle", "_params", "_state_tensors",
+    _NOT_COPIED = ("_records", "_steady", "_host_steps", "_created", "_handle", "_params", "_state_tensors",
                    "_lists_dirty", "_stability", "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
                    "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
                    "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
@@ -418,6 +451,9 @@ class Thermo(Optimizer):
         """The step (the functional core both ``step()`` and the compiled op run), with the
         gradients ``grad_of(parameter)`` (None: the parameter does not move)."""
         self._check_capture(grad_of)
+        if grad_of is _GRAD and self._steady is not None and self._steady_step():
+            return
+        self._steady = None
         calls, hyper, steps, groups, device_hyper = [], [], [], [], []
         on_device = dtensor = capturable = False
         for gi, group in enumerate(self.param_groups):
@@ -485,6 +521,44 @@ class Thermo(Optimizer):
             for src, buf in c.staged:
                 src.copy_(buf)
         self._advance(flag if capturable else None)
+        if grad_of is _GRAD and flag is None and agreement is None and backend.name == "engine":
+            self._steady = _Steady.of(self, calls)
+
+    def _steady_step(self) -> bool:
+        """The step of an optimizer whose groups, tensors and settings are those of its last
+        step (a training loop's usual step): the checks of ``_record`` by identity, then the
+        plans' gradients and counters, then one engine call. False, with nothing done, when
+        anything differs: ``_step`` then takes its general path. (On a small model the
+        general path's bookkeeping costs more than the update itself.)"""
+        steady, groups = self._steady, self.param_groups
+        if len(groups) != len(steady.groups) or self.sum_hook is not None:
+            return False
+        settings = []
+        for (rec, places), gi, group in zip(steady.groups, range(len(groups)), groups):
+            step = group["step"]
+            if (self._records.get(gi) is not rec or type(step) is not int or step == 0
+                    or self._version != rec.version
+                    or not all(map(operator.is_, _HYPER(group), rec.raw))
+                    or not all(map(operator.is_, _STRUCTURE(group), rec.structure))
+                    or rec.buffers != (id(group["xi"]), None)):
+                return False
+            params = group["params"]
+            grads = [p.grad for p in params]
+            if (len(grads) != len(rec.active) or any(g is None for g in grads)
+                    or tuple([p.data_ptr() for p in params]) != rec.addresses
+                    or not all(g.layout is torch.strided and g.is_contiguous() for g in grads)):
+                return False
+            for plan, positions in places:
+                settings.append((plan, [grads[k] for k in positions], rec.hyper, step))
+        sr = self.stochastic_rounding
+        for plan, grads, hyper, step in settings:
+            plan.set_fast(grads, hyper, step, False, sr)
+        refusal = run_step(BACKENDS["engine"], steady.plans, check=self.check_finite, flag=None,
+                           agreement=None, capturable=False)
+        if refusal is not None:
+            self._raise(refusal, steady.calls, None, agreed=False)
+        self._advance(None)
+        return True
 
     def _advance(self, flag: Optional[torch.Tensor]) -> None:
         """Counts the step. A device counter of a capturable step advances only where the step

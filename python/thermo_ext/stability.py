@@ -8,9 +8,10 @@ every param group for that and issues an :class:`InstabilityWarning` naming the 
 likely fix, once per group. The rule and the measurements it was chosen from are in
 docs/GUIDE.md ("Instability warnings").
 
-Cost and synchronisation: every ``every`` steps the monitor computes, per group, Σθ² and Σp²
-with torch's multi-tensor norms (one read of θ and p). On the CPU it reads the few numbers at
-once. On CUDA it never waits: the sums are copied without blocking into pinned host memory
+Cost and synchronisation: every ``every`` steps the monitor computes, per group, Σθ² with
+torch's multi-tensor norms (one read of θ; also Σp² while tracing). On the CPU it reads the few
+numbers at once and adds them on the host (a small model's step costs hardly more than a few
+torch calls, so the check makes as few as it can). On CUDA it never waits: the sums are copied without blocking into pinned host memory
 behind an event, and read at a later check once the event has completed; so a warning may come
 one check later than on the CPU. Checks are skipped while a CUDA graph is being captured.
 """
@@ -25,6 +26,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ._compat import set_grad_enabled
 from .schemes import fold
 
 __all__ = ["InstabilityWarning", "StabilityMonitor"]
@@ -70,7 +72,8 @@ class StabilityMonitor:
 
     Call :meth:`observe` after every successful step (the optimizer does, unless built with
     ``check_stability=False``). Every ``every`` steps it measures per group the RMS of the
-    parameters and the kinetic temperature Σp²/N and applies the rule of :meth:`verdict`.
+    parameters (and, while tracing, the kinetic temperature Σp²/N) and applies the rule of
+    :meth:`verdict`.
     """
 
     #: Steps between checks.
@@ -97,6 +100,7 @@ class StabilityMonitor:
         self._pending: List[tuple] = []  # checks launched, not yet judged
         self._indices: Dict[tuple, torch.Tensor] = {}
         self._model_ref: Optional[float] = None  # RMS of all parameters at the first check
+        self._layout_kept: Optional[tuple] = None  # (groups' identity, _layout's result)
 
     # ------------------------------------------------------------------------------ measuring
     def observe(self, opt) -> None:
@@ -104,28 +108,45 @@ class StabilityMonitor:
         self._calls += 1
         if self._calls % self.every and self._calls != 1:  # step 1: the reference scale
             return
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        # (A capture needs CUDA initialised: asking that first is cheaper than is_available.)
+        if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
             return
-        self._collect(opt)
-        self._launch(opt)
+        grad_mode = torch.is_grad_enabled()
+        set_grad_enabled(False)  # torch.no_grad, without its context manager's cost
+        try:
+            self._collect(opt)
+            self._launch(opt)
+        finally:
+            set_grad_enabled(grad_mode)
 
     def _layout(self, opt):
-        """Per device: the group index of each θ and p tensor, and each group's element count."""
+        """Per device: the θ (and, while tracing, p) tensors with the group index of each, and
+        each group's element count. Kept between checks until the groups change, unless a
+        parameter is a DTensor (its local shard is asked for at every check) or the monitor is
+        tracing (momenta appear at a group's first step)."""
+        key = (opt._version, tuple(id(g["params"]) for g in opt.param_groups),
+               tuple(len(g["params"]) for g in opt.param_groups))
+        if self._layout_kept is not None and self._layout_kept[0] == key:
+            return self._layout_kept[1]
         per_device: Dict[torch.device, Dict[str, list]] = {}
-        numel: List[int] = []
+        numel = [0] * len(opt.param_groups)
+        keep = self.trace is None
         for gi, group in enumerate(opt.param_groups):
-            n = 0
             for p in group["params"]:
                 t = _local(p)
-                n += t.numel()
-                d = per_device.setdefault(t.device, {"theta": [], "tg": [], "mom": [], "mg": []})
-                d["theta"].append(t.detach())
-                d["tg"].append(gi)
-                m = opt.state.get(p, {}).get("momentum_buffer")
-                if m is not None:
-                    d["mom"].append(_local(m))
-                    d["mg"].append(gi)
-            numel.append(n)
+                keep &= t is p
+                numel[gi] += t.numel()
+                d = per_device.get(t.device)
+                if d is None:
+                    d = per_device[t.device] = {"theta": [], "tg": [], "mom": [], "mg": []}
+                d["theta"].append(t)  # read under no_grad (a parameter may be swapped in
+                d["tg"].append(gi)    # place through .data: the tensor object stays)
+                if self.trace is not None:
+                    m = opt.state.get(p, {}).get("momentum_buffer")
+                    if m is not None:
+                        d["mom"].append(_local(m))
+                        d["mg"].append(gi)
+        self._layout_kept = (key, (per_device, numel)) if keep else None
         return per_device, numel
 
     def _summing(self, rows: List[int], size: int, device: torch.device) -> torch.Tensor:
@@ -147,18 +168,40 @@ class StabilityMonitor:
             return
         per_device, numel = self._layout(opt)
         groups = len(opt.param_groups)
-        parts = []
-        for device, d in per_device.items():
-            sums = torch.zeros(2 * groups, dtype=torch.float64, device=device)
-            for key, gkey, offset in (("theta", "tg", 0), ("mom", "mg", groups)):
-                if not d[key]:
-                    continue
-                norms = torch.stack(torch._foreach_norm(d[key])).double()
-                rows = [g + offset for g in d[gkey]]
-                sums += self._summing(rows, 2 * groups, device) @ (norms * norms)
-            parts.append(self._to_host(sums))
+        parts = [self._part(device, d, groups) for device, d in per_device.items()]
         self._pending.append((self._calls, numel, groups, parts))
         self._collect(opt)
+
+    def _part(self, device: torch.device, d: Dict[str, list], groups: int):
+        """(event or None, the sums: a list, or a tensor to read once the event completed)."""
+        if device.type == "cpu":
+            return None, self._host_sums(d, groups)
+        return self._to_host(self._device_sums(device, d, groups))
+
+    def _device_sums(self, device: torch.device, d: Dict[str, list],
+                     groups: int) -> torch.Tensor:
+        """The sums as a device tensor, computed without reading anything back."""
+        sums = torch.zeros(2 * groups, dtype=torch.float64, device=device)
+        for key, gkey, offset in (("theta", "tg", 0), ("mom", "mg", groups)):
+            if not d[key]:
+                continue
+            norms = torch.stack(torch._foreach_norm(d[key])).double()
+            rows = [g + offset for g in d[gkey]]
+            sums += self._summing(rows, 2 * groups, device) @ (norms * norms)
+        return sums
+
+    @staticmethod
+    def _host_sums(d: Dict[str, list], groups: int) -> List[float]:
+        """The CPU's sums, added on the host: one norm call and one read (a small model's step
+        costs about as much as the device path's few extra calls)."""
+        tensors = d["theta"] + d["mom"]
+        sums = [0.0] * (2 * groups)
+        if tensors:
+            norms = torch.stack(torch._foreach_norm(tensors)).tolist()  # float32, exact
+            rows = d["tg"] + [g + groups for g in d["mg"]]
+            for row, value in zip(rows, norms):
+                sums[row] += value * value
+        return sums
 
     @staticmethod
     def _to_host(sums: torch.Tensor):
@@ -182,7 +225,8 @@ class StabilityMonitor:
         for step, numel, groups, parts in ready:
             values = [0.0] * (2 * groups)
             for _, buf in parts:
-                values = [a + b for a, b in zip(values, buf.tolist())]
+                buf = buf if isinstance(buf, list) else buf.tolist()
+                values = [a + b for a, b in zip(values, buf)]
             if groups != len(opt.param_groups):
                 continue  # groups were added since this check was launched
             if self._model_ref is None:
