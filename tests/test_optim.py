@@ -562,7 +562,7 @@ def test_repeated_step_shortcut_matches_the_general_step(name, monkeypatch):
     """An unchanged optimizer's step takes a shortcut (identity checks, then one engine call).
     Run side by side with an optimizer that never takes it, through every change the shortcut
     must notice (hyperparameters, a missing or column-major gradient, a parameter swapped
-    through .data, a tensor lr, a loaded state, a refused step): both give the same bits at
+    through .data, a tensor lr, a new group, a loaded state, a refused step): the same bits at
     every step, and the shortcut is taken again once nothing changes."""
     import thermo_ext.optim as optim_module
 
@@ -611,8 +611,13 @@ def test_repeated_step_shortcut_matches_the_general_step(name, monkeypatch):
     def float_lr(m, opt):
         opt.param_groups[0]["lr"] = float(opt.param_groups[0]["lr"])
 
+    def new_group(m, opt):
+        extra = nn.Parameter(torch.linspace(-1.0, 1.0, 5))
+        extra.grad = torch.full_like(extra, 0.25)  # kept: the model's zero_grad never sees it
+        opt.add_param_group({"params": [extra], "scheme": "BAOAB"})
+
     for change in [None, None, lr, None, no_grad, None, transposed, None, swapped, None,
-                   tensor_lr, None, float_lr, None, None]:
+                   tensor_lr, None, float_lr, None, new_group, None, None]:
         step_both(change)
     assert any(taken)
 

@@ -199,6 +199,22 @@ def test_names_appear_in_errors():
             opt.step()
 
 
+def test_group_added_without_names_to_a_named_optimizer():
+    """The named methods name a module's parameters; torch wants names on every group or none,
+    so a group added later without names gets names saying where (its errors name them); one
+    added with names keeps them."""
+    opt = te.AdLaLa(mlp(), seed=1)
+    extra, named = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2))
+    opt.add_param_group({"params": [extra]})
+    opt.add_param_group({"params": [("head.scale", named)]})
+    assert opt.param_groups[2]["param_names"] == ["param_groups.2.0"]
+    assert opt.param_groups[3]["param_names"] == ["head.scale"]
+    extra.grad = torch.full_like(extra, math.nan)
+    with pytest.raises(FloatingPointError, match=r"param group 2: parameter 0 "
+                                                 r"\('param_groups\.2\.0'\)"):
+        opt.step()
+
+
 def test_named_groups_survive_state_dict_round_trip():
     m = mlp()
     x, y = data()

@@ -232,7 +232,13 @@ class Thermo(Optimizer):
         if len({id(p) for p in tensors}) != len(tensors):
             # torch only warns; the engine would move such a tensor twice per step
             raise ValueError(f"{wh}a parameter appears more than once in the group")
-        super().add_param_group({**param_group, "params": params})
+        param_group = {**param_group, "params": params}
+        if ("param_names" not in param_group and all(map(operator.is_, tensors, params))
+                and any("param_names" in g for g in self.param_groups)):
+            # The named methods name every parameter of a module; torch wants names on every
+            # group or on none, so a group added without them gets names that say where.
+            param_group["param_names"] = [f"param_groups.{gi}.{k}" for k in range(len(params))]
+        super().add_param_group(param_group)
         self._version += 1
         self._lists_dirty = True
         group = self.param_groups[-1]
