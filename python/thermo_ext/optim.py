@@ -193,8 +193,9 @@ class Thermo(Optimizer):
     #: What a copy or unpickled optimizer rebuilds instead of carrying: the step's caches (the
     #: engine's plans hold raw addresses of the original's tensors) and, as torch.optim does,
     #: the hooks.
-    _NOT_COPIED = ("_records", "_steady", "_host_steps", "_created", "_handle", "_params", "_state_tensors",
-                   "_lists_dirty", "_stability", "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+    _NOT_COPIED = ("_records", "_steady", "_host_steps", "_created", "_handle", "_params",
+                   "_state_tensors", "_lists_dirty", "_stability",
+                   "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
                    "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
                    "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
 
@@ -540,7 +541,7 @@ class Thermo(Optimizer):
         if len(groups) != len(steady.groups) or self.sum_hook is not None:
             return False
         settings = []
-        for (rec, places), gi, group in zip(steady.groups, range(len(groups)), groups):
+        for gi, ((rec, places), group) in enumerate(zip(steady.groups, groups)):
             step = group["step"]
             if (self._records.get(gi) is not rec or type(step) is not int or step == 0
                     or self._version != rec.version

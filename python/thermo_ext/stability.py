@@ -10,10 +10,11 @@ docs/GUIDE.md ("Instability warnings").
 
 Cost and synchronisation: every ``every`` steps the monitor computes, per group, Σθ² with
 torch's multi-tensor norms (one read of θ; also Σp² while tracing). On the CPU it reads the few
-numbers at once and adds them on the host (a small model's step costs hardly more than a few
-torch calls, so the check makes as few as it can). On CUDA it never waits: the sums are copied without blocking into pinned host memory
-behind an event, and read at a later check once the event has completed; so a warning may come
-one check later than on the CPU. Checks are skipped while a CUDA graph is being captured.
+numbers at once and adds them on the host (a small model's whole step costs only a few torch
+calls, so the check makes as few as it can). On CUDA it never waits: the sums are copied
+without blocking into pinned host memory behind an event, and read at a later check once the
+event has completed; so a warning may come one check later than on the CPU. Checks are skipped
+while a CUDA graph is being captured.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ class StabilityMonitor:
         self._pending: List[tuple] = []  # checks launched, not yet judged
         self._indices: Dict[tuple, torch.Tensor] = {}
         self._model_ref: Optional[float] = None  # RMS of all parameters at the first check
-        self._layout_kept: Optional[tuple] = None  # (groups' identity, _layout's result)
+        self._layout_kept: Optional[tuple] = None  # (groups' identity or None, the tensors)
 
     # ------------------------------------------------------------------------------ measuring
     def observe(self, opt) -> None:
@@ -121,32 +122,34 @@ class StabilityMonitor:
 
     def _layout(self, opt):
         """Per device: the θ (and, while tracing, p) tensors with the group index of each, and
-        each group's element count. Kept between checks until the groups change, unless a
-        parameter is a DTensor (its local shard is asked for at every check) or the monitor is
-        tracing (momenta appear at a group's first step)."""
+        each group's element count. The tensors are kept between checks until the groups
+        change, unless a parameter is a DTensor (its local shard is asked for at every check)
+        or the monitor is tracing (momenta appear at a group's first step)."""
         key = (opt._version, tuple(id(g["params"]) for g in opt.param_groups),
                tuple(len(g["params"]) for g in opt.param_groups))
-        if self._layout_kept is not None and self._layout_kept[0] == key:
-            return self._layout_kept[1]
-        per_device: Dict[torch.device, Dict[str, list]] = {}
-        numel = [0] * len(opt.param_groups)
-        keep = self.trace is None
-        for gi, group in enumerate(opt.param_groups):
-            for p in group["params"]:
-                t = _local(p)
-                keep &= t is p
+        if self._layout_kept is None or self._layout_kept[0] != key:
+            per_device: Dict[torch.device, Dict[str, list]] = {}
+            keep = self.trace is None
+            for gi, group in enumerate(opt.param_groups):
+                for p in group["params"]:
+                    t = _local(p)
+                    keep &= t is p
+                    d = per_device.get(t.device)
+                    if d is None:
+                        d = per_device[t.device] = {"theta": [], "tg": [], "mom": [], "mg": []}
+                    d["theta"].append(t)  # read under no_grad; a parameter swapped through
+                    d["tg"].append(gi)    # .data stays the same tensor object
+                    if self.trace is not None:
+                        m = opt.state.get(p, {}).get("momentum_buffer")
+                        if m is not None:
+                            d["mom"].append(_local(m))
+                            d["mg"].append(gi)
+            self._layout_kept = (key if keep else None, per_device)
+        per_device = self._layout_kept[1]
+        numel = [0] * len(opt.param_groups)  # counted afresh: .data may change a shape
+        for d in per_device.values():
+            for t, gi in zip(d["theta"], d["tg"]):
                 numel[gi] += t.numel()
-                d = per_device.get(t.device)
-                if d is None:
-                    d = per_device[t.device] = {"theta": [], "tg": [], "mom": [], "mg": []}
-                d["theta"].append(t)  # read under no_grad (a parameter may be swapped in
-                d["tg"].append(gi)    # place through .data: the tensor object stays)
-                if self.trace is not None:
-                    m = opt.state.get(p, {}).get("momentum_buffer")
-                    if m is not None:
-                        d["mom"].append(_local(m))
-                        d["mg"].append(gi)
-        self._layout_kept = (key, (per_device, numel)) if keep else None
         return per_device, numel
 
     def _summing(self, rows: List[int], size: int, device: torch.device) -> torch.Tensor:
@@ -192,8 +195,8 @@ class StabilityMonitor:
 
     @staticmethod
     def _host_sums(d: Dict[str, list], groups: int) -> List[float]:
-        """The CPU's sums, added on the host: one norm call and one read (a small model's step
-        costs about as much as the device path's few extra calls)."""
+        """The CPU's sums: one multi-tensor norm and one read, added on the host (the device
+        path's further calls would cost a small model's step more than the check should)."""
         tensors = d["theta"] + d["mom"]
         sums = [0.0] * (2 * groups)
         if tensors:
