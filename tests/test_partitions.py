@@ -199,6 +199,23 @@ def test_names_appear_in_errors():
             opt.step()
 
 
+def test_parametrized_tensors_belong_to_their_module():
+    """weight_norm keeps g and v under 0.parametrizations.weight: they are layer 0's, with its
+    bias, whether the input is the module or its named_parameters()."""
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(4, 8)), nn.ReLU(),
+                          nn.Linear(8, 1))
+    want = [["0.bias", "0.parametrizations.weight.original0",
+             "0.parametrizations.weight.original1"], ["2.weight", "2.bias"]]
+    for given in (model, model.named_parameters()):
+        opt = te.AdLaLa(given, seed=1)
+        assert [g["param_names"] for g in opt.param_groups] == want
+        assert opt.param_groups[0]["name"] == "0"
+    assert [(p.name, p.layer) for p in te.partition.partitions(model)] == [("0", True),
+                                                                          ("2", True)]
+    model(torch.randn(5, 4)).sum().backward()
+    opt.step()
+
+
 def test_group_added_without_names_to_a_named_optimizer():
     """The named methods name a module's parameters; torch wants names on every group or none,
     so a group added later without names gets names saying where (its errors name them); one

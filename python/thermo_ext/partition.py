@@ -9,7 +9,9 @@ The layer methods (LaLa, AdLaLa, LOL) take any of:
 
 * an ``nn.Module``: one partition per module that owns trainable parameters directly, in
   registration order (``model.named_modules()``); a parameter shared between modules belongs to
-  the first module that owns it;
+  the first module that owns it, and the originals of a tensor parametrized with
+  ``torch.nn.utils.parametrize`` (``weight_norm``'s g and v under ``<module>.parametrizations``)
+  belong to the parametrized module;
 * ``model.named_parameters()``-style input, an iterable of ``(name, tensor)`` pairs: one
   partition per module path (the name up to its last dot), in order of first appearance;
 * explicit partitions, an iterable (a list, a generator) of partitions, each an ``nn.Module``
@@ -31,10 +33,11 @@ module path or parameter name) or ``first=[...]`` (parameters or named pairs) to
 
 from __future__ import annotations
 
-from typing import Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 __all__ = ["Partition", "partitions", "layers", "first_and_rest", "split_first"]
 
@@ -65,6 +68,20 @@ def _path(name: str) -> str:
     return name.rpartition(".")[0]
 
 
+def _owner(path: str, model: Optional[nn.Module] = None) -> str:
+    """The module path a parameter belongs to: torch.nn.utils.parametrize keeps a parametrized
+    tensor's originals under ``<module>.parametrizations.<tensor>``, and they belong to
+    ``<module>`` (a weight-normed Linear's g and v go with its bias). With ``model``, only a
+    module that really is parametrized; from names alone, the component ``parametrizations``."""
+    pieces = path.split(".")
+    if "parametrizations" not in pieces:
+        return path
+    owner = ".".join(pieces[:pieces.index("parametrizations")])
+    if model is not None and not parametrize.is_parametrized(model.get_submodule(owner)):
+        return path
+    return owner
+
+
 def _label(path: str) -> str:
     return path if path else TOP
 
@@ -85,18 +102,17 @@ def _with_layer_flags(parts: List[Tuple[str, List[torch.Tensor], Optional[List[s
 
 def _from_module(model: nn.Module, where: str = "model") -> List[Partition]:
     seen = set()
-    parts, paths = [], []
+    by_path: Dict[str, Tuple[list, list]] = {}
     for path, module in model.named_modules():
-        params, names = [], []
         for pname, p in module.named_parameters(recurse=False):
             if id(p) in seen or not p.requires_grad:
                 continue
             seen.add(id(p))
+            params, names = by_path.setdefault(_owner(path, model), ([], []))
             params.append(p)
             names.append(f"{path}.{pname}" if path else pname)
-        if params:
-            parts.append((_label(path), params, names))
-            paths.append(path)
+    paths = list(by_path)
+    parts = [(_label(path), *by_path[path]) for path in paths]
     if not parts:
         raise ValueError(f"{where}: the module has no trainable parameters (none, or all have "
                          f"requires_grad=False)")
@@ -113,7 +129,7 @@ def _from_pairs(pairs: List[Tuple[str, torch.Tensor]], where: str) -> List[Parti
         seen[id(p)] = name
         if not p.requires_grad:
             continue
-        params, names = by_path.setdefault(_path(name), ([], []))
+        params, names = by_path.setdefault(_owner(_path(name)), ([], []))
         params.append(p)
         names.append(name)
     if not by_path:
