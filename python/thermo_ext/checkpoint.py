@@ -9,7 +9,7 @@ from typing import Any, Dict
 import torch
 
 from . import distributed as dist_glue
-from .groups import GROUP_KEYS, check_group
+from .groups import GROUP_KEYS, check_group, param_label
 
 __all__ = ["OPTIONAL_GROUP_KEYS", "with_optional_keys", "validate", "saved_momenta"]
 
@@ -83,7 +83,7 @@ def validate(param_groups, sd: Dict[str, Any]) -> None:
         for pos, (pid, p) in enumerate(zip(saved["params"], group["params"])):
             entry = sd["state"].get(pid, {})
             if not isinstance(entry, dict):
-                raise ValueError(f"{where}parameter {pos}: expected a dict of state")
+                raise ValueError(f"{where}{param_label(group, pos)}: expected a dict of state")
             m = entry.get("momentum_buffer")
             if m is None:
                 continue
@@ -91,13 +91,13 @@ def validate(param_groups, sd: Dict[str, Any]) -> None:
             if (not isinstance(m, torch.Tensor) or tuple(m.shape) != tuple(p.shape)
                     or not (m.is_floating_point() or m.is_complex())
                     or m.is_complex() != p.is_complex()):
-                raise ValueError(f"{where}parameter {pos}: momentum_buffer must be a "
+                raise ValueError(f"{where}{param_label(group, pos)}: momentum_buffer must be a "
                                  f"{'complex' if p.is_complex() else 'floating'} tensor of the "
                                  f"parameter's shape {tuple(p.shape)}, got "
                                  f"{getattr(m, 'dtype', type(m).__name__)} "
                                  f"{tuple(getattr(m, 'shape', ()))}")
             if not torch.isfinite(dist_glue.local(m)).all():
-                raise ValueError(f"{where}parameter {pos}: momentum_buffer has non-finite values")
+                raise ValueError(f"{where}{param_label(group, pos)}: momentum_buffer has non-finite values")
         if (saved["xi"] is not None and int(saved["step"]) > 0 and scheme.uses_momentum
                 and n_moms == 0 and len(group["params"])):
             raise ValueError(f"{where}a thermostatted group that has stepped but no momenta: the "

@@ -45,6 +45,13 @@ def where(gi: int, group: Dict[str, Any]) -> str:
     return f"param group {gi}" + (f" ({name!r})" if name is not None else "") + ": "
 
 
+def param_label(group: Dict[str, Any], pos: int) -> str:
+    """How errors name parameter ``pos`` of a group: its position and, when the group carries
+    ``param_names``, its name."""
+    names = group.get("param_names")
+    return f"parameter {pos}" + (f" ({names[pos]!r})" if names else "")
+
+
 def _hyper_value(where: str, key: str, v):
     if isinstance(v, torch.Tensor):
         if v.numel() != 1:  # torch.optim's type and words
@@ -142,8 +149,9 @@ class EngineCall:
             grads = [g[self.chain] for g in grads]
         for k, g in enumerate(grads):
             if g.layout is not torch.strided:
-                raise ValueError(f"{where(self.group_index, group)}parameter "
-                                 f"{self.positions[k]}: sparse gradients are not supported")
+                raise ValueError(f"{where(self.group_index, group)}"
+                                 f"{param_label(group, self.positions[k])}: sparse gradients "
+                                 f"are not supported")
             if g.is_complex():
                 g = torch.view_as_real(g)
             grads[k] = g if g.is_contiguous() else g.contiguous()
@@ -260,13 +268,14 @@ def build_calls(gi: int, group: Dict[str, Any], scheme: FoldedScheme, active: tu
             raise ValueError(f"{wh}parameters on {device} and {p.device}; a group must live on "
                              f"one device")
         if chains and (dist_glue.is_dtensor(p) or p.dim() == 0 or p.shape[0] != chains):
-            raise ValueError(f"{wh}parameter {pos}: with chains={chains} every parameter is a "
-                             f"plain tensor stacked on a leading dimension of {chains}; got "
-                             f"shape {tuple(p.shape)}")
+            raise ValueError(f"{wh}{param_label(group, pos)}: with chains={chains} every "
+                             f"parameter is a plain tensor stacked on a leading dimension of "
+                             f"{chains}; got shape {tuple(p.shape)}")
         dtype = _real_dtype(p)
         if dtype not in kernels.DTYPES:
-            raise TypeError(f"{wh}parameter {pos}: dtype {p.dtype} not supported; expected "
-                            f"float32, float64, bfloat16, float16 or complex64/complex128")
+            raise TypeError(f"{wh}{param_label(group, pos)}: dtype {p.dtype} not supported; "
+                            f"expected float32, float64, bfloat16, float16 or "
+                            f"complex64/complex128")
         by_dtype.setdefault(dtype, []).append(pos)
     xi = group_xi(group, scheme, device, created)
     per_group = group["thermostat"] == "group"

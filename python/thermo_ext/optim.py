@@ -23,7 +23,7 @@ from ._compat import (GLOBAL_STEP_POST_HOOKS, GLOBAL_STEP_PRE_HOOKS, DTensor, pr
 from .backends import BACKENDS, Refusal, run_step
 from .distributed import Agreement
 from .groups import (HYPER_KEYS, MAX_GROUPS, STRUCTURE_KEYS, EngineCall, GroupRecord,
-                     build_calls, check_group, group_xi, hyper_values, where)
+                     build_calls, check_group, group_xi, hyper_values, param_label, where)
 from .schemes import FoldedScheme, fold
 from .stability import StabilityMonitor
 
@@ -328,17 +328,16 @@ class Thermo(Optimizer):
         wh = where(call.group_index, group)
         if refusal.kind == "thermostat":
             what = ("the group's thermostat" if group["thermostat"] == "group" else
-                    f"the thermostat of parameter {call.positions[refusal.index]}")
+                    f"the thermostat of {param_label(group, call.positions[refusal.index])}")
             raise FloatingPointError(
                 f"{wh}{what} overflowed{found} (xi or exp(-xi delta) is not finite); nothing "
                 f"was updated{anywhere}. Lower eps or lr, or check the loss scale")
         pos = call.positions[refusal.index]
-        names = group.get("param_names")
-        label = f"parameter {pos}" + (f" ({names[pos]!r})" if names else "")
         shape = tuple(group["params"][pos].shape)
         raise FloatingPointError(
-            f"{wh}{label} of shape {shape} has a non-finite {refusal.kind}{found}; nothing "
-            f"was updated{anywhere} (pass check_finite=False to skip this check)")
+            f"{wh}{param_label(group, pos)} of shape {shape} has a non-finite "
+            f"{refusal.kind}{found}; nothing was updated{anywhere} (pass check_finite=False to "
+            f"skip this check)")
 
     def _patch_step_function(self) -> None:
         # torch wraps step() in a profiler record_function on every call, which costs more
