@@ -638,3 +638,28 @@ def test_repeated_step_shortcut_matches_the_general_step(name, monkeypatch):
     calls = len(taken)
     step_both()
     assert taken[calls:] == [True]  # back on the shortcut once nothing changes
+
+
+@pytest.mark.parametrize("name", ["Langevin", "AdLaLa"])
+def test_momentum_buffer_replaced_by_assignment_is_the_one_stepped(name):
+    """A momentum buffer assigned anew (or a state reset to empty) is what the next step reads
+    and writes, on the shortcut and the general path alike: the same bits as an optimizer whose
+    buffer was never replaced."""
+    x, y = data()
+    models = [mlp(seed=2), mlp(seed=2)]
+    opts = [METHODS[name](m, seed=5) for m in models]
+    for m, opt in zip(models, opts):
+        train(m, opt, 3, x, y)
+    p = models[0][0].weight
+    copy = opts[0].state[p]["momentum_buffer"].clone()
+    opts[0].state[p]["momentum_buffer"] = copy  # the same values in a new tensor
+    for m, opt in zip(models, opts):
+        train(m, opt, 2, x, y)
+    H.assert_same(H.snapshot(opts[0]), H.snapshot(opts[1]))
+    assert opts[0].state[p]["momentum_buffer"] is copy
+
+    import collections
+    opts[0].state = collections.defaultdict(dict)  # torch users' "reset the optimizer"
+    train(models[0], opts[0], 1, x, y)
+    assert all(opts[0].state[q]["momentum_buffer"].abs().sum() > 0
+               for q in models[0].parameters())

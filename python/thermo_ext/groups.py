@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -161,12 +161,14 @@ class EngineCall:
 @dataclasses.dataclass
 class GroupRecord:
     """What ``step()`` keeps of a param group between steps: its engine calls, what they were
-    built for (the tensors with gradients and their addresses, the group's buffers, the
-    optimizer's state version, the structural settings: any change rebuilds them), and the
-    hyperparameters last validated (``raw`` as read from the group, ``hyper`` as numbers)."""
+    built for (the tensors with gradients and their addresses, their momentum buffers, the
+    group's buffers, the optimizer's state version, the structural settings: any change
+    rebuilds them), and the hyperparameters last validated (``raw`` as read from the group,
+    ``hyper`` as numbers)."""
 
     active: tuple
     addresses: tuple
+    momenta: tuple
     buffers: tuple
     version: int
     structure: tuple
@@ -251,6 +253,17 @@ def step_tensor(group, device) -> torch.Tensor:
     elif s.device != device:
         s = group["step"] = s.to(device)
     return s
+
+
+def momentum_buffers(state, params: Sequence[torch.Tensor]) -> tuple:
+    """The momentum buffer in ``state`` of each parameter (None where it has none), without
+    creating state entries: what a record's engine calls step, so that a buffer replaced by
+    assignment (or a state reset to empty) is noticed."""
+    out = []
+    for p in params:
+        st = state.get(p)
+        out.append(st.get("momentum_buffer") if st else None)
+    return tuple(out)
 
 
 def build_calls(gi: int, group: Dict[str, Any], scheme: FoldedScheme, active: tuple,

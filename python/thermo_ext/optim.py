@@ -23,7 +23,8 @@ from ._compat import (GLOBAL_STEP_POST_HOOKS, GLOBAL_STEP_PRE_HOOKS, DTensor, pr
 from .backends import BACKENDS, Refusal, run_step
 from .distributed import Agreement
 from .groups import (HYPER_KEYS, MAX_GROUPS, STRUCTURE_KEYS, EngineCall, GroupRecord,
-                     build_calls, check_group, group_xi, hyper_values, param_label, where)
+                     build_calls, check_group, group_xi, hyper_values, momentum_buffers,
+                     param_label, where)
 from .schemes import FoldedScheme, fold
 from .stability import StabilityMonitor
 
@@ -273,15 +274,19 @@ class Thermo(Optimizer):
                 scheme = rec.scheme
             else:
                 scheme = check_group(group, wh)
+        moving = [params[k] for k in active]
         addresses = tuple([p.data_ptr() if type(p) is not DTensor else p.to_local().data_ptr()
-                           for p in map(params.__getitem__, active)])
+                           for p in moving])
         if (rec is None or active != rec.active or addresses != rec.addresses
                 or self._buffers_id(group) != rec.buffers or self._version != rec.version
-                or structure != rec.structure):
+                or structure != rec.structure
+                or not all(map(operator.is_, momentum_buffers(self.state, moving),
+                               rec.momenta))):
             calls = build_calls(gi, group, scheme, active, self.state, self._created,
                                 dist_glue.mesh_sum_hook)
-            # ξ and the step counter are made while building: key the buffers made
+            # ξ, momenta and the step counter are made while building: key those made
             rec = GroupRecord(active=active, addresses=addresses,
+                              momenta=momentum_buffers(self.state, moving),
                               buffers=self._buffers_id(group), version=self._version,
                               structure=structure, raw=raw, hyper=hyper, scheme=scheme,
                               calls=calls, capturable=group["capturable"])
@@ -552,6 +557,8 @@ class Thermo(Optimizer):
             grads = [p.grad for p in params]
             if (len(grads) != len(rec.active) or any(g is None for g in grads)
                     or tuple([p.data_ptr() for p in params]) != rec.addresses
+                    or not all(map(operator.is_, momentum_buffers(self.state, params),
+                                   rec.momenta))
                     or not all(g.layout is torch.strided and g.is_contiguous() for g in grads)):
                 return False
             for plan, positions in places:
