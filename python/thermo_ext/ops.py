@@ -62,6 +62,8 @@ def _match(given: List[torch.Tensor], mine: List[torch.Tensor]):
     """The optimizer's parameters that ``given`` are, in order, or None: by identity, which is
     what a compiled graph hands over, else by storage (the same parameter through another
     tensor object)."""
+    if len(given) == len(mine) and all(map(operator.is_, given, mine)):
+        return given  # every parameter has a gradient: the usual case, checked cheaply
     it = iter(mine)
     if all(any(g is m for m in it) for g in given):
         return given
