@@ -38,6 +38,12 @@ def _GRAD(p: torch.Tensor) -> Optional[torch.Tensor]:
     return p.grad
 
 
+def _addresses(params) -> tuple:
+    """Where the engine finds each parameter (a DTensor: its local shard)."""
+    return tuple([p.data_ptr() if type(p) is not DTensor else p.to_local().data_ptr()
+                  for p in params])
+
+
 class _Steady:
     """What :meth:`Thermo._steady_step` repeats: per group its record and, per engine call, the
     plan and the positions of its parameters; the calls and plans in step order."""
@@ -275,17 +281,12 @@ class Thermo(Optimizer):
             else:
                 scheme = check_group(group, wh)
         moving = [params[k] for k in active]
-        addresses = tuple([p.data_ptr() if type(p) is not DTensor else p.to_local().data_ptr()
-                           for p in moving])
-        if (rec is None or active != rec.active or addresses != rec.addresses
-                or self._buffers_id(group) != rec.buffers or self._version != rec.version
-                or structure != rec.structure
-                or not all(map(operator.is_, momentum_buffers(self.state, moving),
-                               rec.momenta))):
+        if (rec is None or active != rec.active or structure != rec.structure
+                or not self._fits(rec, group, moving)):
             calls = build_calls(gi, group, scheme, active, self.state, self._created,
                                 dist_glue.mesh_sum_hook)
             # ξ, momenta and the step counter are made while building: key those made
-            rec = GroupRecord(active=active, addresses=addresses,
+            rec = GroupRecord(active=active, addresses=_addresses(moving),
                               momenta=momentum_buffers(self.state, moving),
                               buffers=self._buffers_id(group), version=self._version,
                               structure=structure, raw=raw, hyper=hyper, scheme=scheme,
@@ -295,6 +296,14 @@ class Thermo(Optimizer):
         else:
             rec.raw, rec.hyper = raw, hyper
         return rec
+
+    def _fits(self, rec: GroupRecord, group: Dict[str, Any], moving: list) -> bool:
+        """Whether ``rec``'s engine calls still fit the tensors ``moving``: what a record keys
+        on besides the group's settings (the optimizer's state version, the group's ξ and
+        counter, the tensors' addresses and their momentum buffers)."""
+        return (self._version == rec.version and self._buffers_id(group) == rec.buffers
+                and _addresses(moving) == rec.addresses
+                and all(map(operator.is_, momentum_buffers(self.state, moving), rec.momenta)))
 
     @staticmethod
     def _buffers_id(group):
@@ -548,17 +557,13 @@ class Thermo(Optimizer):
         for gi, ((rec, places), group) in enumerate(zip(steady.groups, groups)):
             step = group["step"]
             if (self._records.get(gi) is not rec or type(step) is not int or step == 0
-                    or self._version != rec.version
                     or not all(map(operator.is_, _HYPER(group), rec.raw))
-                    or not all(map(operator.is_, _STRUCTURE(group), rec.structure))
-                    or rec.buffers != (id(group["xi"]), None)):
+                    or not all(map(operator.is_, _STRUCTURE(group), rec.structure))):
                 return False
             params = group["params"]
             grads = [p.grad for p in params]
             if (len(grads) != len(rec.active) or any(g is None for g in grads)
-                    or tuple([p.data_ptr() for p in params]) != rec.addresses
-                    or not all(map(operator.is_, momentum_buffers(self.state, params),
-                                   rec.momenta))
+                    or not self._fits(rec, group, params)
                     or not all(g.layout is torch.strided and g.is_contiguous() for g in grads)):
                 return False
             for plan, positions in places:
