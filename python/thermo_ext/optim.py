@@ -301,8 +301,11 @@ class Thermo(Optimizer):
         """Whether ``rec``'s engine calls still fit the tensors ``moving``: what a record keys
         on besides the group's settings (the optimizer's state version, the group's ξ and
         counter, the tensors' addresses and their momentum buffers)."""
-        return (self._version == rec.version and self._buffers_id(group) == rec.buffers
-                and _addresses(moving) == rec.addresses
+        s = group["step"]  # _buffers_id written out: the shortcut runs this every step
+        return (self._version == rec.version
+                and rec.buffers == (id(group["xi"]),
+                                    id(s) if isinstance(s, torch.Tensor) else None)
+                and rec.addresses == _addresses(moving)
                 and all(map(operator.is_, momentum_buffers(self.state, moving), rec.momenta)))
 
     @staticmethod
