@@ -720,3 +720,30 @@ def test_long_run_harmonic_1e6_steps():
     kin, conf = harmonic(1_000_000)
     assert kin == pytest.approx(1e-4, rel=0.03)
     assert conf == pytest.approx(1e-4, rel=0.03)
+
+
+def test_refusal_says_at_which_step_and_what_to_try():
+    """A non-finite gradient a few steps into training is almost always a step too large: the
+    message names the group's step and its lr, not only the switch that turns the check off."""
+    p = nn.Parameter(torch.ones(4))
+    opt = te.Thermo([{"params": [p], "param_names": ["w"]}], lr=0.3, seed=1)
+    for _ in range(2):
+        p.grad = torch.ones(4)
+        opt.step()
+    p.grad = torch.full((4,), math.nan)
+    with pytest.raises(FloatingPointError,
+                       match=r"'w'\) of shape \(4,\) has a non-finite gradient at step 2 of its "
+                             r"group; nothing was updated\. .*lower lr \(the step h, now 0\.3\)"):
+        opt.step()
+    p.grad = torch.ones(4)
+    with torch.no_grad():
+        p[1] = math.inf
+    with pytest.raises(FloatingPointError,
+                       match=r"non-finite parameter at step 2 of its group.*set outside the "
+                             r"optimizer.*check_finite=False skips this check"):
+        opt.step()
+    q = nn.Parameter(torch.ones(3))
+    opt = te.Thermo([q], lr=torch.tensor(0.3), seed=1)
+    q.grad = torch.full((3,), math.inf)
+    with pytest.raises(FloatingPointError, match=r"at step 0 .*now a tensor\)"):
+        opt.step()
