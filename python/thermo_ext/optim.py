@@ -101,19 +101,13 @@ def _check_torch_keywords(foreach, fused, differentiable) -> None:
 #: What the refusal message of each kind of non-finite value suggests (docs/GUIDE.md §5).
 _LIKELY_CAUSE = {
     "gradient": ("A loss that overflows within a few steps means a step too large for this "
-                 "model: lower lr (the step h, now {lr}); later in training, look for "
+                 "model: lower lr (the step h, now {lr:g}); later in training, look for "
                  "inf/NaN in the batch or the loss."),
     "parameter": ("It was set outside the optimizer, or written by an earlier step that "
                   "overflowed or ran with check_finite=False."),
     "momentum": ("It was set outside the optimizer (opt.state), or written by an earlier step "
                  "that overflowed or ran with check_finite=False."),
 }
-
-
-
-def _likely_cause(kind: str, lr) -> str:
-    h = f"{lr:g}" if isinstance(lr, (int, float)) else "a tensor"
-    return _LIKELY_CAUSE[kind].format(lr=h)
 
 
 class Thermo(Optimizer):
@@ -371,14 +365,9 @@ class Thermo(Optimizer):
         shape = tuple(group["params"][pos].shape)
         raise FloatingPointError(
             f"{wh}{param_label(group, pos)} of shape {shape} has a non-finite "
-            f"{refusal.kind}{found} at step {self._step_label(group)} of its group; nothing was "
-            f"updated{anywhere}. {_likely_cause(refusal.kind, group['lr'])} "
+            f"{refusal.kind}{found} at step {int(group['step'])} of its group; nothing was "
+            f"updated{anywhere}. {_LIKELY_CAUSE[refusal.kind].format(lr=float(group['lr']))} "
             f"(check_finite=False skips this check)")
-
-    @staticmethod
-    def _step_label(group) -> str:
-        s = group["step"]  # a device tensor (capturable) is not read back for a message
-        return str(s) if isinstance(s, int) else "(on the device)"
 
     def _patch_step_function(self) -> None:
         # torch wraps step() in a profiler record_function on every call, which costs more
