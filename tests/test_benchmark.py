@@ -96,11 +96,22 @@ def test_table_prints_times_spread_and_ratios(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[1] == "title"
     assert lines[2].split() == ["contender", "median", "min", "max", "median", "/",
-                                "Adam(fused)", "(of", "minimums)"]
+                                "Adam(fused)", "(of", "minimums)", "per", "round,", "p25-p75"]
     assert lines[3].split() == ["Adam(fused)", "20", "µs", "10", "µs", "30", "µs", "1.000",
-                                "1.000"]
-    assert lines[4].split() == ["x", "10", "µs", "5", "µs", "20", "µs", "0.500", "0.500"]
+                                "1.000", "1.000-1.000"]
+    # per-round ratios 0.5, 0.5, 2/3: quartiles (inclusive) 0.5 and 0.583
+    assert lines[4].split() == ["x", "10", "µs", "5", "µs", "20", "µs", "0.500", "0.500",
+                                "0.500-0.583"]
     assert lines[5].split() == ["speed-up", "2.000", "x"]
+
+
+def test_per_round_ratio_pairs_rounds():
+    # a baseline slowed down in one round moves the ratio of medians, not the per-round ratio
+    base = benchmark.Timing((1.0, 1.0, 5.0, 1.0, 1.0), reps=1)
+    other = benchmark.Timing((2.0, 2.0, 10.0, 2.0, 2.0), reps=1)
+    assert other.per_round(base) == (2.0, 2.0)
+    assert benchmark.Timing((3.0,), reps=1).per_round(benchmark.Timing((2.0,), reps=1)) == \
+        (1.5, 1.5)
 
 
 @pytest.mark.parametrize("seconds, text", [(2.5, "2.5 s"), (0.0123, "12.3 ms"),

@@ -85,6 +85,16 @@ class Timing:
     def max(self) -> float:
         return max(self.samples)
 
+    def per_round(self, base: "Timing") -> Tuple[float, float]:
+        """The quartiles (25th, 75th percentile) over the rounds of this contender's time over
+        ``base``'s in the same round: the spread of the ratio itself, each pair timed moments
+        apart, which a machine busy for a while moves less than it moves the times."""
+        ratios = [a / b for a, b in zip(self.samples, base.samples)]
+        if len(ratios) < 2:
+            return ratios[0], ratios[0]
+        q = statistics.quantiles(ratios, n=4, method="inclusive")
+        return q[0], q[2]
+
 
 def warm_up(fn: Callable[[], None], device: torch.device, seconds: float = WARMUP_S,
             calls: int = WARMUP_CALLS) -> float:
@@ -154,11 +164,13 @@ class Row:
     note: str = ""
     timing: Optional[Timing] = None
     min_ratio: Optional[float] = None  # the contender's minimum over the baseline's minimum
+    per_round: Optional[Tuple[float, float]] = None  # Timing.per_round against the baseline
 
 
 def _ratios(t: Dict[str, Timing], base: str) -> List[Row]:
     b = t[base]
-    return [Row(k, v.median / b.median, "", v, v.min / b.min) for k, v in t.items()]
+    return [Row(k, v.median / b.median, "", v, v.min / b.min, v.per_round(b))
+            for k, v in t.items()]
 
 
 @contextlib.contextmanager
@@ -446,20 +458,22 @@ def _time(seconds: float) -> str:
 
 def print_table(title: str, rows: Sequence[Row], ref: str) -> None:
     """Timed rows: median, min and max time per call over the rounds, the ratio of medians to
-    the baseline's (``ref``) and the ratio of minimums; derived rows: their value."""
+    the baseline's (``ref``), the ratio of minimums, and the quartiles of the per-round ratio
+    (Timing.per_round); derived rows: their value."""
     print(f"\n{title}")
     width = max(len(r.name) for r in rows) + 2
     timed = [r for r in rows if r.timing is not None]
     if timed:
         print(f"  {'contender':<{width}} {'median':>10} {'min':>10} {'max':>10}  "
-              f"{ref:>18}  {'(of minimums)':>13}")
+              f"{ref:>18}  {'(of minimums)':>13}  {'per round, p25-p75':>18}")
     for r in rows:
         if r.timing is None:
             print(f"  {r.name:<{width}} {r.value:8.3f} {r.note}")
         else:
             t = r.timing
+            spread = "" if r.per_round is None else f"{r.per_round[0]:.3f}-{r.per_round[1]:.3f}"
             print(f"  {r.name:<{width}} {_time(t.median):>10} {_time(t.min):>10} "
-                  f"{_time(t.max):>10}  {r.value:18.3f}  {r.min_ratio:13.3f}")
+                  f"{_time(t.max):>10}  {r.value:18.3f}  {r.min_ratio:13.3f}  {spread:>18}")
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
