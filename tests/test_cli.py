@@ -144,10 +144,13 @@ def test_info_and_bench(capsys):
     printed = capsys.readouterr().out
     assert "spiral net" in printed and "1 thread" in printed
     adlala = next(line for line in printed.splitlines() if line.strip().startswith("AdLaLa "))
-    # median, min and max per step with their units, then the two ratios to Adam(fused)
+    # median, min and max per step with their units, the two ratios to Adam(fused), then the
+    # quartiles of the per-round ratio
     fields = adlala.split()
     assert [fields[2], fields[4], fields[6]] == ["µs"] * 3 or "ms" in fields, adlala
-    assert 0 < float(fields[-2]) < 100 and 0 < float(fields[-1]) < 100
+    assert 0 < float(fields[-3]) < 100 and 0 < float(fields[-2]) < 100
+    p25, p75 = map(float, fields[-1].split("-"))
+    assert 0 < p25 <= p75 < 100
     assert main(["bench", "--rounds", "0"]) == 2
     assert "--rounds" in capsys.readouterr().err
 
