@@ -75,3 +75,25 @@ def test_fsdp2_nan_on_one_rank_is_refused_by_every_rank(tmp_path, scheme):
         assert r["moved"] and r["steps"] == [3] * len(r["steps"])
     assert "parameter" in torch.load(tmp_path / "nan1.pt")["message"]
     assert "on rank 1" in torch.load(tmp_path / "nan0.pt")["message"]
+
+
+def test_dtensor_is_looked_up_only_once_the_program_imports_it():
+    # importing torch.distributed.tensor costs most of a second; no DTensor exists before the
+    # program imports it, so `import thermo_ext` leaves it alone and finds it afterwards
+    import subprocess
+    import textwrap
+    code = textwrap.dedent("""
+        import sys
+        import thermo_ext
+        from thermo_ext import _compat
+        from thermo_ext.distributed import is_dtensor
+        import torch
+        assert "torch.distributed.tensor" not in sys.modules
+        assert _compat.dtensor_type() is None and not is_dtensor(torch.zeros(2))
+        from torch.distributed.tensor import DTensor
+        assert _compat.dtensor_type() is DTensor and not is_dtensor(torch.zeros(2))
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -6,9 +6,12 @@ thermo_ext fails at once with a message naming it, instead of a feature silently
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+
 import torch
 
-__all__ = ["GLOBAL_STEP_PRE_HOOKS", "GLOBAL_STEP_POST_HOOKS", "DTensor",
+__all__ = ["GLOBAL_STEP_PRE_HOOKS", "GLOBAL_STEP_POST_HOOKS", "dtensor_type",
            "compute_local_shape_and_global_offset", "profiler_enabled", "set_grad_enabled"]
 
 
@@ -28,18 +31,39 @@ if not (isinstance(GLOBAL_STEP_PRE_HOOKS, dict) and isinstance(GLOBAL_STEP_POST_
     raise _missing("the global optimizer hook registries as dicts",
                    "global step hooks run by Thermo.step")  # pragma: no cover
 
-# torch.distributed may be absent from a build (e.g. some mobile/ARM wheels): then there are no
-# DTensors and nothing below is needed.
-DTensor = None
-compute_local_shape_and_global_offset = None
-if torch.distributed.is_available():
+# DTensor (FSDP2 shards). torch.distributed.tensor is not imported here: importing it costs most
+# of a second (sympy, the sharding rules), which would double what `import thermo_ext` costs, and
+# no DTensor can exist before the program has imported it. So DTensor is looked up in
+# sys.modules when asked for; that the module exists is checked now, what it must provide at
+# first use. torch.distributed may be absent from a build (some mobile/ARM wheels): then there
+# are no DTensors.
+_DTENSOR = "torch.distributed.tensor"
+_HAVE_DISTRIBUTED = torch.distributed.is_available()
+if _HAVE_DISTRIBUTED and importlib.util.find_spec(_DTENSOR) is None:  # pragma: no cover
+    raise _missing(_DTENSOR, "FSDP2's DTensor parameters")
+
+
+def dtensor_type():
+    """torch's DTensor class once the program has imported torch.distributed.tensor, else None
+    (then no tensor is a DTensor)."""
+    module = sys.modules.get(_DTENSOR) if _HAVE_DISTRIBUTED else None
+    if module is None:
+        return None
     try:
-        from torch.distributed.tensor import DTensor
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+        return module.DTensor
+    except AttributeError as e:  # pragma: no cover - depends on the torch release
+        raise _missing(f"{_DTENSOR}.DTensor", "FSDP2's DTensor parameters") from e
+
+
+def compute_local_shape_and_global_offset(shape, mesh, placements):
+    """torch.distributed.tensor._utils' function of that name (a DTensor shard's global
+    offset; called only for DTensors, so its module is imported by then)."""
+    try:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset as f
     except ImportError as e:  # pragma: no cover - depends on the torch release
-        raise _missing("torch.distributed.tensor.DTensor and "
-                       "torch.distributed.tensor._utils.compute_local_shape_and_global_offset",
+        raise _missing(f"{_DTENSOR}._utils.compute_local_shape_and_global_offset",
                        "the global offsets of FSDP2 shards") from e
+    return f(shape, mesh, placements)
 
 import torch.autograd.profiler as _profiler  # noqa: E402
 

@@ -15,7 +15,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from ._compat import DTensor, compute_local_shape_and_global_offset
+from ._compat import compute_local_shape_and_global_offset, dtensor_type
 
 __all__ = ["is_dtensor", "local", "flat_offset", "mesh_sum_hook", "broadcast_seed",
            "all_reduce_sum", "Agreement"]
@@ -32,7 +32,8 @@ def initialized() -> bool:
 
 
 def is_dtensor(t) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
+    cls = dtensor_type()
+    return cls is not None and isinstance(t, cls)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

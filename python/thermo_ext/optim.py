@@ -18,8 +18,8 @@ from torch.optim import Optimizer
 
 from . import checkpoint, kernels, ops
 from . import distributed as dist_glue
-from ._compat import (GLOBAL_STEP_POST_HOOKS, GLOBAL_STEP_PRE_HOOKS, DTensor, profiler_enabled,
-                      set_grad_enabled)
+from ._compat import (GLOBAL_STEP_POST_HOOKS, GLOBAL_STEP_PRE_HOOKS, dtensor_type,
+                      profiler_enabled, set_grad_enabled)
 from .backends import BACKENDS, Refusal, run_step
 from .distributed import Agreement
 from .groups import (HYPER_KEYS, MAX_GROUPS, STRUCTURE_KEYS, EngineCall, GroupRecord,
@@ -40,7 +40,8 @@ def _GRAD(p: torch.Tensor) -> Optional[torch.Tensor]:
 
 def _addresses(params) -> tuple:
     """Where the engine finds each parameter (a DTensor: its local shard)."""
-    return tuple([p.data_ptr() if type(p) is not DTensor else p.to_local().data_ptr()
+    dtensor = dtensor_type()
+    return tuple([p.data_ptr() if type(p) is not dtensor else p.to_local().data_ptr()
                   for p in params])
 
 
