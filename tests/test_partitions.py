@@ -142,7 +142,8 @@ def test_empty_partitions_are_errors():
         te.AdLaLa([m[0].parameters(), m[0].parameters()])
     with pytest.raises(ValueError, match="first: it holds every"):
         te.AdLaLa(m, first="")
-    with pytest.raises(ValueError, match="at least two"):
+    with pytest.raises(ValueError, match=r"at least two layers .*got 1; for one layer use .*"
+                                         r"LOL: te\.Langevin or te\.Overdamped"):
         te.LOL(nn.Linear(2, 2))
 
 

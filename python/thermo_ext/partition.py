@@ -275,7 +275,9 @@ def split_first(model: ModelLike, first: FirstLike = None, *, where: str = "mode
     if first is None:
         if len(parts) < 2:
             raise ValueError(f"{where}: a two-partition method needs at least two layers "
-                             f"(partitions), got {len(parts)}")
+                             f"(partitions), got {len(parts)}; for one layer use one of its "
+                             f"partitions' methods (AdLaLa: te.AdL or te.Langevin; LOL: "
+                             f"te.Langevin or te.Overdamped)")
         head = next((p for p in parts if p.layer), parts[0])
         chosen = {id(t) for t in head.params}
         label = head.name
