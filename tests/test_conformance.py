@@ -29,7 +29,7 @@ from torch.optim.optimizer import (register_optimizer_step_post_hook,
 
 import helpers as H
 from helpers import F32, F64, MOMENTUMLESS, kinds
-from thermo_ext import TemperatureScheduler
+from thermo_ext import TemperatureScheduler, Thermo
 
 ALL = kinds()
 
@@ -430,6 +430,39 @@ def test_channels_last_parameters_step_like_their_contiguous_copy(kind):
     H.assert_same(H.snapshot(opt_cl), H.snapshot(opt_d))
     assert w.is_contiguous(memory_format=torch.channels_last)
     assert w2.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("scheme", ["langevin", "adl"])
+def test_gradients_in_any_layout_step_like_contiguous_ones_through_a_kept_copy(scheme):
+    """A gradient that is not contiguous (a channels_last weight's; one given transposed or as a
+    view with gaps) is read through a contiguous copy that the step keeps for the next steps
+    (no allocation per step); the run equals, bitwise, the same run with contiguous
+    gradients, whatever layout each step's gradient comes in."""
+    g = torch.Generator().manual_seed(4)
+    w = nn.Parameter(torch.randn(6, 5, 3, 3, generator=g).to(memory_format=torch.channels_last))
+    v = nn.Parameter(torch.randn(7, 4, generator=g))
+    dense = [nn.Parameter(w.detach().contiguous()), nn.Parameter(v.detach().clone())]
+    opts = [Thermo([w, v], scheme=scheme, seed=9, tau=1e-2),
+            Thermo(dense, scheme=scheme, seed=9, tau=1e-2)]
+    layouts = [lambda t: t.to(memory_format=torch.channels_last) if t.dim() == 4 else t.t()
+               .contiguous().t(),
+               lambda t: t.clone(),
+               lambda t: torch.stack([t, t], dim=-1)[..., 0]]  # a view with gaps
+    kept = []
+    for step in range(6):
+        grads = [torch.randn(p.shape, generator=g) for p in dense]
+        as_given = [layouts[step % 3](t) for t in grads]
+        for p, t in zip((w, v), as_given):
+            p.grad = t
+        for p, t in zip(dense, grads):
+            p.grad = t
+        for o in opts:
+            o.step()
+        H.assert_same(H.snapshot(opts[0]), H.snapshot(opts[1]))
+        assert w.is_contiguous(memory_format=torch.channels_last)
+        calls = opts[0]._records[0].calls
+        kept.append({k: t.data_ptr() for c in calls for k, t in c.grad_copies.items()})
+    assert kept[3] == kept[0] and kept[5] == kept[2] and kept[0]  # the same buffers again
 
 
 # ---------------------------------------------------------------------------------------------

@@ -122,16 +122,18 @@ class EngineCall:
     ``sources`` are the optimizer's parameters; ``params`` and ``momenta`` the tensors the engine
     updates in place: the same tensors (complex ones as real views), the local shards of
     DTensors, chain ``chain`` of stacked parameters, or contiguous copies (``staged``: source,
-    copy) of parameters with any other layout.
+    copy) of parameters with any other layout. ``grad_copies`` keeps, by position, the
+    contiguous copies that non-contiguous gradients are read through, for the next steps.
     """
 
     __slots__ = ("group_index", "scheme", "positions", "chain", "sources", "dtensor", "params",
                  "momenta",
                  "segments", "seg_numel", "offsets", "xi", "xi_index", "xi_full", "workspace",
-                 "step_tensor", "seed", "sum_hook", "staged", "plan")
+                 "step_tensor", "seed", "sum_hook", "staged", "plan", "grad_copies")
 
     def __init__(self, **kw):
         self.plan = None
+        self.grad_copies: Dict[int, torch.Tensor] = {}
         for k, v in kw.items():
             setattr(self, k, v)
 
@@ -154,7 +156,13 @@ class EngineCall:
                                  f"are not supported")
             if g.is_complex():
                 g = torch.view_as_real(g)
-            grads[k] = g if g.is_contiguous() else g.contiguous()
+            if not g.is_contiguous():  # into a buffer kept for the next steps: no allocation
+                buf = self.grad_copies.get(k)
+                if buf is None or buf.shape != g.shape or buf.dtype != g.dtype:
+                    buf = self.grad_copies[k] = torch.empty(g.shape, dtype=g.dtype,
+                                                            device=g.device)
+                g = buf.copy_(g)
+            grads[k] = g
         return grads
 
 
