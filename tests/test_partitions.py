@@ -145,6 +145,14 @@ def test_empty_partitions_are_errors():
     with pytest.raises(ValueError, match=r"at least two layers .*got 1; for one layer use .*"
                                          r"LOL: te\.Langevin or te\.Overdamped"):
         te.LOL(nn.Linear(2, 2))
+    # Frozen layers do not count, and the message says which ones it left out.
+    frozen = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 3), nn.Linear(3, 1))
+    frozen[0].requires_grad_(False)
+    frozen[2].requires_grad_(False)
+    with pytest.raises(ValueError, match=r"got 1 \(2 more whose parameters are all frozen, "
+                                         r"requires_grad=False, do not count: '0', '2'\); for "
+                                         r"one layer use .*AdLaLa: te\.AdL or te\.Langevin"):
+        te.AdLaLa(frozen)
 
 
 def test_first_layer_skips_containers_and_can_be_chosen():

@@ -119,6 +119,18 @@ def _from_module(model: nn.Module, where: str = "model") -> List[Partition]:
     return _with_layer_flags(parts, paths)
 
 
+def _frozen_layers(model: ModelLike) -> List[str]:
+    """The modules of ``model`` (an nn.Module; else none) that own parameters, all frozen."""
+    if not isinstance(model, nn.Module):
+        return []
+    out = []
+    for path, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        if own and not any(p.requires_grad for p in own):
+            out.append(_label(path))
+    return out
+
+
 def _from_pairs(pairs: List[Tuple[str, torch.Tensor]], where: str) -> List[Partition]:
     by_path = {}
     seen = {}
@@ -274,10 +286,14 @@ def split_first(model: ModelLike, first: FirstLike = None, *, where: str = "mode
     named = all(p.param_names is not None for p in parts)
     if first is None:
         if len(parts) < 2:
+            frozen = _frozen_layers(model)
+            why = (f" ({len(frozen)} more whose parameters are all frozen, requires_grad=False, "
+                   f"do not count: {', '.join(map(repr, frozen[:4]))}{' ...' if len(frozen) > 4 else ''})"
+                   if frozen else "")
             raise ValueError(f"{where}: a two-partition method needs at least two layers "
-                             f"(partitions), got {len(parts)}; for one layer use one of its "
-                             f"partitions' methods (AdLaLa: te.AdL or te.Langevin; LOL: "
-                             f"te.Langevin or te.Overdamped)")
+                             f"(partitions) with trainable parameters, got {len(parts)}{why}; "
+                             f"for one layer use one of its partitions' methods (AdLaLa: "
+                             f"te.AdL or te.Langevin; LOL: te.Langevin or te.Overdamped)")
         head = next((p for p in parts if p.layer), parts[0])
         chosen = {id(t) for t in head.params}
         label = head.name
