@@ -59,10 +59,11 @@ def main(argv=None) -> int:
         t = measure(contenders, torch.device("cpu"), args.rounds)
     base = t["Adam(fused)"]
     numel = sum(torch.Size(s).numel() for s in SHAPES)
-    print(f"thermo_ext {te.__version__} | torch {torch.__version__} | ISA {te.build_info()['isa']} | "
-          f"threads {n} | {numel / 1e6:.1f} M float32 in {len(SHAPES)} conv weights")
-    print(f"\n  {'contender':28s} {'median':>9s}  {'/ Adam(fused)':>13s}  {'per round, p25-p75':>18s}"
-          f"  {'channels_last / default':>23s}")
+    print(f"thermo_ext {te.__version__} | torch {torch.__version__} | ISA "
+          f"{te.build_info()['isa']} | threads {n} | {numel / 1e6:.1f} M float32 in "
+          f"{len(SHAPES)} conv weights")
+    print(f"\n  {'contender':28s} {'median':>9s}  {'/ Adam(fused)':>13s}  "
+          f"{'per round, p25-p75':>18s}  {'channels_last / default':>23s}")
     for k, v in t.items():
         lo, hi = v.per_round(base)
         own = ""

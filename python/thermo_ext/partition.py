@@ -287,9 +287,9 @@ def split_first(model: ModelLike, first: FirstLike = None, *, where: str = "mode
     if first is None:
         if len(parts) < 2:
             frozen = _frozen_layers(model)
+            listed = ", ".join(map(repr, frozen[:4])) + (" ..." if len(frozen) > 4 else "")
             why = (f" ({len(frozen)} more whose parameters are all frozen, requires_grad=False, "
-                   f"do not count: {', '.join(map(repr, frozen[:4]))}{' ...' if len(frozen) > 4 else ''})"
-                   if frozen else "")
+                   f"do not count: {listed})" if frozen else "")
             raise ValueError(f"{where}: a two-partition method needs at least two layers "
                              f"(partitions) with trainable parameters, got {len(parts)}{why}; "
                              f"for one layer use one of its partitions' methods (AdLaLa: "
