@@ -191,3 +191,73 @@ def fsdp_nan_worker(rank, world, port, out_dir, scheme):
     torch.save({"message": message, "unchanged": unchanged, "moved": moved,
                 "steps": [int(g["step"]) for g in opt.param_groups]},
                os.path.join(out_dir, f"nan{rank}.pt"))
+
+
+def _dtensor_case():
+    """A sharded weight, a replicated weight and a replicated bias with their gradients for
+    STEPS steps: the replicated weight's gradient as Partial (each rank one summand, as tensor
+    parallelism leaves it), exact in float so that the sum is the full gradient bit for bit."""
+    g = torch.Generator().manual_seed(7)
+    init = [torch.randn(8, 3, generator=g), torch.randn(5, 3, generator=g),
+            torch.randn(5, generator=g)]
+    grads = [[torch.randn(t.shape, generator=g) for t in init] for _ in range(STEPS)]
+    return init, grads
+
+
+@clean_exit
+def replicate_worker(rank, world, port, out_dir, scheme):
+    """Replicated DTensor parameters next to a sharded one: each replica counts its thermostat
+    sums once (not once per rank), Partial gradients are reduced before the step, and the run
+    follows the single-process one."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    _init(rank, world, port)
+    mesh = init_device_mesh("cpu", (world,))
+    init, grads = _dtensor_case()
+    places = [[Shard(0)], [Replicate()], [Replicate()]]
+    params = [nn.Parameter(distribute_tensor(t.clone(), mesh, pl)) for t, pl in zip(init, places)]
+    opt = te.Thermo(params, scheme=scheme, lr=0.1, tau=1e-2, eps=0.5, seed=5)
+    for step in grads:
+        params[0].grad = distribute_tensor(step[0].clone(), mesh, [Shard(0)])
+        params[1].grad = DTensor.from_local(step[1].clone() if rank == 0 else
+                                            torch.zeros_like(step[1]), mesh, [Partial()])
+        params[2].grad = distribute_tensor(step[2].clone(), mesh, [Replicate()])
+        opt.step()
+    xis = [float(x) for x in opt.thermostats()[0]] if scheme != "langevin" else []
+    kt = float(opt.kinetic_temperature()[0])
+    mixed = None
+    try:  # one thermostat over sharded and replicated tensors: refused on every rank
+        te.Thermo(params, scheme="adl", thermostat="group", seed=5).step()
+    except ValueError as e:
+        mixed = str(e)
+    torch.save({"params": [p.full_tensor().detach() for p in params],
+                "local": [p.to_local().detach().clone() for p in params],
+                "xis": xis, "kt": kt, "mixed": mixed},
+               os.path.join(out_dir, f"rep{rank}.pt"))
+
+
+@clean_exit
+def hsdp_worker(rank, world, port, out_dir, scheme):
+    """FSDP2 on a 2-D mesh (HSDP: replicated across the first dimension, sharded across the
+    second): placements (Replicate(), Shard(0))."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    _init(rank, world, port)
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    x, y = global_batch()
+    n = x.shape[0] // world
+    xs, ys = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+    model = make_model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = make_opt(model, scheme)
+    train(model, opt, xs, ys, STEPS)
+    torch.save({"params": [p.full_tensor().detach() for p in model.parameters()],
+                "placements": [str(p.placements) for p in model.parameters()],
+                "xis": [float(x) for g in opt.thermostats() for x in g],
+                "kt": [None if t is None else float(t) for t in opt.kinetic_temperature()]},
+               os.path.join(out_dir, f"hsdp{rank}.pt"))

@@ -77,6 +77,57 @@ def test_fsdp2_nan_on_one_rank_is_refused_by_every_rank(tmp_path, scheme):
     assert "on rank 1" in torch.load(tmp_path / "nan0.pt")["message"]
 
 
+@pytest.mark.parametrize("scheme", ["langevin", "adl"])
+def test_replicated_dtensors_count_once_and_partial_gradients_are_reduced(tmp_path, scheme):
+    """Tensor-parallel plans replicate some parameters (Replicate placements) and leave their
+    gradients Partial. Each replicated tensor's thermostat sum counts once, not once per rank;
+    a Partial gradient is summed over the ranks before the step; so the run equals the
+    single-process one (bitwise where no sum crosses ranks) and the replicas stay identical."""
+    spawn(W.replicate_worker, tmp_path, scheme)
+    r0, r1 = (torch.load(tmp_path / f"rep{r}.pt") for r in range(2))
+    init, grads = W._dtensor_case()
+    params = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = te.Thermo(params, scheme=scheme, lr=0.1, tau=1e-2, eps=0.5, seed=5)
+    for step in grads:
+        for p, g in zip(params, step):
+            p.grad = g.clone()
+        opt.step()
+    for a, b, c in zip(r0["params"], r1["params"], params):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c.detach(), rtol=1e-6, atol=1e-6)
+    for a, b in zip(r0["local"][1:], r1["local"][1:]):
+        assert torch.equal(a, b)  # the replicas
+    for a, c in zip(r0["params"][1:], params[1:]):
+        assert torch.equal(a, c.detach())  # replicated: no sum crosses ranks, the same bits
+    if scheme != "langevin":
+        want = [float(x) for x in opt.thermostats()[0]]
+        assert r0["xis"] == pytest.approx(want, rel=1e-9)
+        assert r0["xis"][1:] == want[1:]
+    assert r0["kt"] == pytest.approx(float(opt.kinetic_temperature()[0]), rel=1e-9)
+    for r in (r0, r1):
+        assert r["mixed"] is not None and "sharded and replicated" in r["mixed"]
+
+
+@pytest.mark.parametrize("scheme", ["adl", "adlala"])
+def test_hsdp_on_a_2d_mesh_follows_single_process(tmp_path, scheme):
+    """FSDP2 over a (replicate, shard) mesh of 4 ranks: the thermostat sums are all-reduced over
+    the shard dimension only, the agreement runs over all ranks, and the run follows the
+    single-process one (bitwise-identical replicas)."""
+    mp.spawn(W.hsdp_worker, args=(4, free_port(), str(tmp_path), scheme), nprocs=4, join=True)
+    runs = [torch.load(tmp_path / f"hsdp{r}.pt") for r in range(4)]
+    assert "Replicate()" in runs[0]["placements"][0] and "Shard(dim=0)" in runs[0]["placements"][0]
+    ref, opt = W.single_process(scheme)
+    for r in runs[1:]:
+        for a, b in zip(runs[0]["params"], r["params"]):
+            assert torch.equal(a, b)
+    for a, c in zip(runs[0]["params"], ref):
+        torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)
+    want = [float(x) for g in opt.thermostats() for x in g]
+    assert runs[0]["xis"] == pytest.approx(want, rel=1e-6)
+    kt = [None if t is None else float(t) for t in opt.kinetic_temperature()]
+    assert runs[0]["kt"] == pytest.approx(kt, rel=1e-5)
+
+
 def test_dtensor_is_looked_up_only_once_the_program_imports_it():
     # importing torch.distributed.tensor costs most of a second; no DTensor exists before the
     # program imports it, so `import thermo_ext` leaves it alone and finds it afterwards

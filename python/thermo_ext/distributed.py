@@ -3,10 +3,12 @@ all-reduced sums, and the agreement of all ranks on a refused step (docs/DESIGN.
 model").
 
 A DTensor parameter is stepped through its local shard, with the shard's global offset feeding
-the noise counter, so that the sharded run draws the noise of the unsharded one. The E letter's
-Σp² is all-reduced over the mesh. A step that one rank must refuse (a non-finite value in its
-shard) is refused by every rank: the ranks agree on the verdict before anything is written or any
-thermostat sum is exchanged, so no rank writes alone and none waits forever in a collective.
+the noise counter, so that the sharded run draws the noise of the unsharded one; its gradient is
+first brought to the parameter's placements (a Partial one is reduced). The E letter's Σp² is
+all-reduced over the mesh dimensions that shard the tensor (a replicated one counts once). A
+step that one rank must refuse (a non-finite value in its shard) is refused by every rank: the
+ranks agree on the verdict before anything is written or any thermostat sum is exchanged, so no
+rank writes alone and none waits forever in a collective.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import torch
 
 from ._compat import compute_local_shape_and_global_offset, dtensor_type
 
-__all__ = ["is_dtensor", "local", "flat_offset", "mesh_sum_hook", "broadcast_seed",
-           "all_reduce_sum", "Agreement"]
+__all__ = ["is_dtensor", "is_sharded", "local", "like_param", "flat_offset", "sum_groups",
+           "mesh_sum_hook", "broadcast_seed", "all_reduce_sum", "Agreement"]
 
 
 def _dist():
@@ -49,7 +51,7 @@ def flat_offset(p) -> int:
 
     for pl in p.placements:
         if not isinstance(pl, (Shard, Replicate)) or (isinstance(pl, Shard) and pl.dim != 0):
-            raise ValueError(f"DTensor parameters must be sharded on dim 0 (FSDP2) or "
+            raise ValueError(f"DTensor parameters must be sharded on dim 0 (FSDP2, HSDP) or "
                              f"replicated; got placements {p.placements}")
     _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
     row = 1
@@ -59,17 +61,46 @@ def flat_offset(p) -> int:
 
 
 def mesh_group(p):
-    """The process group of a DTensor's mesh."""
-    return p.device_mesh.get_group()
+    """The process group of a DTensor's mesh; None (the default group) for a mesh of several
+    dimensions, which has no single group."""
+    mesh = p.device_mesh
+    return mesh.get_group() if mesh.ndim == 1 else None
+
+
+def is_sharded(p) -> bool:
+    """Whether ``p`` is a DTensor split over some dimension of its mesh (its ranks hold
+    different elements), not only replicated."""
+    return is_dtensor(p) and any(pl.is_shard() for pl in p.placements)
+
+
+def sum_groups(p) -> list:
+    """The process groups over which a sum of ``p``'s local elements is all-reduced to give the
+    whole tensor's sum: those of the mesh dimensions that shard it. A replicated dimension holds
+    the same elements on every rank: summing over it would count each of them once per rank."""
+    if not is_dtensor(p):
+        return []
+    mesh = p.device_mesh
+    return [mesh.get_group(mesh_dim=i) for i, pl in enumerate(p.placements) if pl.is_shard()]
+
+
+def like_param(g, p):
+    """``p``'s gradient ``g`` in ``p``'s placements: a Partial gradient (tensor parallelism
+    leaves replicated parameters' gradients as per-rank summands) is reduced, as torch's
+    optimizers' DTensor ops would reduce it, before the engine reads its local part."""
+    if is_dtensor(g) and is_dtensor(p) and tuple(g.placements) != tuple(p.placements):
+        return g.redistribute(p.device_mesh, p.placements)
+    return g
 
 
 def mesh_sum_hook(p) -> Callable[[torch.Tensor], None]:
-    """All-reduces an E phase's segment sums over the DTensor's mesh (one small all-reduce)."""
+    """All-reduces an E phase's segment sums over the mesh dimensions that shard the DTensor
+    (one small all-reduce per such dimension)."""
     dist = _dist()
-    group = mesh_group(p)
+    groups = sum_groups(p)
 
     def hook(sums: torch.Tensor) -> None:
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+        for group in groups:
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
 
     return hook
 
@@ -94,9 +125,10 @@ def broadcast_seed(seed: int) -> int:
 
 
 def all_reduce_sum(t: torch.Tensor, like) -> torch.Tensor:
-    """Sums ``t`` over the mesh of the DTensor ``like`` (in place); plain tensors: unchanged."""
-    if is_dtensor(like):
-        _dist().all_reduce(t, group=mesh_group(like))
+    """Sums ``t`` over the mesh dimensions that shard the DTensor ``like`` (in place);
+    replicated DTensors and plain tensors: unchanged."""
+    for group in sum_groups(like):
+        _dist().all_reduce(t, group=group)
     return t
 
 
@@ -120,7 +152,8 @@ class Agreement:
         if not initialized() or not (meshes or needs):
             return None
         groups = {id(g): g for g in meshes}
-        # One mesh: its group; several (or none, a user's sum_hook): the default group.
+        # One mesh: its group; several, one of several dimensions (None), or none (a user's
+        # sum_hook): the default group.
         return Agreement(next(iter(groups.values())) if len(groups) == 1 else None)
 
     def rank(self) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -146,7 +146,8 @@ class EngineCall:
         what is left is the layout."""
         grads = [grad_of(src) for src in self.sources]
         if self.dtensor:
-            grads = [dist_glue.local(g) for g in grads]
+            grads = [dist_glue.local(dist_glue.like_param(g, src))
+                     for g, src in zip(grads, self.sources)]
         if self.chain is not None:
             grads = [g[self.chain] for g in grads]
         for k, g in enumerate(grads):
@@ -282,7 +283,9 @@ def build_calls(gi: int, group: Dict[str, Any], scheme: FoldedScheme, active: tu
     wh = where(gi, group)
     chains = group["chains"]
     device = group["params"][active[0]].device
-    by_dtype: Dict[torch.dtype, list] = {}
+    # One call per dtype; sharded and replicated DTensors apart (only the former's thermostat
+    # sums are all-reduced).
+    by_dtype: Dict[Tuple[torch.dtype, bool], list] = {}
     for pos in active:
         p = group["params"][pos]
         if p.device != device:
@@ -297,17 +300,23 @@ def build_calls(gi: int, group: Dict[str, Any], scheme: FoldedScheme, active: tu
             raise TypeError(f"{wh}{param_label(group, pos)}: dtype {p.dtype} not supported; "
                             f"expected float32, float64, bfloat16, float16 or "
                             f"complex64/complex128")
-        by_dtype.setdefault(dtype, []).append(pos)
-    xi = group_xi(group, scheme, device, created)
+        by_dtype.setdefault((dtype, dist_glue.is_sharded(p)), []).append(pos)
     per_group = group["thermostat"] == "group"
     if per_group and scheme.n_e and len(by_dtype) > 1:
-        raise ValueError(f"{wh}thermostat='group' with an E letter needs one dtype per group; "
-                         f"got {sorted(str(d) for d in by_dtype)}: split the group")
+        dtypes = {d for d, _ in by_dtype}
+        if len(dtypes) > 1:
+            raise ValueError(f"{wh}thermostat='group' with an E letter needs one dtype per "
+                             f"group; got {sorted(str(d) for d in dtypes)}: split the group")
+        raise ValueError(f"{wh}thermostat='group' with an E letter over sharded and replicated "
+                         f"DTensor parameters is not supported (their sums are reduced over "
+                         f"different ranks): use thermostat='tensor', or put them in separate "
+                         f"groups")
+    xi = group_xi(group, scheme, device, created)
     step_t = None
     if group["capturable"] and kernels.on_device(dist_glue.local(group["params"][active[0]])):
         step_t = step_tensor(group, device)
     calls = []
-    for dtype, positions in by_dtype.items():
+    for (dtype, sharded), positions in by_dtype.items():
         sources = [group["params"][k] for k in positions]
         momenta = []
         for pos, p in zip(positions, sources):
@@ -360,5 +369,5 @@ def build_calls(gi: int, group: Dict[str, Any], scheme: FoldedScheme, active: tu
                 xi_index=xi_index, xi_full=xi_full, workspace=workspace, step_tensor=step_t,
                 seed=group["seed"] if chain is None else te_random.chain_seed(group["seed"],
                                                                               chain),
-                sum_hook=sum_hook_for(sources[0]) if dtensor else None))
+                sum_hook=sum_hook_for(sources[0]) if sharded else None))
     return calls
