@@ -261,3 +261,63 @@ def hsdp_worker(rank, world, port, out_dir, scheme):
                 "xis": [float(x) for g in opt.thermostats() for x in g],
                 "kt": [None if t is None else float(t) for t in opt.kinetic_temperature()]},
                os.path.join(out_dir, f"hsdp{rank}.pt"))
+
+
+def _tp_case():
+    """Weights as tensor parallelism shards them (dim 1 of a matrix, dims 1 and 2 of 3-D
+    tensors, and a bf16 one), with dim-0 and replicated neighbours, and STEPS steps of
+    gradients."""
+    g = torch.Generator().manual_seed(11)
+    shapes = [(6, 8), (4, 6, 5), (4, 6, 4), (8, 3), (5,), (6, 4)]
+    init = [torch.randn(s, generator=g) for s in shapes]
+    init[5] = init[5].bfloat16()
+    grads = [[torch.randn(t.shape, generator=g).to(t.dtype) for t in init] for _ in range(STEPS)]
+    return init, grads
+
+
+def tp_placements():
+    from torch.distributed.tensor import Replicate, Shard
+    return [[Shard(1)], [Shard(1)], [Shard(2)], [Shard(0)], [Replicate()], [Shard(1)]]
+
+
+def tp_optimizer(params, scheme, backend="engine"):
+    return te.Thermo(params, scheme=scheme, lr=0.1, tau=1e-2, eps=0.5, seed=5,
+                     momentum_init="thermal", backend=backend)
+
+
+@clean_exit
+def tp_worker(rank, world, port, out_dir, scheme):
+    """Shards on dims other than 0 (tensor parallelism), with fixed gradients: the noise of
+    each local element is its global element's, so the run equals the single-process one; and
+    a parallelize_module MLP (column- then row-wise) trains as the single-process MLP."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                                   parallelize_module)
+
+    _init(rank, world, port)
+    mesh = init_device_mesh("cpu", (world,))
+    init, grads = _tp_case()
+    out = {}
+    for backend in ("engine", "reference"):
+        params = [nn.Parameter(distribute_tensor(t.clone(), mesh, pl))
+                  for t, pl in zip(init, tp_placements())]
+        opt = tp_optimizer(params, scheme, backend)
+        for step in grads:
+            for p, g, pl in zip(params, step, tp_placements()):
+                p.grad = distribute_tensor(g.clone(), mesh, pl)
+            opt.step()
+        out[backend] = [p.full_tensor().detach() for p in params]
+        out[backend + " xis"] = [float(x) for t in opt.thermostats() for x in t]
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))
+    x = torch.randn(32, 4, generator=torch.Generator().manual_seed(2))
+    y = x[:, :3].sin()
+    parallelize_module(mlp, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    opt = te.AdLaLa(mlp, seed=3)
+    for _ in range(STEPS):
+        opt.zero_grad()
+        nn.functional.mse_loss(mlp(x), y).backward()
+        opt.step()
+    out["mlp"] = [p.full_tensor().detach() for p in mlp.parameters()]
+    torch.save(out, os.path.join(out_dir, f"tp{rank}.pt"))

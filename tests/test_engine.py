@@ -707,6 +707,55 @@ def test_shards_in_separate_calls_equal_the_whole(scheme, gen):
     assert_states_equal(sharded, whole)
 
 
+@pytest.mark.parametrize("impl", ["engine", "reference"])
+@pytest.mark.parametrize("scheme,dtype", [("BAOAB", F32), ("OBADAOB", F64),
+                                          ("overdamped", F32), ("BAOAB", torch.bfloat16)])
+def test_a_shard_on_another_dim_equals_its_columns_of_the_whole(scheme, dtype, impl, gen):
+    """A tensor-parallel shard of columns 3..9 of a (70, 12) tensor: 70 runs of 7 elements at
+    global offsets 3 + 12 k (``runs`` = (7, 12)). Stepped alone, it equals those columns of the
+    whole tensor's step, bit for bit (bf16: stochastic rounding by global index too; the
+    reference in float64: to its rounding), and a non-finite value in it is reported at the
+    tensor, not at a run."""
+    step_fn = kernels.thermo_step if impl == "engine" else reference.thermo_step
+    f = fold(scheme)
+    whole = torch.randn(70, 12, generator=gen, dtype=F64).to(dtype)
+    mdt = kernels.momentum_dtype(dtype)
+    wm = torch.randn(70, 12, generator=gen, dtype=mdt) if f.uses_momentum else None
+    part = whole[:, 3:10].contiguous()
+    pm = wm[:, 3:10].contiguous() if wm is not None else None
+    for k in range(2):
+        g = torch.randn(70, 12, generator=gen, dtype=F64).to(dtype)
+        kw = dict(HYPER, scheme=f, xi=None, segments=[0], seed=SEED, step=k, first=k == 0,
+                  uids=[5])
+        assert kernels.thermo_step([whole], [wm], [g], offsets=[0], **kw) is None
+        assert step_fn([part], [pm], [g[:, 3:10].contiguous()], offsets=[3], runs=[(7, 12)],
+                       **kw) is None
+    for a, b in ((part, whole[:, 3:10]), (pm, None if wm is None else wm[:, 3:10])):
+        if a is None:
+            continue
+        if impl == "engine" or dtype != F64:
+            assert H.same_bits(a, b)
+        else:  # the reference's float64 rounding may differ from the engine's by an ulp
+            torch.testing.assert_close(a, b, rtol=RTOL[F64], atol=1e-14)
+    g = torch.zeros_like(part)
+    g[40, 2] = float("nan")
+    bad = step_fn([torch.zeros(3, dtype=dtype), part], [None, None] if pm is None else
+                  [torch.zeros(3, dtype=mdt), pm], [torch.zeros(3, dtype=dtype), g],
+                  offsets=[0, 3], runs=[None, (7, 12)], **dict(kw, segments=[0, 0],
+                                                               uids=[4, 5]))
+    assert tuple(bad) == (1, "gradient")
+
+
+def test_runs_are_validated(gen):
+    p, m = torch.zeros(12), torch.zeros(12)
+    kw = dict(HYPER, scheme=fold("BAOAB"), xi=None, segments=[0], seed=1, step=0, uids=[1],
+              offsets=[0])
+    for runs in ([(5, 12)], [(4, 3)], [(0, 4)], [(4, 8), None]):
+        with pytest.raises(ValueError, match="runs"):
+            kernels.thermo_step([p], [m], [torch.ones(12)], runs=runs, **kw)
+    assert not p.any() and not m.any()
+
+
 def test_seg_numel_and_sum_hook_match_reference(gen):
     # a shard of a larger tensor: seg_numel counts the whole; sum_hook adds the other shards'
     # sums (here: a constant), as a distributed all-reduce would

@@ -65,7 +65,7 @@ class EngineBackend:
                 c.plan = kernels.EnginePlan(
                     c.params, c.momenta, scheme=c.scheme, xi=c.xi, segments=c.segments,
                     seg_numel=c.seg_numel, seed=c.seed, uids=c.uids(), offsets=c.offsets,
-                    step_tensor=c.step_tensor, workspace=c.workspace)
+                    runs=c.runs, step_tensor=c.step_tensor, workspace=c.workspace)
             c.plan.set_fast(g, hy, step, step == 0, stochastic_rounding)
             c.plan.sum_hook = sum_hook or c.sum_hook
             plans.append(c.plan)
@@ -91,7 +91,7 @@ class ReferenceBackend:
                               lr=lr, gamma=gamma, tau=tau, sigma=sigma, eps=eps,
                               weight_decay=wd, maximize=maximize, xi=c.xi, segments=c.segments,
                               seg_numel=c.seg_numel, seed=c.seed, step=step, uids=c.uids(),
-                              offsets=c.offsets, first=step == 0,
+                              offsets=c.offsets, runs=c.runs, first=step == 0,
                               stochastic_rounding=stochastic_rounding,
                               sum_hook=sum_hook or c.sum_hook))
         return tasks

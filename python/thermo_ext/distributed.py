@@ -1,9 +1,10 @@
-"""torch.distributed glue: DTensor (FSDP2) shards, the seed every rank shares, the thermostat's
-all-reduced sums, and the agreement of all ranks on a refused step (docs/DESIGN.md, "Failure
-model").
+"""torch.distributed glue: DTensor shards (FSDP2, HSDP, tensor parallelism), the seed every rank
+shares, the thermostat's all-reduced sums, and the agreement of all ranks on a refused step
+(docs/DESIGN.md, "Failure model", "Distributed training").
 
-A DTensor parameter is stepped through its local shard, with the shard's global offset feeding
-the noise counter, so that the sharded run draws the noise of the unsharded one; its gradient is
+A DTensor parameter is stepped through its local shard, with the shard's global offset (and, for
+a shard on another dim than 0, its runs of global indices) feeding the noise counter, so that
+the sharded run draws the noise of the unsharded one; its gradient is
 first brought to the parameter's placements (a Partial one is reduced). The E letter's Σp² is
 all-reduced over the mesh dimensions that shard the tensor (a replicated one counts once). A
 step that one rank must refuse (a non-finite value in its shard) is refused by every rank: the
@@ -13,13 +14,14 @@ rank writes alone and none waits forever in a collective.
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+import math
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
 from ._compat import compute_local_shape_and_global_offset, dtensor_type
 
-__all__ = ["is_dtensor", "is_sharded", "local", "like_param", "flat_offset", "sum_groups",
+__all__ = ["is_dtensor", "is_sharded", "local", "like_param", "shard_runs", "sum_groups",
            "mesh_sum_hook", "broadcast_seed", "all_reduce_sum", "Agreement"]
 
 
@@ -43,21 +45,37 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
-def flat_offset(p) -> int:
-    """Global index of the first element of a DTensor's local shard (0 for plain tensors)."""
+def shard_runs(p) -> Tuple[int, Optional[Tuple[int, int]]]:
+    """Where a DTensor's local elements sit in the whole tensor, for the noise counter:
+    (offset, None) when local element l is global element ``offset + l`` (plain tensors,
+    replicated ones, shards on dim 0: FSDP2, HSDP), or (offset, (run, stride)) when it is
+    ``offset + (l // run) * stride + l % run`` (a shard on another dim, as tensor parallelism's
+    row-wise weights: runs of ``run`` elements, one per index of the dims before it)."""
     if not is_dtensor(p):
-        return 0
+        return 0, None
     from torch.distributed.tensor import Replicate, Shard
 
     for pl in p.placements:
-        if not isinstance(pl, (Shard, Replicate)) or (isinstance(pl, Shard) and pl.dim != 0):
-            raise ValueError(f"DTensor parameters must be sharded on dim 0 (FSDP2, HSDP) or "
-                             f"replicated; got placements {p.placements}")
-    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-    row = 1
-    for d in p.shape[1:]:
-        row *= d
-    return int(offset[0]) * row if len(offset) else 0
+        if not isinstance(pl, (Shard, Replicate)) or type(pl).__name__ == "_StridedShard":
+            raise ValueError(f"DTensor parameters must be sharded (Shard) or replicated; got "
+                             f"placements {p.placements}")
+    local_shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh,
+                                                                p.placements)
+    whole = list(p.shape)
+    split = [d for d in range(len(whole)) if int(local_shape[d]) != whole[d]]
+    if not split:
+        return 0, None
+    k = split[-1]
+    if any(d not in (0, k) for d in split):
+        raise ValueError(f"DTensor parameters may be split on dim 0 and one more dim, got "
+                         f"placements {p.placements} (local shape {tuple(local_shape)} of "
+                         f"{tuple(whole)})")
+    inner = math.prod(whole[k + 1:])
+    start = int(offset[k]) * inner
+    if k == 0:
+        return start, None
+    start += int(offset[0]) * math.prod(whole[1:])
+    return start, (int(local_shape[k]) * inner, whole[k] * inner)
 
 
 def mesh_group(p):

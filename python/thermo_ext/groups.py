@@ -128,7 +128,8 @@ class EngineCall:
 
     __slots__ = ("group_index", "scheme", "positions", "chain", "sources", "dtensor", "params",
                  "momenta",
-                 "segments", "seg_numel", "offsets", "xi", "xi_index", "xi_full", "workspace",
+                 "segments", "seg_numel", "offsets", "runs", "xi", "xi_index", "xi_full",
+                 "workspace",
                  "step_tensor", "seed", "sum_hook", "staged", "plan", "grad_copies")
 
     def __init__(self, **kw):
@@ -229,10 +230,12 @@ def init_momentum(p: torch.Tensor, gi: int, pos: int, group: Dict[str, Any]) -> 
         tau = float(group["tau"])
         for k, v in enumerate(views):
             seed = te_random.chain_seed(group["seed"], k) if chains else group["seed"]
-            z = te_random.normal(v.numel(), seed=seed, uid=uid(gi, pos),
-                                 step=te_random.THERMAL_STEP, draw=0,
-                                 offset=dist_glue.flat_offset(p) * (2 if p.is_complex() else 1),
-                                 device=v.device)
+            c = 2 if p.is_complex() else 1
+            offset, run = dist_glue.shard_runs(p)
+            z = te_random.normal_runs(v.numel(), seed=seed, uid=uid(gi, pos),
+                                      step=te_random.THERMAL_STEP, draw=0, offset=offset * c,
+                                      runs=None if run is None else (run[0] * c, run[1] * c),
+                                      device=v.device)
             v.copy_((math.sqrt(tau) * z.to(v.dtype)).view(v.shape))
     return m
 
@@ -359,13 +362,20 @@ def build_calls(gi: int, group: Dict[str, Any], scheme: FoldedScheme, active: tu
                     staged.append((t, buf))
                     t = buf
                 engine_params.append(t)
-            offsets = [dist_glue.flat_offset(p) * (2 if p.is_complex() else 1) for p in sources]
+            # Global element offsets (and runs, for shards on another dim than 0) in real
+            # components.
+            offsets, runs = [], []
+            for p in sources:
+                c = 2 if p.is_complex() else 1
+                offset, run = dist_glue.shard_runs(p)
+                offsets.append(offset * c)
+                runs.append(None if run is None else (run[0] * c, run[1] * c))
             calls.append(EngineCall(
                 group_index=gi, scheme=scheme, positions=positions, chain=chain, sources=sources,
                 dtensor=dtensor, params=engine_params, staged=staged,
                 momenta=[None if m is None else pick(engine_view(dist_glue.local(m)))
                          for m in momenta],
-                segments=segments, seg_numel=seg_numel, offsets=offsets, xi=xi_call,
+                segments=segments, seg_numel=seg_numel, offsets=offsets, runs=runs, xi=xi_call,
                 xi_index=xi_index, xi_full=xi_full, workspace=workspace, step_tensor=step_t,
                 seed=group["seed"] if chain is None else te_random.chain_seed(group["seed"],
                                                                               chain),

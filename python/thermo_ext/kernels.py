@@ -213,6 +213,28 @@ def check_buffer(name: str, t, *, dtype: torch.dtype, device: torch.device,
                          f"got {t.numel()} element(s) of {t.dtype} on {t.device}{layout}")
 
 
+def _pieces(params: Sequence[torch.Tensor], offsets: Sequence[int],
+            runs: Optional[Sequence[Optional[Tuple[int, int]]]]) -> List[Tuple[int, int, int, int]]:
+    """(tensor, local start, length, global start) of every run of consecutive global indices:
+    one per tensor, or with ``runs[i]`` = (run, stride) one per ``run`` elements of tensor i,
+    the k-th starting at global index ``offsets[i] + k * stride``."""
+    if runs is not None and len(runs) != len(params):
+        raise ValueError(f"runs: expected {len(params)} entries (None or (run, stride)), got "
+                         f"{len(runs)}")
+    out = []
+    for i, p in enumerate(params):
+        n, r = p.numel(), None if runs is None else runs[i]
+        if r is None or r[0] >= n:
+            out.append((i, 0, n, offsets[i]))
+            continue
+        run, stride = r
+        if run <= 0 or n % run or stride < run:
+            raise ValueError(f"runs[{i}]: expected a run length that divides the tensor's {n} "
+                             f"elements and a stride >= it, got {tuple(r)}")
+        out.extend((i, k * run, run, offsets[i] + k * stride) for k in range(n // run))
+    return out
+
+
 class EnginePlan:
     """The fixed part of one engine call: a (device, dtype) list of parameters with their
     momenta, uids, offsets, thermostat segments and buffers. Built once and reused while the
@@ -224,12 +246,13 @@ class EnginePlan:
 
     __slots__ = ("plan", "scheme", "device", "params", "momenta", "xi", "workspace", "scratch",
                  "step_tensor", "n_seg", "seg_numel", "sum_hook", "hyper", "_sum_views",
-                 "program", "program_key")
+                 "program", "program_key", "grad_map", "source_of")
 
     def __init__(self, params: Sequence[torch.Tensor], momenta: Sequence[Optional[torch.Tensor]],
                  *, scheme: FoldedScheme, xi: Optional[torch.Tensor], segments: Sequence[int],
                  seg_numel: Optional[Sequence[float]], seed: int, uids: Sequence[int],
                  offsets: Optional[Sequence[int]] = None,
+                 runs: Optional[Sequence[Optional[Tuple[int, int]]]] = None,
                  step_tensor: Optional[torch.Tensor] = None,
                  workspace: Optional[torch.Tensor] = None):
         n = len(params)
@@ -258,27 +281,36 @@ class EnginePlan:
             raise ValueError(f"seg_numel: expected {n_seg} element counts >= 0 (one per "
                              f"segment), got {list(seg_numel)}")
         offsets = list(offsets) if offsets is not None else [0] * n
-        for i, (o, p) in enumerate(zip(offsets, params)):
+        pieces = _pieces(params, offsets, runs)
+        for i, _, length, o in pieces:
             # The counter's first word is (i >> 2) mod 2**32: indices must stay below 2**34.
-            if o + p.numel() > 2**34:
+            if o + length > 2**34:
                 raise ValueError(f"offsets[{i}]: global indices must stay below 2**34 (the "
-                                 f"noise counter's range); got offset {o} + {p.numel()} elements")
+                                 f"noise counter's range); got offset {o} + {length} elements")
         n_e = scheme.n_e
         if n_e and workspace is not None:
             check_buffer("workspace", workspace, dtype=torch.float64, device=p0.device,
                          at_least=2 * n_e * n_seg)
         if n_e and workspace is None:
             workspace = torch.empty(2 * n_e * n_seg, dtype=torch.float64, device=p0.device)
-        numels = [p.numel() for p in params]
+        # The engine's tensors: one per run of consecutive global indices (a parameter, or a
+        # slice of a tensor-parallel shard), each reading its gradient at grad_map's place.
+        numels = [length for _, _, length, _ in pieces]
         scratch, scratch_len = None, 0
         if dev >= 0:
             scratch_len = _C.cuda_scratch_doubles(numels)
             scratch = torch.empty(scratch_len, dtype=torch.float64, device=p0.device)
-        self.plan = _C.Plan(dev, DTYPES[p0.dtype], [p.data_ptr() for p in params],
-                            [_ptr(m) for m in momenta], numels, offsets, list(uids),
-                            list(segments), int(seed), _ptr(step_tensor), _ptr(xi), n_seg,
-                            [float(x) for x in seg_numel], _ptr(workspace) if n_e else 0,
-                            _ptr(scratch), scratch_len)
+        size = p0.element_size()
+        thetas = [params[i].data_ptr() + lo * size for i, lo, _, _ in pieces]
+        moms = [0 if momenta[i] is None else momenta[i].data_ptr() + lo * momenta[i].element_size()
+                for i, lo, _, _ in pieces]
+        self.grad_map = None if len(pieces) == n else [(i, lo * size) for i, lo, _, _ in pieces]
+        self.source_of = None if len(pieces) == n else [i for i, _, _, _ in pieces]
+        self.plan = _C.Plan(dev, DTYPES[p0.dtype], thetas, moms, numels,
+                            [o for _, _, _, o in pieces], [uids[i] for i, _, _, _ in pieces],
+                            [segments[i] for i, _, _, _ in pieces], int(seed),
+                            _ptr(step_tensor), _ptr(xi), n_seg, [float(x) for x in seg_numel],
+                            _ptr(workspace) if n_e else 0, _ptr(scratch), scratch_len)
         self.scheme = scheme
         self.device = dev
         self.params = list(params)
@@ -307,7 +339,11 @@ class EnginePlan:
             check_buffer(f"grads[{i}]", g, dtype=p.dtype, device=p.device, numel=p.numel())
         prog = build_program(self.scheme, first, lr, gamma, tau, sigma, eps, weight_decay,
                              maximize)
-        self.plan.set([g.data_ptr() for g in grads], prog, step % 2**32, stochastic_rounding)
+        self.plan.set(self._grad_ptrs(grads), prog, step % 2**32, stochastic_rounding)
+
+    def _grad_ptrs(self, grads: Sequence[torch.Tensor]) -> List[int]:
+        ptrs = [g.data_ptr() for g in grads]
+        return ptrs if self.grad_map is None else [ptrs[i] + b for i, b in self.grad_map]
 
     def set_fast(self, grads: Sequence[torch.Tensor], hyper: tuple, step: int, first: bool,
                  stochastic_rounding: bool) -> None:
@@ -319,8 +355,7 @@ class EnginePlan:
         if key != self.program_key:  # a step's program changes when its settings do
             self.program = build_program(self.scheme, first, *hyper)
             self.program_key = key
-        self.plan.set([g.data_ptr() for g in grads], self.program, step % 2**32,
-                      stochastic_rounding)
+        self.plan.set(self._grad_ptrs(grads), self.program, step % 2**32, stochastic_rounding)
 
     def set_device_hyper(self, hyper: Optional[torch.Tensor]) -> None:
         """Reads the coefficients' hyperparameters from ``hyper`` (float64, 6 elements in
@@ -387,7 +422,10 @@ def run_plans(plans: Sequence[EnginePlan], *, check: bool, flag: Optional[torch.
         i, bad = _C.run_plans(*args)
     if i < 0:
         return None
-    return i, bad // 4, BAD_KINDS[bad % 4]
+    index, kind = bad // 4, BAD_KINDS[bad % 4]
+    if kind != "thermostat" and plans[i].source_of is not None:  # a run: its tensor
+        index = plans[i].source_of[index]
+    return i, index, kind
 
 
 def thermo_step(params: List[torch.Tensor], momenta: List[Optional[torch.Tensor]],
@@ -396,6 +434,7 @@ def thermo_step(params: List[torch.Tensor], momenta: List[Optional[torch.Tensor]
                 xi: Optional[torch.Tensor], segments: Sequence[int],
                 seg_numel: Optional[Sequence[float]] = None, seed: int, step: int,
                 uids: Sequence[int], offsets: Optional[Sequence[int]] = None,
+                runs: Optional[Sequence[Optional[Tuple[int, int]]]] = None,
                 first: bool = False, check_finite: bool = True,
                 stochastic_rounding: bool = True, workspace: Optional[torch.Tensor] = None,
                 sum_hook: Optional[Callable[[torch.Tensor], None]] = None,
@@ -410,6 +449,8 @@ def thermo_step(params: List[torch.Tensor], momenta: List[Optional[torch.Tensor]
     ``xi`` is a float64 tensor of one thermostat variable per segment; ``segments[i]`` is tensor
     i's segment; ``seg_numel`` the elements per segment (defaults to the local tensors');
     ``offsets[i]`` the global index of tensor i's first element (a shard of a bigger tensor);
+    ``runs[i]`` = (run, stride), when given, makes element l's global index
+    ``offsets[i] + (l // run) * stride + l % run`` (a shard on another dim than 0);
     ``sum_hook(sums)``, when given, may reduce the segment sums of each E in place (distributed).
     On CUDA nothing is returned: a non-finite value sets ``flag`` (int32, device, zeroed by the
     caller) and skips the step.
@@ -444,7 +485,7 @@ def thermo_step(params: List[torch.Tensor], momenta: List[Optional[torch.Tensor]
     if scheme.n_e and mode != "all" and workspace is None:
         raise ValueError("workspace: mode 'pre'/'finish' needs the caller's workspace")
     plan = EnginePlan(params, momenta, scheme=scheme, xi=xi, segments=segments,
-                      seg_numel=seg_numel, seed=seed, uids=uids, offsets=offsets,
+                      seg_numel=seg_numel, seed=seed, uids=uids, offsets=offsets, runs=runs,
                       step_tensor=step_tensor, workspace=workspace)
     plan.set(grads, lr=float(lr), gamma=float(gamma), tau=float(tau), sigma=float(sigma),
              eps=float(eps), weight_decay=float(weight_decay), step=int(step), first=bool(first),

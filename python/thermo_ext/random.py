@@ -12,7 +12,7 @@ import torch
 
 from . import kernels
 
-__all__ = ["normal", "philox", "chain_seed", "THERMAL_STEP"]
+__all__ = ["normal", "normal_runs", "philox", "chain_seed", "THERMAL_STEP"]
 
 #: The counter's step field used for momenta drawn by ``momentum_init="thermal"``.
 THERMAL_STEP = 2**32 - 1
@@ -33,6 +33,21 @@ def normal(n: int, *, seed: int, uid: int, step: int, draw: int, offset: int = 0
     out = torch.empty(n, dtype=torch.float32, device=device)
     kernels.fill_normal(out, seed=seed, uid=uid, step=step, draw=draw, offset=offset)
     return out
+
+
+def normal_runs(n: int, *, seed: int, uid: int, step: int, draw: int, offset: int = 0,
+                runs=None, device="cpu") -> torch.Tensor:
+    """:func:`normal` for the ``n`` local elements of a shard whose element ``l`` has the global
+    index ``offset + (l // run) * stride + l % run`` (``runs`` = (run, stride); None: one run,
+    ``offset + l``): a tensor-parallel shard on another dim than 0 is made of such runs."""
+    if runs is None or runs[0] >= n:
+        return normal(n, seed=seed, uid=uid, step=step, draw=draw, offset=offset, device=device)
+    run, stride = runs
+    out = torch.empty(n, dtype=torch.float32, device=device).view(-1, run)
+    for r in range(out.shape[0]):
+        kernels.fill_normal(out[r], seed=seed, uid=uid, step=step, draw=draw,
+                            offset=offset + r * stride)
+    return out.view(-1)
 
 
 def philox(counter, key) -> torch.Tensor:

@@ -15,24 +15,34 @@ from . import _C
 from . import random as te_random
 from .schemes import FoldedScheme
 
-__all__ = ["thermo_step", "round_bf16_stochastic"]
+__all__ = ["thermo_step", "round_bf16_stochastic", "global_index"]
 
 ROUNDING_DRAW = _C.ROUNDING_DRAW  # the draw field of the stochastic-rounding bits
 
 
-def _noise(p: torch.Tensor, *, seed, uid, step, draw, offset) -> torch.Tensor:
-    return te_random.normal(p.numel(), seed=seed, uid=uid, step=step, draw=draw, offset=offset,
-                            device=p.device).view(p.shape)
+def _noise(p: torch.Tensor, *, seed, uid, step, draw, offset, runs=None) -> torch.Tensor:
+    return te_random.normal_runs(p.numel(), seed=seed, uid=uid, step=step, draw=draw,
+                                 offset=offset, runs=runs, device=p.device).view(p.shape)
+
+
+def global_index(n: int, offset: int, runs=None) -> torch.Tensor:
+    """The global indices of a shard's ``n`` local elements: ``offset + l``, or with ``runs`` =
+    (run, stride) ``offset + (l // run) * stride + l % run``."""
+    local = torch.arange(n, dtype=torch.int64)
+    if runs is None or runs[0] >= n:
+        return offset + local
+    run, stride = runs
+    return offset + local // run * stride + local % run
 
 
 def round_bf16_stochastic(x: torch.Tensor, *, seed: int, uid: int, step: int,
-                          offset: int) -> torch.Tensor:
+                          offset: int, runs=None) -> torch.Tensor:
     """float32 -> bf16 by adding 16 random bits below bf16 precision, then truncating.
 
     The bits of global element g are the top 16 bits of Philox word (g mod 4) of counter
     (g >> 2, uid, step, 0xFFFF).
     """
-    g = torch.arange(offset, offset + x.numel(), dtype=torch.int64)
+    g = global_index(x.numel(), offset, runs)
     counter = torch.stack([g >> 2, torch.full_like(g, uid), torch.full_like(g, step % 2**32),
                            torch.full_like(g, ROUNDING_DRAW)], dim=-1)
     key = torch.tensor([seed % 2**32, seed >> 32], dtype=torch.int64)
@@ -64,6 +74,7 @@ def thermo_step(params: List[torch.Tensor], momenta: List[Optional[torch.Tensor]
                 xi: Optional[torch.Tensor], segments: Sequence[int],
                 seg_numel: Optional[Sequence[float]] = None, seed: int, step: int,
                 uids: Sequence[int], offsets: Optional[Sequence[int]] = None,
+                runs: Optional[Sequence[Optional[Tuple[int, int]]]] = None,
                 first: bool = False, check_finite: bool = True,
                 stochastic_rounding: bool = True, workspace=None,
                 sum_hook: Optional[Callable[[torch.Tensor], None]] = None,
@@ -77,6 +88,8 @@ def thermo_step(params: List[torch.Tensor], momenta: List[Optional[torch.Tensor]
         return None
     if offsets is None:
         offsets = [0] * n
+    if runs is None:
+        runs = [None] * n
     h = float(lr)
     cdt = torch.float64 if params[0].dtype == torch.float64 else torch.float32
     if check_finite and mode != "finish":
@@ -99,7 +112,7 @@ def thermo_step(params: List[torch.Tensor], momenta: List[Optional[torch.Tensor]
 
     def R(i, draw):
         return _noise(th[i], seed=seed, uid=uids[i], step=step, draw=draw,
-                      offset=offsets[i]).to(cdt)
+                      offset=offsets[i], runs=runs[i]).to(cdt)
 
     for x in scheme.program(first):
         d = x.factor * h
@@ -145,7 +158,7 @@ def thermo_step(params: List[torch.Tensor], momenta: List[Optional[torch.Tensor]
     for i, p in enumerate(params):
         if p.dtype == torch.bfloat16 and stochastic_rounding:
             p.copy_(round_bf16_stochastic(th[i], seed=seed, uid=uids[i], step=step,
-                                          offset=offsets[i]))
+                                          offset=offsets[i], runs=runs[i]))
         else:
             p.copy_(th[i])
         if momenta[i] is not None:
