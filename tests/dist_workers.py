@@ -309,15 +309,50 @@ def tp_worker(rank, world, port, out_dir, scheme):
             opt.step()
         out[backend] = [p.full_tensor().detach() for p in params]
         out[backend + " xis"] = [float(x) for t in opt.thermostats() for x in t]
-    torch.manual_seed(0)
-    mlp = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))
-    x = torch.randn(32, 4, generator=torch.Generator().manual_seed(2))
-    y = x[:, :3].sin()
+    mlp, x, y = tp_mlp()
     parallelize_module(mlp, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
-    opt = te.AdLaLa(mlp, seed=3)
+    opt = tp_mlp_optimizer(mlp, scheme)
     for _ in range(STEPS):
         opt.zero_grad()
         nn.functional.mse_loss(mlp(x), y).backward()
         opt.step()
     out["mlp"] = [p.full_tensor().detach() for p in mlp.parameters()]
     torch.save(out, os.path.join(out_dir, f"tp{rank}.pt"))
+
+
+@clean_exit
+def fsdp_tp_worker(rank, world, port, out_dir, scheme):
+    """FSDP2 over tensor parallelism on a (dp, tp) mesh of 4 ranks: placements such as
+    (_StridedShard(0), Shard(0)) and (Shard(0), Shard(1))."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                                   parallelize_module)
+
+    _init(rank, world, port)
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+    mlp, x, y = tp_mlp()
+    parallelize_module(mlp, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    fully_shard(mlp, mesh=mesh["dp"])
+    opt = tp_mlp_optimizer(mlp, scheme)
+    for _ in range(STEPS):
+        opt.zero_grad()
+        nn.functional.mse_loss(mlp(x), y).backward()
+        opt.step()
+    torch.save({"params": [p.full_tensor().detach() for p in mlp.parameters()],
+                "placements": [str(p.placements) for p in mlp.parameters()],
+                "xis": [float(x) for g in opt.thermostats() for x in g]},
+               os.path.join(out_dir, f"fsdptp{rank}.pt"))
+
+
+def tp_mlp():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 10))
+    x = torch.randn(32, 6, generator=torch.Generator().manual_seed(2))
+    return mlp, x, x.repeat(1, 2)[:, :10].sin()
+
+
+def tp_mlp_optimizer(mlp, scheme):
+    if scheme == "adl":
+        return te.AdL(mlp.parameters(), tau=1e-3, seed=3)
+    return te.AdLaLa(mlp, seed=3)

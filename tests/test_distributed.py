@@ -155,18 +155,41 @@ def test_tensor_parallel_shards_draw_their_global_elements_noise(tmp_path, schem
         want = [float(x) for t in opt.thermostats() for x in t]
         assert r0["engine xis"] == pytest.approx(want, rel=1e-6)
         assert r0["reference xis"] == pytest.approx(want, rel=1e-5)
-    torch.manual_seed(0)
-    mlp = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
-    x = torch.randn(32, 4, generator=torch.Generator().manual_seed(2))
-    y = x[:, :3].sin()
-    opt = te.AdLaLa(mlp, seed=3)
+    mlp, _ = _single_process_mlp(scheme)
+    for a, b, c in zip(r0["mlp"], r1["mlp"], mlp.parameters()):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c.detach(), rtol=1e-5, atol=1e-5)
+
+
+def _single_process_mlp(scheme):
+    mlp, x, y = W.tp_mlp()
+    opt = W.tp_mlp_optimizer(mlp, scheme)
     for _ in range(W.STEPS):
         opt.zero_grad()
         torch.nn.functional.mse_loss(mlp(x), y).backward()
         opt.step()
-    for a, b, c in zip(r0["mlp"], r1["mlp"], mlp.parameters()):
-        assert torch.equal(a, b)
-        torch.testing.assert_close(a, c.detach(), rtol=1e-5, atol=1e-5)
+    return mlp, opt
+
+
+@pytest.mark.parametrize("scheme", ["adlala", "adl"])
+def test_fsdp2_over_tensor_parallelism_follows_single_process(tmp_path, scheme):
+    """FSDP2 on top of tensor parallelism, (dp, tp) mesh of 4 ranks: _StridedShard and
+    two-dim shards step with their global indices' noise; each tensor's thermostat sums run over
+    the mesh dims that split it (both for the weights, dp only for the row-wise bias, which tp
+    replicates: such tensors go to calls of their own); the run follows the single-process MLP."""
+    mp.spawn(W.fsdp_tp_worker, args=(4, free_port(), str(tmp_path), scheme), nprocs=4,
+             join=True)
+    runs = [torch.load(tmp_path / f"fsdptp{r}.pt") for r in range(4)]
+    assert any("_StridedShard" in p for p in runs[0]["placements"])
+    assert any("Shard(dim=1)" in p for p in runs[0]["placements"])
+    mlp, opt = _single_process_mlp(scheme)
+    for r in runs[1:]:
+        for a, b in zip(runs[0]["params"], r["params"]):
+            assert torch.equal(a, b)
+    for a, c in zip(runs[0]["params"], mlp.parameters()):
+        torch.testing.assert_close(a, c.detach(), rtol=1e-6, atol=1e-6)
+    want = [float(x) for g in opt.thermostats() for x in g]
+    assert runs[0]["xis"] == pytest.approx(want, rel=1e-6)
 
 
 def test_dtensor_is_looked_up_only_once_the_program_imports_it():

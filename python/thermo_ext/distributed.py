@@ -21,7 +21,7 @@ import torch
 
 from ._compat import compute_local_shape_and_global_offset, dtensor_type
 
-__all__ = ["is_dtensor", "is_sharded", "local", "like_param", "shard_runs", "sum_groups",
+__all__ = ["is_dtensor", "is_sharded", "local", "like_param", "shard_runs", "sum_key", "sum_groups",
            "mesh_sum_hook", "broadcast_seed", "all_reduce_sum", "Agreement"]
 
 
@@ -45,6 +45,12 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
+def _splits(pl) -> bool:
+    """Whether a placement splits the tensor over its mesh dimension: Shard, or _StridedShard
+    (FSDP2 over tensor parallelism), which is not a Shard (nor is_shard()) in every torch."""
+    return pl.is_shard() or type(pl).__name__ == "_StridedShard"
+
+
 def shard_runs(p) -> Tuple[int, Optional[Tuple[int, int]]]:
     """Where a DTensor's local elements sit in the whole tensor, for the noise counter:
     (offset, None) when local element l is global element ``offset + l`` (plain tensors,
@@ -53,12 +59,12 @@ def shard_runs(p) -> Tuple[int, Optional[Tuple[int, int]]]:
     row-wise weights: runs of ``run`` elements, one per index of the dims before it)."""
     if not is_dtensor(p):
         return 0, None
-    from torch.distributed.tensor import Replicate, Shard
-
     for pl in p.placements:
-        if not isinstance(pl, (Shard, Replicate)) or type(pl).__name__ == "_StridedShard":
-            raise ValueError(f"DTensor parameters must be sharded (Shard) or replicated; got "
+        if not (_splits(pl) or pl.is_replicate()):
+            raise ValueError(f"DTensor parameters must be sharded or replicated; got "
                              f"placements {p.placements}")
+    # A local shard is a box of the whole tensor at these offsets (FSDP2 on top of tensor
+    # parallelism's _StridedShard included), as torch.distributed.checkpoint also relies on.
     local_shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh,
                                                                 p.placements)
     whole = list(p.shape)
@@ -88,7 +94,15 @@ def mesh_group(p):
 def is_sharded(p) -> bool:
     """Whether ``p`` is a DTensor split over some dimension of its mesh (its ranks hold
     different elements), not only replicated."""
-    return is_dtensor(p) and any(pl.is_shard() for pl in p.placements)
+    return is_dtensor(p) and any(_splits(pl) for pl in p.placements)
+
+
+def sum_key(p) -> Optional[tuple]:
+    """What decides how a sum over ``p``'s local elements is reduced: None for plain and
+    replicated tensors (not at all), else its mesh and the mesh dimensions that split it."""
+    if not is_sharded(p):
+        return None
+    return id(p.device_mesh), tuple(i for i, pl in enumerate(p.placements) if _splits(pl))
 
 
 def sum_groups(p) -> list:
@@ -98,7 +112,7 @@ def sum_groups(p) -> list:
     if not is_dtensor(p):
         return []
     mesh = p.device_mesh
-    return [mesh.get_group(mesh_dim=i) for i, pl in enumerate(p.placements) if pl.is_shard()]
+    return [mesh.get_group(mesh_dim=i) for i, pl in enumerate(p.placements) if _splits(pl)]
 
 
 def like_param(g, p):

@@ -286,9 +286,9 @@ def build_calls(gi: int, group: Dict[str, Any], scheme: FoldedScheme, active: tu
     wh = where(gi, group)
     chains = group["chains"]
     device = group["params"][active[0]].device
-    # One call per dtype; sharded and replicated DTensors apart (only the former's thermostat
-    # sums are all-reduced).
-    by_dtype: Dict[Tuple[torch.dtype, bool], list] = {}
+    # One call per dtype and way of reducing sums (a call has one sum hook): DTensors split
+    # over different mesh dimensions, and replicated ones, apart.
+    by_dtype: Dict[Tuple[torch.dtype, Optional[tuple]], list] = {}
     for pos in active:
         p = group["params"][pos]
         if p.device != device:
@@ -303,23 +303,23 @@ def build_calls(gi: int, group: Dict[str, Any], scheme: FoldedScheme, active: tu
             raise TypeError(f"{wh}{param_label(group, pos)}: dtype {p.dtype} not supported; "
                             f"expected float32, float64, bfloat16, float16 or "
                             f"complex64/complex128")
-        by_dtype.setdefault((dtype, dist_glue.is_sharded(p)), []).append(pos)
+        by_dtype.setdefault((dtype, dist_glue.sum_key(p)), []).append(pos)
     per_group = group["thermostat"] == "group"
     if per_group and scheme.n_e and len(by_dtype) > 1:
         dtypes = {d for d, _ in by_dtype}
         if len(dtypes) > 1:
             raise ValueError(f"{wh}thermostat='group' with an E letter needs one dtype per "
                              f"group; got {sorted(str(d) for d in dtypes)}: split the group")
-        raise ValueError(f"{wh}thermostat='group' with an E letter over sharded and replicated "
-                         f"DTensor parameters is not supported (their sums are reduced over "
-                         f"different ranks): use thermostat='tensor', or put them in separate "
-                         f"groups")
+        raise ValueError(f"{wh}thermostat='group' with an E letter over DTensor parameters "
+                         f"sharded and replicated, or sharded over different mesh dimensions, "
+                         f"is not supported (their sums are reduced over different ranks): use "
+                         f"thermostat='tensor', or put them in separate groups")
     xi = group_xi(group, scheme, device, created)
     step_t = None
     if group["capturable"] and kernels.on_device(dist_glue.local(group["params"][active[0]])):
         step_t = step_tensor(group, device)
     calls = []
-    for (dtype, sharded), positions in by_dtype.items():
+    for (dtype, reduced), positions in by_dtype.items():
         sources = [group["params"][k] for k in positions]
         momenta = []
         for pos, p in zip(positions, sources):
@@ -379,5 +379,5 @@ def build_calls(gi: int, group: Dict[str, Any], scheme: FoldedScheme, active: tu
                 xi_index=xi_index, xi_full=xi_full, workspace=workspace, step_tensor=step_t,
                 seed=group["seed"] if chain is None else te_random.chain_seed(group["seed"],
                                                                               chain),
-                sum_hook=sum_hook_for(sources[0]) if sharded else None))
+                sum_hook=sum_hook_for(sources[0]) if reduced is not None else None))
     return calls
