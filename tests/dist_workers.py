@@ -54,6 +54,21 @@ def global_batch():
     return x, (x[:, :1] * x[:, 1:] > 0).float()
 
 
+def fsdp_model(rank, world, mesh=None):
+    """The test model with each Linear and the whole model under FSDP2's fully_shard (on
+    ``mesh``, by default the world's), and this rank's part of the global batch."""
+    from torch.distributed.fsdp import fully_shard
+
+    x, y = global_batch()
+    n = x.shape[0] // world
+    model = make_model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+
+
 def make_opt(model, scheme):
     if scheme == "adl":
         return te.AdL(model.parameters(), tau=1e-2, seed=99)
@@ -103,22 +118,14 @@ def ddp_worker(rank, world, port, out_dir, scheme):
 def fsdp_worker(rank, world, port, out_dir, scheme):
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.fsdp import fully_shard
 
     _init(rank, world, port)
-    x, y = global_batch()
-    n = x.shape[0] // world
-    xs, ys = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
 
     def build():
-        model = make_model()
-        for layer in model:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer)
-        fully_shard(model)
-        return model, make_opt(model, scheme)
+        model, xs, ys = fsdp_model(rank, world)
+        return model, make_opt(model, scheme), xs, ys
 
-    model, opt = build()
+    model, opt, xs, ys = build()
     half = STEPS // 2
     train(model, opt, xs, ys, half)
     ck = os.path.join(out_dir, "ck")
@@ -128,7 +135,7 @@ def fsdp_worker(rank, world, port, out_dir, scheme):
     full = [p.full_tensor().detach() for p in model.parameters()]
     xis = [float(x) for g in opt.thermostats() for x in g]
     # Resume from the checkpoint in a fresh model and optimizer.
-    model2, opt2 = build()
+    model2, opt2, _, _ = build()
     msd2, osd2 = get_state_dict(model2, opt2)
     state = {"model": msd2, "optim": osd2}
     dcp.load(state, checkpoint_id=ck)
@@ -146,22 +153,13 @@ def fsdp_nan_worker(rank, world, port, out_dir, scheme):
     changed anywhere), and the next clean step runs on every rank."""
     from datetime import timedelta
 
-    from torch.distributed.fsdp import fully_shard
-
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     # A bounded timeout: a rank left waiting in a collective fails the test instead of hanging
     # for gloo's default 30 minutes (generous, for a loaded machine).
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=180))
     torch.set_num_threads(1)
-    x, y = global_batch()
-    n = x.shape[0] // world
-    xs, ys = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
-    model = make_model()
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
+    model, xs, ys = fsdp_model(rank, world)
     opt = make_opt(model, scheme)
     train(model, opt, xs, ys, 2)
     opt.zero_grad()
@@ -242,18 +240,10 @@ def hsdp_worker(rank, world, port, out_dir, scheme):
     """FSDP2 on a 2-D mesh (HSDP: replicated across the first dimension, sharded across the
     second): placements (Replicate(), Shard(0))."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     _init(rank, world, port)
     mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
-    x, y = global_batch()
-    n = x.shape[0] // world
-    xs, ys = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
-    model = make_model()
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    model, xs, ys = fsdp_model(rank, world, mesh)
     opt = make_opt(model, scheme)
     train(model, opt, xs, ys, STEPS)
     torch.save({"params": [p.full_tensor().detach() for p in model.parameters()],
