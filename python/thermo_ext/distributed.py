@@ -4,10 +4,10 @@ shares, the thermostat's all-reduced sums, and the agreement of all ranks on a r
 
 A DTensor parameter is stepped through its local shard, with the shard's global offset (and, for
 a shard on another dim than 0, its runs of global indices) feeding the noise counter, so that
-the sharded run draws the noise of the unsharded one; its gradient is
-first brought to the parameter's placements (a Partial one is reduced). The E letter's Σp² is
-all-reduced over the mesh dimensions that shard the tensor (a replicated one counts once). A
-step that one rank must refuse (a non-finite value in its shard) is refused by every rank: the
+the sharded run draws the noise of the unsharded one; its gradient is first brought to the
+parameter's placements (a Partial one is reduced). The E letter's Σp² is all-reduced over the
+mesh dimensions that shard the tensor (a replicated one counts once). A step that one rank must
+refuse (a non-finite value in its shard) is refused by every rank: the
 ranks agree on the verdict before anything is written or any thermostat sum is exchanged, so no
 rank writes alone and none waits forever in a collective.
 """
@@ -21,8 +21,8 @@ import torch
 
 from ._compat import compute_local_shape_and_global_offset, dtensor_type
 
-__all__ = ["is_dtensor", "is_sharded", "local", "like_param", "shard_runs", "sum_key", "sum_groups",
-           "mesh_sum_hook", "broadcast_seed", "all_reduce_sum", "Agreement"]
+__all__ = ["is_dtensor", "is_sharded", "local", "like_param", "shard_runs", "sum_key",
+           "sum_groups", "mesh_sum_hook", "broadcast_seed", "all_reduce_sum", "Agreement"]
 
 
 def _dist():

@@ -127,10 +127,9 @@ class EngineCall:
     """
 
     __slots__ = ("group_index", "scheme", "positions", "chain", "sources", "dtensor", "params",
-                 "momenta",
-                 "segments", "seg_numel", "offsets", "runs", "xi", "xi_index", "xi_full",
-                 "workspace",
-                 "step_tensor", "seed", "sum_hook", "staged", "plan", "grad_copies")
+                 "momenta", "segments", "seg_numel", "offsets", "runs", "xi", "xi_index",
+                 "xi_full", "workspace", "step_tensor", "seed", "sum_hook", "staged", "plan",
+                 "grad_copies")
 
     def __init__(self, **kw):
         self.plan = None
@@ -218,6 +217,14 @@ class GroupRecord:
         self.device_filled = floats
 
 
+def real_runs(p: torch.Tensor) -> Tuple[int, Optional[Tuple[int, int]]]:
+    """:func:`distributed.shard_runs` of ``p`` counted in real components (a complex element is
+    two), as the engine steps it."""
+    c = 2 if p.is_complex() else 1
+    offset, runs = dist_glue.shard_runs(p)
+    return offset * c, None if runs is None else (runs[0] * c, runs[1] * c)
+
+
 def init_momentum(p: torch.Tensor, gi: int, pos: int, group: Dict[str, Any]) -> torch.Tensor:
     """Zero, or thermal: √τ R with R from the counter's step field 2³²−1, draw 0 (for each
     chain with its own seed; for a shard, the shard's global offsets; for a complex parameter,
@@ -230,12 +237,10 @@ def init_momentum(p: torch.Tensor, gi: int, pos: int, group: Dict[str, Any]) -> 
         tau = float(group["tau"])
         for k, v in enumerate(views):
             seed = te_random.chain_seed(group["seed"], k) if chains else group["seed"]
-            c = 2 if p.is_complex() else 1
-            offset, run = dist_glue.shard_runs(p)
+            offset, runs = real_runs(p)
             z = te_random.normal_runs(v.numel(), seed=seed, uid=uid(gi, pos),
-                                      step=te_random.THERMAL_STEP, draw=0, offset=offset * c,
-                                      runs=None if run is None else (run[0] * c, run[1] * c),
-                                      device=v.device)
+                                      step=te_random.THERMAL_STEP, draw=0, offset=offset,
+                                      runs=runs, device=v.device)
             v.copy_((math.sqrt(tau) * z.to(v.dtype)).view(v.shape))
     return m
 
@@ -335,6 +340,7 @@ def build_calls(gi: int, group: Dict[str, Any], scheme: FoldedScheme, active: tu
         views = [engine_view(dist_glue.local(p)) for p in sources]
         # Whole tensors (all shards), in real components.
         numels = [p.numel() * (2 if p.is_complex() else 1) // max(chains, 1) for p in sources]
+        offsets, runs = map(list, zip(*map(real_runs, sources)))
         for chain in (range(chains) if chains else [None]):
             pick = (lambda t: t) if chain is None else (lambda t, c=chain: t[c])
             xi_full = None if xi is None else (xi if chain is None else xi[chain])
@@ -362,14 +368,6 @@ def build_calls(gi: int, group: Dict[str, Any], scheme: FoldedScheme, active: tu
                     staged.append((t, buf))
                     t = buf
                 engine_params.append(t)
-            # Global element offsets (and runs, for shards on another dim than 0) in real
-            # components.
-            offsets, runs = [], []
-            for p in sources:
-                c = 2 if p.is_complex() else 1
-                offset, run = dist_glue.shard_runs(p)
-                offsets.append(offset * c)
-                runs.append(None if run is None else (run[0] * c, run[1] * c))
             calls.append(EngineCall(
                 group_index=gi, scheme=scheme, positions=positions, chain=chain, sources=sources,
                 dtensor=dtensor, params=engine_params, staged=staged,
