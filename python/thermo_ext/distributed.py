@@ -91,28 +91,31 @@ def mesh_group(p):
     return mesh.get_group() if mesh.ndim == 1 else None
 
 
+def _split_dims(p) -> Tuple[int, ...]:
+    """The mesh dimensions that split the DTensor ``p`` (none for plain or replicated
+    tensors): its ranks along them hold different elements."""
+    if not is_dtensor(p):
+        return ()
+    return tuple(i for i, pl in enumerate(p.placements) if _splits(pl))
+
+
 def is_sharded(p) -> bool:
-    """Whether ``p`` is a DTensor split over some dimension of its mesh (its ranks hold
-    different elements), not only replicated."""
-    return is_dtensor(p) and any(_splits(pl) for pl in p.placements)
+    """Whether ``p`` is a DTensor split over some dimension of its mesh, not only replicated."""
+    return bool(_split_dims(p))
 
 
 def sum_key(p) -> Optional[tuple]:
     """What decides how a sum over ``p``'s local elements is reduced: None for plain and
     replicated tensors (not at all), else its mesh and the mesh dimensions that split it."""
-    if not is_sharded(p):
-        return None
-    return id(p.device_mesh), tuple(i for i, pl in enumerate(p.placements) if _splits(pl))
+    dims = _split_dims(p)
+    return (id(p.device_mesh), dims) if dims else None
 
 
 def sum_groups(p) -> list:
     """The process groups over which a sum of ``p``'s local elements is all-reduced to give the
     whole tensor's sum: those of the mesh dimensions that shard it. A replicated dimension holds
     the same elements on every rank: summing over it would count each of them once per rank."""
-    if not is_dtensor(p):
-        return []
-    mesh = p.device_mesh
-    return [mesh.get_group(mesh_dim=i) for i, pl in enumerate(p.placements) if _splits(pl)]
+    return [p.device_mesh.get_group(mesh_dim=i) for i in _split_dims(p)]
 
 
 def like_param(g, p):

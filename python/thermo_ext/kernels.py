@@ -246,7 +246,7 @@ class EnginePlan:
 
     __slots__ = ("plan", "scheme", "device", "params", "momenta", "xi", "workspace", "scratch",
                  "step_tensor", "n_seg", "seg_numel", "sum_hook", "hyper", "_sum_views",
-                 "program", "program_key", "grad_map", "source_of")
+                 "program", "program_key", "grad_map")
 
     def __init__(self, params: Sequence[torch.Tensor], momenta: Sequence[Optional[torch.Tensor]],
                  *, scheme: FoldedScheme, xi: Optional[torch.Tensor], segments: Sequence[int],
@@ -304,8 +304,8 @@ class EnginePlan:
         thetas = [params[i].data_ptr() + lo * size for i, lo, _, _ in pieces]
         moms = [0 if momenta[i] is None else momenta[i].data_ptr() + lo * momenta[i].element_size()
                 for i, lo, _, _ in pieces]
+        #: Per engine tensor (its parameter, byte offset of its gradient); None: one per parameter.
         self.grad_map = None if len(pieces) == n else [(i, lo * size) for i, lo, _, _ in pieces]
-        self.source_of = None if len(pieces) == n else [i for i, _, _, _ in pieces]
         self.plan = _C.Plan(dev, DTYPES[p0.dtype], thetas, moms, numels,
                             [o for _, _, _, o in pieces], [uids[i] for i, _, _, _ in pieces],
                             [segments[i] for i, _, _, _ in pieces], int(seed),
@@ -423,8 +423,8 @@ def run_plans(plans: Sequence[EnginePlan], *, check: bool, flag: Optional[torch.
     if i < 0:
         return None
     index, kind = bad // 4, BAD_KINDS[bad % 4]
-    if kind != "thermostat" and plans[i].source_of is not None:  # a run: its tensor
-        index = plans[i].source_of[index]
+    if kind != "thermostat" and plans[i].grad_map is not None:  # a run: its parameter
+        index = plans[i].grad_map[index][0]
     return i, index, kind
 
 
