@@ -12,10 +12,23 @@ import torch
 
 from . import kernels
 
-__all__ = ["normal", "normal_runs", "philox", "chain_seed", "THERMAL_STEP"]
+__all__ = ["normal", "normal_runs", "philox", "chain_seed", "draw_seed", "check_seed",
+           "THERMAL_STEP"]
 
 #: The counter's step field used for momenta drawn by ``momentum_init="thermal"``.
 THERMAL_STEP = 2**32 - 1
+
+
+def draw_seed() -> int:
+    """A uint64 seed from torch's default generator, so torch.manual_seed makes runs
+    reproducible."""
+    hi, lo = torch.randint(0, 2**32, (2,), dtype=torch.int64).tolist()
+    return (hi << 32) | lo
+
+
+def check_seed(seed) -> int:
+    """``seed`` as an int in [0, 2**64), else TypeError/ValueError naming it."""
+    return kernels.check_int("seed", seed, 0, kernels.U64)
 
 
 def chain_seed(seed: int, chain: int) -> int:
