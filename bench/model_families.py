@@ -77,7 +77,7 @@ import sys
 import time
 import traceback
 import warnings
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -435,16 +435,17 @@ FAMILIES: Dict[str, Family] = {f.name: f for f in (
                                             "batch 64, 1500 steps, whole-sequence accuracy",
            sort=True),
     CopyFamily("gpt2", GPT2Copy, 600, 32, "transformers GPT2LMHeadModel 2 layers n_embd 64, tied, "
-                                          "copy 8 of 16 tokens, batch 32, 600 steps, held-out "
+                                          "copy 8 of 16 tokens, batch 32, held-out "
                                           "token accuracy on the copy"),
     DataFamily("resnet18_tv", tv_resnet18, 50, 32, "torchvision resnet18(weights=None), "
-               + _SHAPES + ", batch 32, 50 steps", shapes),
+               + _SHAPES + ", batch 32", shapes),
     DataFamily("resnet18_timm", timm_resnet18, 50, 32, "timm resnet18, " + _SHAPES
-               + ", batch 32, 50 steps", shapes),
-    DataFamily("resnet_own", lambda: OwnResNet(width=16), 50, 32, "own ResNet-18 width 16 (torchvision's init), " + _SHAPES
-               + ", batch 32, 50 steps", shapes),
+               + ", batch 32", shapes),
+    DataFamily("resnet_own", lambda: OwnResNet(width=16), 50, 32,
+               "own ResNet-18 width 16 (torchvision's init), " + _SHAPES
+               + ", batch 32", shapes),
     DataFamily("frozen_head", frozen_tv, 50, 32, "frozen random torchvision resnet18 (eval BN) + "
-               "Linear head, " + _SHAPES + ", batch 32, 50 steps", shapes),
+               "Linear head, " + _SHAPES + ", batch 32", shapes),
     DataFamily("mnist1d_mlp", lambda: nn.Sequential(nn.Linear(40, 100), nn.ReLU(),
                                                     nn.Linear(100, 100), nn.ReLU(),
                                                     nn.Linear(100, 10)),
@@ -455,15 +456,15 @@ FAMILIES: Dict[str, Family] = {f.name: f for f in (
     # Variants for the torchvision-vs-timm question (not in the default table).
     DataFamily("resnet_own_zero", lambda: OwnResNet(zero_init_last=True, width=16), 50, 32,
                "own ResNet-18 width 16, last BN of each block zero-initialised, " + _SHAPES
-               + ", batch 32, 50 steps", shapes),
+               + ", batch 32", shapes),
     DataFamily("resnet18_tv_zero", lambda: tv_resnet18(zero_init_residual=True), 50, 32,
                "torchvision resnet18(zero_init_residual=True), " + _SHAPES
-               + ", batch 32, 50 steps", shapes),
+               + ", batch 32", shapes),
     DataFamily("resnet18_timm_nozero", lambda: timm_resnet18(zero_init_last=False), 50, 32,
-               "timm resnet18(zero_init_last=False), " + _SHAPES + ", batch 32, 50 steps",
+               "timm resnet18(zero_init_last=False), " + _SHAPES + ", batch 32",
                shapes),
     DataFamily("frozen_head_own", frozen_own, 50, 32, "frozen random own ResNet-18 (eval BN) + "
-               "Linear head, " + _SHAPES + ", batch 32, 50 steps", shapes),
+               "Linear head, " + _SHAPES + ", batch 32", shapes),
 )}
 DEFAULT_FAMILIES = ("mlp", "cnn", "gru", "transformer")
 #: ``--families all``: the issue's list (the variants are asked for by name).
