@@ -808,7 +808,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="Method.key=value")
     ap.add_argument("--grid", action="append", default=[], metavar="Method.key=v1,v2,...")
     ap.add_argument("--signals", action="store_true", help="record instability signals")
-    ap.add_argument("--every", type=int, default=8, help="steps between signal checks")
+    ap.add_argument("--every", type=int, default=8, help="steps between signal checks; 0: "
+                    "per family, steps // 25 between 2 and 8")
     ap.add_argument("--dump", default=None, help="write every run (with --signals: the "
                     "signal series) to this JSON file")
     ap.add_argument("--no-check-stability", action="store_true")
@@ -850,8 +851,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 res = []
                 for s in seeds:
                     try:
+                        every = args.every or max(2, min(8, f.steps // 25))
                         r = run(f, method, s, hyper, args.preset,
-                                args.every if args.signals else 0,
+                                every if args.signals else 0,
                                 False if args.no_check_stability else None)
                     except Exception as e:  # keep the table going; say what broke
                         r = dict(family=f.name, method=method, seed=s, hyper=hyper,
