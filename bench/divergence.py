@@ -12,7 +12,9 @@ The runs and their per-group signal series come from the model-family benchmark'
 
 Labels (from the loss, which the rules never see; named methods only, the baselines give the
 reference): **failing** when the final train loss (mean of the last 10 % of steps) is above
-ln(classes) (worse than a uniform guess) or above the loss of the first 3 steps (it climbed);
+ln(classes) (worse than a uniform guess) or above the loss of the first 3 steps, or when the
+loss climbed on the way: a 5-step mean of the batch loss reached 1.5 ln(classes) (3.45 for 10
+classes; the torchvision ResNet-18's spike, which the run may recover from later);
 **healthy** when not failing and the test accuracy is within 5 points of AdamW(1e-3)'s mean on
 the family (or above it); **slow** otherwise (trains, but behind AdamW: an alarm there is
 reported, not counted as false).
@@ -26,7 +28,12 @@ the step, Δθ the step's change of θ, h the step size):
 * ``upd``: RMS(Δθ) / RMS(θ), the relative step (exact: θ before and after the step);
 * ``upd_p``: h·RMS(p) / RMS(θ), the relative step from the momentum alone (no copy of θ;
   Overdamped: h·RMS(∇L) / RMS(θ));
-* ``uphill``: cos(∇L, Δθ) averaged over the last 3 checks (> 0: the steps go uphill);
+* ``uphill``: cos(∇L, Δθ) of the step the gradient drove, averaged over the last 3 checks (a
+  control: the kick makes it about −1 whatever happens);
+* ``overshoot``: cos(∇L_t, Δθ_(t−1)), the new gradient against the previous step, averaged over
+  the last 3 checks (> 0: that step went past the valley along its direction);
+* ``mom_uphill``: cos(∇L_t, p_(t−1)), the new gradient against the momentum before its kick
+  (what a fused B kick could sum for free), averaged over the last 3 checks;
 * ``theta``: RMS(θ) / RMS(θ at the first check) (what the weight-growth rule looks at).
 
 A rule "signal ≥ T" fires for a run at the first check where any of its groups reaches T; the
@@ -63,9 +70,10 @@ def classes_of(family: str) -> int:
         return 16 if family == "gpt2" else 10
 
 
-def label_runs(runs: List[Dict[str, Any]], margin: float = 5.0) -> None:
-    """Adds ``label`` (failing / healthy / slow / baseline / error) and ``onset`` (the first
-    step whose 5-step mean loss exceeds ln(classes), None if none) to each run."""
+def label_runs(runs: List[Dict[str, Any]], margin: float = 5.0, climb: float = 1.5) -> None:
+    """Adds ``label`` (failing / healthy / slow / baseline / error), ``onset`` (the first step
+    whose 5-step mean loss reaches ``climb`` x ln(classes), None if none) and ``peak5`` (the
+    largest 5-step mean loss) to each run."""
     ref: Dict[str, List[float]] = defaultdict(list)
     for r in runs:
         if r["method"] == "AdamW" and not r.get("error"):
@@ -73,18 +81,18 @@ def label_runs(runs: List[Dict[str, Any]], margin: float = 5.0) -> None:
     for r in runs:
         chance = math.log(classes_of(r["family"]))
         losses = r.get("losses") or []
-        r["onset"] = None
-        for i in range(len(losses)):
-            window = losses[max(0, i - 4): i + 1]
-            if sum(window) / len(window) > chance:
-                if i >= 4:
-                    r["onset"] = i + 1
-                    break
+        r["onset"], r["peak5"] = None, float("nan")
+        means = [sum(losses[i - 4: i + 1]) / 5 for i in range(4, len(losses))]
+        if means:
+            r["peak5"] = max(means)
+            r["onset"] = next((i + 5 for i, m in enumerate(means) if not m < climb * chance),
+                              None)
         if r.get("error"):
             r["label"] = "error"
         elif r["method"] in BASELINES:
             r["label"] = "baseline"
-        elif not math.isfinite(r["loss"]) or r["loss"] > chance or r["loss"] > r["loss_first"]:
+        elif (not math.isfinite(r["loss"]) or r["loss"] > chance or r["loss"] > r["loss_first"]
+              or r["onset"] is not None):
             r["label"] = "failing"
         elif ref[r["family"]] and r["acc"] >= statistics.fmean(ref[r["family"]]) - margin:
             r["label"] = "healthy"
@@ -119,8 +127,16 @@ def group_series(run: Dict[str, Any], cadence: int = 0) -> Dict[int, List[Dict[s
                           else rms_g)
             cos = row["gd"] / math.sqrt(row["g2"] * row["d2"]) if row["g2"] > 0 and \
                 row["d2"] > 0 else 0.0
-            row.update(_g=rms_g, _k=kin, _cos=cos)
+            gdp, dp2, gpp, pp2 = (row.get(k, float("nan")) for k in ("gdp", "dp2", "gpp", "pp2"))
+            over = gdp / math.sqrt(row["g2"] * dp2) if row["g2"] > 0 and dp2 > 0 else \
+                float("nan")
+            mom = gpp / math.sqrt(row["g2"] * pp2) if row["g2"] > 0 and pp2 > 0 else float("nan")
+            row.update(_g=rms_g, _k=kin, _cos=cos, _over=over, _mom=mom)
             recent = [r["_cos"] for r in rows[max(0, i - 2): i + 1]]
+
+            def avg(key):
+                vals = [r[key] for r in rows[max(0, i - 2): i + 1] if math.isfinite(r[key])]
+                return sum(vals) / len(vals) if vals else -1.0
             row["sig"] = dict(
                 grad=rms_g / first_g if first_g > 0 else 0.0,
                 grad_low=rms_g / low_g if low_g > 0 else 0.0,
@@ -128,12 +144,15 @@ def group_series(run: Dict[str, Any], cadence: int = 0) -> Dict[int, List[Dict[s
                 upd=math.sqrt(row["d2"] / n) / rms_t if rms_t > 0 else 0.0,
                 upd_p=step_p / rms_t if rms_t > 0 else 0.0,
                 uphill=sum(recent) / len(recent),
+                overshoot=avg("_over"),
+                mom_uphill=avg("_mom"),
                 theta=rms_t / first_t if first_t > 0 else 0.0,
             )
     return out
 
 
-SIGNALS = ("grad", "grad_low", "kin_low", "upd", "upd_p", "uphill", "theta")
+SIGNALS = ("grad", "grad_low", "kin_low", "upd", "upd_p", "uphill", "overshoot", "mom_uphill",
+           "theta")
 #: The thresholds tried per signal.
 GRIDS: Dict[str, List[float]] = {
     "grad": [1.5, 2, 3, 4, 5, 7, 10, 15, 20, 30, 50, 100],
@@ -142,6 +161,8 @@ GRIDS: Dict[str, List[float]] = {
     "upd": [0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5],
     "upd_p": [0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5],
     "uphill": [0.0, 0.05, 0.1, 0.2, 0.3, 0.5],
+    "overshoot": [0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
+    "mom_uphill": [0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
     "theta": [1.5, 2, 3, 5, 10],
 }
 
@@ -227,14 +248,14 @@ def score(runs: List[Dict[str, Any]], cadence: int) -> List[str]:
 
 
 def describe(runs: List[Dict[str, Any]]) -> List[str]:
-    out = ["| run | label | loss first → final | acc | loss > ln C from step | "
-           "InstabilityWarning |", "|---|---|---|---|---|---|"]
+    out = ["| run | label | loss first → final | peak 5-step loss | acc | 5-step loss ≥ "
+           "1.5 ln C from step | InstabilityWarning |", "|---|---|---|---|---|---|---|"]
     for r in runs:
         if r["label"] not in ("failing", "slow"):
             continue
         warned = "yes" if any("running away" in w for w in r["warnings"]) else "no"
         out.append(f"| {_run_name(r)} | {r['label']} | {r['loss_first']:.2f} → {r['loss']:.2f} | "
-                   f"{r['acc']:.1f} | {r['onset'] or '–'} | {warned} |")
+                   f"{r['peak5']:.2f} | {r['acc']:.1f} | {r['onset'] or '–'} | {warned} |")
     return out
 
 

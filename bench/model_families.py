@@ -508,14 +508,19 @@ class Signals:
     within the monitor's window. The probes (``probes``, one dict per group and check, taken
     around ``opt.step()`` by :meth:`before` and :meth:`after`): n, the step, the batch loss,
     Σθ², Σp², Σg², Σg·p, ΣΔθ² (Δθ: this step's change of θ), Σg·Δθ (the first-order change of
-    the loss this step made), ξ (the thermostat, AdL groups), h, γ, τ.
+    the loss this step made), ξ (the thermostat, AdL groups), h, γ, τ; and, before the step,
+    the new gradient against the previous step (Σg·Δθ_prev, ΣΔθ_prev²: > 0 when that step
+    overshot) and against the momentum before this step's kick (Σg·p_prev, Σp_prev²).
     """
 
     def __init__(self, every: int):
         self.every = every
         self.trace: list = []
         self.probes: list = []
-        self._before: Optional[List[List[torch.Tensor]]] = None
+        self._before: Optional[List[List[torch.Tensor]]] = None  # θ before a check's step
+        self._lead: Optional[List[List[torch.Tensor]]] = None  # θ before the step ahead of it
+        self._prev: Optional[List[List[torch.Tensor]]] = None  # Δθ of the step ahead of it
+        self._pre: Optional[List[Tuple[float, float, float]]] = None
 
     def __enter__(self):
         from thermo_ext.stability import StabilityMonitor
@@ -532,13 +537,41 @@ class Signals:
     def _due(self, step: int) -> bool:
         return step == 1 or step % self.every == 0
 
+    @staticmethod
+    def _theta(opt) -> List[List[torch.Tensor]]:
+        return [[p.detach().clone() for p in g["params"]] for g in opt.param_groups]
+
     @torch.no_grad()
     def before(self, opt, step: int) -> None:
-        self._before = ([[p.detach().clone() for p in g["params"]] for g in opt.param_groups]
-                        if self._due(step) else None)
+        """Called after backward, before ``opt.step()``: at a check, the new gradient against
+        the previous step's Δθ and against the momentum as it stands (before this step's
+        kick): Σg·Δθ_prev, ΣΔθ_prev², Σg·p_prev, Σp_prev²."""
+        self._pre = None
+        if self._due(step):
+            pre = []
+            for gi, group in enumerate(opt.param_groups):
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p)
+                         for p in group["params"]]
+                moms = [opt.state.get(p, {}).get("momentum_buffer") for p in group["params"]]
+                pp2, gpp = _group_sums([m for m in moms if m is not None], [])[0], \
+                    _group_sums(grads, moms)[1]
+                if self._prev is not None:
+                    dp2, gdp = _group_sums(self._prev[gi], [])[0], \
+                        _group_sums(grads, self._prev[gi])[1]
+                else:
+                    dp2 = gdp = float("nan")
+                pre.append((gdp, dp2, gpp, pp2))
+            self._pre = pre
+        self._prev = None
+        self._before = self._theta(opt) if self._due(step) else None
+        self._lead = self._theta(opt) if self._due(step + 1) else None
 
     @torch.no_grad()
     def after(self, opt, step: int, loss: float) -> None:
+        if self._lead is not None:  # the step ahead of a check: keep its Δθ
+            self._prev = [[p.detach() - o for p, o in zip(g["params"], old)]
+                          for g, old in zip(opt.param_groups, self._lead)]
+            self._lead = None
         if self._before is None:
             return
         for gi, (group, old) in enumerate(zip(opt.param_groups, self._before)):
@@ -551,12 +584,14 @@ class Signals:
             g_list = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, ps)]
             g2, gp = _group_sums(g_list, moms)
             d2, gd = _group_sums(deltas, g_list)
+            gdp, dp2, gpp, pp2 = self._pre[gi] if self._pre else (float("nan"),) * 4
             xi = group.get("xi")
             if isinstance(xi, torch.Tensor):
                 xi = float(xi.double().mean())
             self.probes.append(dict(
                 group=gi, step=step, loss=loss, n=sum(p.numel() for p in ps), theta2=theta2,
-                p2=p2, g2=g2, gp=gp, d2=d2, gd=gd, xi=xi if isinstance(xi, float) else None,
+                p2=p2, g2=g2, gp=gp, d2=d2, gd=gd, gdp=gdp, dp2=dp2, gpp=gpp, pp2=pp2,
+                xi=xi if isinstance(xi, float) else None,
                 lr=_num(group.get("lr")), gamma=_num(group.get("gamma")),
                 tau=_num(group.get("tau")), scheme=str(group.get("scheme")),
                 name=str(group.get("name", gi))))
@@ -817,7 +852,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="multiply every family's step count (quick looks)")
     ap.add_argument("--quiet-groups", action="store_true",
                     help="with --signals: no per-group lines")
+    ap.add_argument("--table", nargs="+", default=None, metavar="DUMP",
+                    help="print the tables of earlier --dump files (merged) and exit")
     args = ap.parse_args(argv)
+    if args.table:
+        print(table_from_dumps(args.table))
+        return 0
     torch.set_num_threads(1)
     te.set_num_threads(1)
     warnings.filterwarnings("ignore", message=".*enable_nested_tensor.*")
@@ -894,6 +934,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print()
     print(summarize(rows, families, command))
     return 0
+
+
+def table_from_dumps(paths: Sequence[str]) -> str:
+    """The tables of several dumps merged (families and methods in their first order)."""
+    runs, commands = [], []
+    for path in paths:
+        with open(path) as fh:
+            data = json.load(fh)
+        commands.append(data.get("command", path))
+        runs.extend(data["runs"])
+    fam_names = list(dict.fromkeys(r["family"] for r in runs))
+    fams = [FAMILIES[n] if n in FAMILIES else Family(n, nn.Identity, 0, 0, n) for n in fam_names]
+    by_name = {f.name: f for f in fams}
+
+    def label(r):
+        hyper = {k: v for k, v in (r.get("hyper") or {}).items() if k != "check_stability"}
+        lab = r["method"] + ("" if not hyper else " " + ",".join(f"{k}={v}"
+                                                                 for k, v in hyper.items()))
+        return lab + (" (0.9)" if r["method"] == "SGD" and "lr" not in hyper else "")
+
+    order = {m: i for i, m in enumerate(METHODS)}
+    labels = sorted(dict.fromkeys(label(r) for r in runs),
+                    key=lambda lab: (order.get(lab.split()[0], len(order)), lab))
+    rows = []
+    for lab in labels:
+        for n in fam_names:
+            res = [r for r in runs if label(r) == lab and r["family"] == n]
+            if res:
+                rows.append((lab, by_name[n], sorted(res, key=lambda r: r["seed"])))
+    return summarize(rows, fams, " ; ".join(commands))
 
 
 def _write_dump(path: str, preset, command: str, runs) -> None:

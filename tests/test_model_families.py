@@ -78,9 +78,10 @@ def test_signal_probes_and_labels():
     ref = dict(family="tiny", method="AdamW", seed=0, acc=80.0, loss=0.5, loss_first=2.3,
                losses=[2.3] * 10, warnings=[], error=None)
     climb = dict(ref, method="Langevin", acc=10.0, loss=4.0, losses=[2.3] + [4.0] * 9)
+    spike = dict(ref, method="LOL", acc=80.0, loss=0.5, losses=[2.3] + [4.0] * 5 + [0.5] * 9)
     fine = dict(ref, method="LaLa", acc=78.0, loss=0.6)
     slow = dict(ref, method="AdL", acc=50.0, loss=1.5)
-    runs = [ref, climb, fine, slow]
+    runs = [ref, climb, fine, slow, spike]
     divergence.label_runs(runs)
-    assert [x["label"] for x in runs] == ["baseline", "failing", "healthy", "slow"]
-    assert climb["onset"] == 5
+    assert [x["label"] for x in runs] == ["baseline", "failing", "healthy", "slow", "failing"]
+    assert climb["onset"] == 5 and spike["onset"] == 5
