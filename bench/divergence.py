@@ -3,11 +3,12 @@ whose loss climbs, and raises no false alarm on the healthy ones.
 
 The runs and their per-group signal series come from the model-family benchmark's dumps:
 
-    python bench/model_families.py --families all --seeds 3 --signals --every 8 \\
-        --quiet-groups --dump main.json                 # torch 2.13.0 venv
+    python bench/model_families.py --families mlp,cnn,gru,transformer,gpt2,resnet_own,\\
+        mnist1d_mlp,mnist1d_cnn,resnet_own_zero,frozen_head_own --seeds 3 --signals \\
+        --every 0 --quiet-groups --dump main.json       # torch 2.13.0 venv
     .venv-tv/bin/python bench/model_families.py --families resnet18_tv,resnet18_timm,\\
         frozen_head --seeds 3 --signals --every 2 --quiet-groups --dump tv.json
-    python bench/divergence.py main.json tv.json        # label the runs, score the rules
+    python bench/divergence.py main.json tv.json --cadence 2 --cadence 8 --cadence 16
     python bench/divergence.py --cost                   # what each signal costs a step
 
 Labels (from the loss, which the rules never see; named methods only, the baselines give the
@@ -36,11 +37,15 @@ the step, Δθ the step's change of θ, h the step size):
   (what a fused B kick could sum for free), averaged over the last 3 checks;
 * ``theta``: RMS(θ) / RMS(θ at the first check) (what the weight-growth rule looks at).
 
-A rule "signal ≥ T" fires for a run at the first check where any of its groups reaches T; the
-monitor's own rule (``weights``) is its recorded InstabilityWarning. For each signal the table
-gives, at the threshold that separates best (the largest T below every failing run's peak that
-no healthy run reaches, else the T with the fewest false alarms that flags most), the failing
-runs flagged (and the step), the healthy runs flagged (false alarms) and the slow runs flagged.
+Each signal is also computed for the model as one group (scope "model": every sum pooled over
+the param groups; h·RMS(p) weighted per group). A rule "signal ≥ T" (or two such conditions at
+the same check) fires for a run at the first check after the reference check where a group (or
+the pooled model) meets it; the monitor's own rule (``weights``) is its recorded
+InstabilityWarning. For each rule the table gives the setting with no false alarm that flags
+the most failing runs (and, if it misses some, the setting with the best flagged − 3 × false
+alarms): failing runs flagged (first step, and how many at or before the loss's onset), healthy
+runs flagged (false alarms), slow runs flagged, and for single signals the largest peak among
+the healthy runs and the smallest among the failing ones.
 """
 
 from __future__ import annotations
@@ -108,23 +113,36 @@ def group_series(run: Dict[str, Any], cadence: int = 0) -> Dict[int, List[Dict[s
     for row in run.get("probes") or []:
         if cadence and row["step"] != 1 and row["step"] % cadence:
             continue
-        out[row["group"]].append(row)
+        out[row["group"]].append(dict(row))
+    # The model as one group (key -1): every sum pooled over the groups; the step's h per group
+    # weighs its momentum (hp2 = Σ h²p², Overdamped: Σ h²g²).
+    pooled: Dict[int, Dict[str, Any]] = {}
+    for rows in list(out.values()):
+        for row in rows:
+            h2 = (row["lr"] or 0.0) ** 2
+            hp2 = h2 * (row["p2"] if row["p2"] > 0 and "overdamped" not in row["scheme"]
+                        else row["g2"])
+            row["hp2"] = hp2
+            m = pooled.setdefault(row["step"], dict(step=row["step"], loss=row["loss"],
+                                                    scheme="model", lr=1.0))
+            for k in ("n", "theta2", "p2", "g2", "gp", "d2", "gd", "gdp", "dp2", "gpp", "pp2",
+                      "hp2"):
+                m[k] = m.get(k, 0.0) + row.get(k, float("nan"))
+    if pooled:
+        out[-1] = [pooled[k] for k in sorted(pooled)]
     for gi, rows in out.items():
         first_g = first_t = None
         for i, row in enumerate(rows):
             n = max(row["n"], 1)
             rms_t = math.sqrt(row["theta2"] / n)
             rms_g = math.sqrt(row["g2"] / n)
-            rms_p = math.sqrt(row["p2"] / n)
             kin = row["p2"] / n
             first_g = rms_g if first_g is None else first_g
             first_t = rms_t if first_t is None else first_t
             early = [r for r in rows[:i] if r["step"] >= row["step"] - WINDOW]
             low_g = min((r["_g"] for r in early), default=rms_g)
             low_k = min((r["_k"] for r in early), default=kin)
-            h = row["lr"] or 0.0
-            step_p = h * (rms_p if row["p2"] > 0 and "overdamped" not in row["scheme"]
-                          else rms_g)
+            step_p = math.sqrt(row["hp2"] / n)
             cos = row["gd"] / math.sqrt(row["g2"] * row["d2"]) if row["g2"] > 0 and \
                 row["d2"] > 0 else 0.0
             gdp, dp2, gpp, pp2 = (row.get(k, float("nan")) for k in ("gdp", "dp2", "gpp", "pp2"))
@@ -167,31 +185,62 @@ GRIDS: Dict[str, List[float]] = {
 }
 
 
-def first_flag(series: Dict[int, List[Dict[str, float]]], signal: str, threshold: float,
-               skip_first: bool = True) -> Optional[Tuple[int, int]]:
-    """(step, group) of the first check where a group's ``signal`` reaches ``threshold``."""
+def _scope(series, scope: str):
+    return [(gi, rows) for gi, rows in series.items() if (gi == -1) == (scope == "model")]
+
+
+Cond = Tuple[str, float]  # (signal, threshold): signal >= threshold
+
+
+def first_flag(series: Dict[int, List[Dict[str, float]]], conds: Sequence[Cond],
+               scope: str = "group", skip_first: bool = True) -> Optional[Tuple[int, int]]:
+    """(step, group) of the first check where a group meets every condition (scope "group":
+    any param group; "model": the pooled model, group -1); the first check is the reference
+    and never fires."""
     best: Optional[Tuple[int, int]] = None
-    for gi, rows in series.items():
+    for gi, rows in _scope(series, scope):
         for row in rows[1:] if skip_first else rows:
-            if row["sig"][signal] >= threshold:
+            if all(row["sig"][k] >= t for k, t in conds):
                 if best is None or row["step"] < best[0]:
                     best = (row["step"], gi)
                 break
     return best
 
 
-def peak(series: Dict[int, List[Dict[str, float]]], signal: str, skip_first: bool = True
-         ) -> float:
-    vals = [row["sig"][signal] for rows in series.values()
+def peak(series: Dict[int, List[Dict[str, float]]], signal: str, scope: str = "group",
+         skip_first: bool = True) -> float:
+    vals = [row["sig"][signal] for _, rows in _scope(series, scope)
             for row in (rows[1:] if skip_first else rows)]
     return max(vals, default=0.0)
+
+
+def rules() -> List[Tuple[str, str, List[List[Cond]]]]:
+    """(name, scope, threshold grid: each entry a list of conditions)."""
+    out: List[Tuple[str, str, List[List[Cond]]]] = []
+    for scope in ("group", "model"):
+        for signal in SIGNALS:
+            out.append((f"{signal} ≥ T", scope, [[(signal, t)] for t in GRIDS[signal]]))
+        out.append(("upd_p ≥ A and overshoot ≥ B", scope,
+                    [[("upd_p", a), ("overshoot", b)] for a in (0.003, 0.005, 0.01, 0.02)
+                     for b in (0.0, 0.1, 0.2, 0.3)]))
+        out.append(("grad_low ≥ A and overshoot ≥ B", scope,
+                    [[("grad_low", a), ("overshoot", b)] for a in (1.2, 1.5, 2, 3)
+                     for b in (0.0, 0.1, 0.2, 0.3)]))
+        out.append(("kin_low ≥ A and overshoot ≥ B", scope,
+                    [[("kin_low", a), ("overshoot", b)] for a in (1.5, 2, 3, 5)
+                     for b in (0.0, 0.1, 0.2, 0.3)]))
+    return out
 
 
 def _run_name(r: Dict[str, Any]) -> str:
     return f"{r['family']}/{r['method']}/s{r['seed']}"
 
 
-def score(runs: List[Dict[str, Any]], cadence: int) -> List[str]:
+def _names(rs: List[Dict[str, Any]], k: int = 4) -> str:
+    return ", ".join(_run_name(r) for r in rs[:k]) + (" …" if len(rs) > k else "")
+
+
+def score(runs: List[Dict[str, Any]], cadence: int, only_best: bool = False) -> List[str]:
     out: List[str] = []
     cands = [r for r in runs if r["label"] in ("failing", "healthy", "slow") and r.get("probes")]
     series = {id(r): group_series(r, cadence) for r in cands}
@@ -199,51 +248,81 @@ def score(runs: List[Dict[str, Any]], cadence: int) -> List[str]:
     healthy = [r for r in cands if r["label"] == "healthy"]
     slow = [r for r in cands if r["label"] == "slow"]
     out.append(f"Runs with signals: {len(fail)} failing, {len(healthy)} healthy, {len(slow)} "
-               f"slow; checks every {cadence or 'recorded'} steps.")
+               f"slow; checks every {cadence or 'recorded'} steps (the first is the reference).")
     out.append("")
-    out.append("| rule | threshold | failing flagged (step) | false alarms (healthy) | slow "
-               "flagged | largest healthy value | smallest failing peak |")
-    out.append("|---|---|---|---|---|---|---|")
-    # The monitor's own rule, as recorded.
+    out.append("| rule | scope | threshold | failing flagged (first step; ≤ loss onset) | "
+               "false alarms (healthy) | slow flagged | largest healthy | smallest failing |")
+    out.append("|---|---|---|---|---|---|---|---|")
+
     def warned(r):
         return any("running away" in w for w in r["warnings"])
-    out.append("| weights (today's monitor) | 5x scale & 2x in 128 steps | "
+
+    out.append("| weights (today's monitor) | group | 5x scale & 2x in 128 steps | "
                f"{sum(map(warned, fail))}/{len(fail)} | "
                f"{sum(map(warned, healthy))}/{len(healthy)} | {sum(map(warned, slow))}/{len(slow)}"
                f" | – | – |")
-    for signal in SIGNALS:
-        peaks_h = [(peak(series[id(r)], signal), r) for r in healthy]
-        peaks_f = [(peak(series[id(r)], signal), r) for r in fail]
-        hmax = max(peaks_h, key=lambda x: x[0], default=(0.0, None))
-        fmin = min(peaks_f, key=lambda x: x[0], default=(0.0, None))
+    for name, scope, grid in rules():
+        single = len(grid[0]) == 1
+        hmax = fmin = None
+        if single:
+            signal = grid[0][0][0]
+            ph = [(peak(series[id(r)], signal, scope), r) for r in healthy]
+            pf = [(peak(series[id(r)], signal, scope), r) for r in fail]
+            hmax = max(ph, key=lambda x: x[0], default=None)
+            fmin = min(pf, key=lambda x: x[0], default=None)
         rows = []
-        for t in GRIDS[signal]:
-            flagged = [(r, first_flag(series[id(r)], signal, t)) for r in fail]
+        for conds in grid:
+            flagged = [(r, first_flag(series[id(r)], conds, scope)) for r in fail]
             flagged = [(r, f) for r, f in flagged if f is not None]
-            false = [r for r in healthy if first_flag(series[id(r)], signal, t) is not None]
-            sl = [r for r in slow if first_flag(series[id(r)], signal, t) is not None]
-            rows.append((t, flagged, false, sl))
-        # The best: most failing flagged among those with the fewest false alarms (ties: the
-        # largest threshold).
-        best = max(rows, key=lambda x: (-len(x[2]), len(x[1]), x[0]))
+            false = [r for r in healthy if first_flag(series[id(r)], conds, scope) is not None]
+            sl = [r for r in slow if first_flag(series[id(r)], conds, scope) is not None]
+            rows.append((conds, flagged, false, sl))
+        # Shown: the setting with no false alarm that flags most (ties: the largest threshold),
+        # and, if it misses failing runs, the one with the best flagged - 3 x false alarms.
         zero = [x for x in rows if not x[2]]
-        pick = [best] + ([max(rows, key=lambda x: (len(x[1]) - 3 * len(x[2]), x[0]))]
-                         if best[2] or len(best[1]) < len(fail) else [])
+        pick = []
+        if zero:
+            pick.append(max(zero, key=lambda x: (len(x[1]), [t for _, t in x[0]])))
+        if not zero or len(pick[0][1]) < len(fail):
+            if not only_best or not zero:
+                pick.append(max(rows, key=lambda x: (len(x[1]) - 3 * len(x[2]),
+                                                     [t for _, t in x[0]])))
         seen = set()
-        for t, flagged, false, sl in pick:
-            if t in seen:
+        for conds, flagged, false, sl in pick:
+            key = tuple(conds)
+            if key in seen:
                 continue
-            seen.add(t)
+            seen.add(key)
             steps = sorted(f[0] for _, f in flagged)
-            step_txt = (f" (steps {steps[0]}–{steps[-1]}, median {statistics.median(steps):g})"
-                        if steps else "")
-            fa = ", ".join(_run_name(r) for r in false[:4]) + (" …" if len(false) > 4 else "")
-            out.append(f"| {signal} ≥ T | {t:g} | {len(flagged)}/{len(fail)}{step_txt} | "
-                       f"{len(false)}/{len(healthy)}{': ' + fa if fa else ''} | "
-                       f"{len(sl)}/{len(slow)} | {hmax[0]:.3g}"
-                       f"{' (' + _run_name(hmax[1]) + ')' if hmax[1] else ''} | {fmin[0]:.3g}"
-                       f"{' (' + _run_name(fmin[1]) + ')' if fmin[1] else ''} |")
-        del zero
+            early = sum(1 for r, f in flagged if r["onset"] is None or f[0] <= r["onset"])
+            step_txt = (f" (steps {steps[0]}–{steps[-1]}, median {statistics.median(steps):g}; "
+                        f"{early} ≤ onset)" if steps else "")
+            missed = [r for r in fail if all(r is not x for x, _ in flagged)]
+            miss_txt = f"; missed: {_names(missed, 3)}" if missed and len(missed) <= 6 else ""
+            thr = ", ".join(f"{t:g}" for _, t in conds)
+            ext = ""
+            if single and hmax is not None and fmin is not None:
+                ext = (f" | {hmax[0]:.3g} ({_run_name(hmax[1])}) | {fmin[0]:.3g} "
+                       f"({_run_name(fmin[1])})")
+            else:
+                ext = " | – | –"
+            out.append(f"| {name} | {scope} | {thr} | {len(flagged)}/{len(fail)}{step_txt}"
+                       f"{miss_txt} | {len(false)}/{len(healthy)}"
+                       f"{': ' + _names(false) if false else ''} | {len(sl)}/{len(slow)}{ext} |")
+    return out
+
+
+def per_run_peaks(runs: List[Dict[str, Any]], cadence: int, signals: Sequence[str],
+                  scope: str = "group") -> List[str]:
+    out = [f"Peaks per run ({scope} scope):", "",
+           "| run | label | " + " | ".join(f"peak {s}" for s in signals) + " |",
+           "|---|---|" + "---|" * len(signals)]
+    for r in runs:
+        if r["label"] not in ("failing", "healthy", "slow") or not r.get("probes"):
+            continue
+        s = group_series(r, cadence)
+        out.append(f"| {_run_name(r)} | {r['label']} | "
+                   + " | ".join(f"{peak(s, x, scope):.3g}" for x in signals) + " |")
     return out
 
 
@@ -256,18 +335,6 @@ def describe(runs: List[Dict[str, Any]]) -> List[str]:
         warned = "yes" if any("running away" in w for w in r["warnings"]) else "no"
         out.append(f"| {_run_name(r)} | {r['label']} | {r['loss_first']:.2f} → {r['loss']:.2f} | "
                    f"{r['peak5']:.2f} | {r['acc']:.1f} | {r['onset'] or '–'} | {warned} |")
-    return out
-
-
-def per_run_peaks(runs: List[Dict[str, Any]], cadence: int, signals: Sequence[str]) -> List[str]:
-    out = ["| run | label | " + " | ".join(f"peak {s}" for s in signals) + " |",
-           "|---|---|" + "---|" * len(signals)]
-    for r in runs:
-        if r["label"] not in ("failing", "healthy", "slow") or not r.get("probes"):
-            continue
-        s = group_series(r, cadence)
-        out.append(f"| {_run_name(r)} | {r['label']} | "
-                   + " | ".join(f"{peak(s, x):.3g}" for x in signals) + " |")
     return out
 
 
@@ -372,7 +439,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("\n".join(score(runs, cadence)))
     if args.peaks:
         print()
-        print("\n".join(per_run_peaks(runs, 0, SIGNALS)))
+        for scope in ("group", "model"):
+            print()
+            print("\n".join(per_run_peaks(runs, 0, SIGNALS, scope)))
     return 0
 
 
