@@ -8,7 +8,8 @@ The runs and their per-group signal series come from the model-family benchmark'
         --every 0 --quiet-groups --dump main.json       # torch 2.13.0 venv
     .venv-tv/bin/python bench/model_families.py --families resnet18_tv,resnet18_timm,\\
         frozen_head --seeds 3 --signals --every 2 --quiet-groups --dump tv.json
-    python bench/divergence.py main.json tv.json --cadence 2 --cadence 8 --cadence 16
+    python bench/divergence.py main.json tv.json --cadence 2 --cadence 16   # a later dump's
+                                                        # run replaces an earlier one's
     python bench/divergence.py --cost                   # what each signal costs a step
 
 Labels (from the loss, which the rules never see; named methods only, the baselines give the
@@ -427,6 +428,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             data = json.load(fh)
         print(f"# {path}: {data.get('command', '?')}")
         runs.extend(data["runs"])
+    from model_families import dedupe
+    runs = dedupe(runs)
     label_runs(runs, args.margin)
     counts = defaultdict(int)
     for r in runs:

@@ -796,6 +796,9 @@ def summarize(rows: List[Tuple[str, Family, List[Dict[str, Any]]]], families: Li
         cells = []
         for f in families:
             res = cell.get((label, f.name), [])
+            if not res:
+                cells.append("–")
+                continue
             errs = [r for r in res if r["error"]]
             if errs:
                 cells.append("error: " + errs[0]["error"].split(":")[0])
@@ -936,6 +939,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def dedupe(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One run per (family, method, settings, seed): the last one given wins."""
+    keep: Dict[str, Dict[str, Any]] = {}
+    for r in runs:
+        hyper = {k: v for k, v in (r.get("hyper") or {}).items() if k != "check_stability"}
+        keep[json.dumps([r["family"], r["method"], hyper, r["seed"]], sort_keys=True,
+                        default=str)] = r
+    return list(keep.values())
+
+
 def table_from_dumps(paths: Sequence[str]) -> str:
     """The tables of several dumps merged (families and methods in their first order)."""
     runs, commands = [], []
@@ -944,6 +957,7 @@ def table_from_dumps(paths: Sequence[str]) -> str:
             data = json.load(fh)
         commands.append(data.get("command", path))
         runs.extend(data["runs"])
+    runs = dedupe(runs)
     fam_names = list(dict.fromkeys(r["family"] for r in runs))
     fams = [FAMILIES[n] if n in FAMILIES else Family(n, nn.Identity, 0, 0, n) for n in fam_names]
     by_name = {f.name: f for f in fams}
