@@ -958,7 +958,8 @@ def table_from_dumps(paths: Sequence[str]) -> str:
         commands.append(data.get("command", path))
         runs.extend(data["runs"])
     runs = dedupe(runs)
-    fam_names = list(dict.fromkeys(r["family"] for r in runs))
+    rank = {n: i for i, n in enumerate(list(ALL_FAMILIES) + list(FAMILIES))}
+    fam_names = sorted(dict.fromkeys(r["family"] for r in runs), key=lambda n: rank.get(n, 99))
     fams = [FAMILIES[n] if n in FAMILIES else Family(n, nn.Identity, 0, 0, n) for n in fam_names]
     by_name = {f.name: f for f in fams}
 
