@@ -27,9 +27,11 @@ the step, Δθ the step's change of θ, h the step size):
 * ``grad``: RMS(∇L) / RMS(∇L) at the group's first check (gradient growth);
 * ``grad_low``: RMS(∇L) / its smallest value at the earlier checks of the last 128 steps;
 * ``kin_low``: Σp²/N / its smallest value at the earlier checks of the last 128 steps;
-* ``upd``: RMS(Δθ) / RMS(θ), the relative step (exact: θ before and after the step);
-* ``upd_p``: h·RMS(p) / RMS(θ), the relative step from the momentum alone (no copy of θ;
-  Overdamped: h·RMS(∇L) / RMS(θ));
+* ``upd``: RMS(Δθ) / max(RMS(θ), RMS of the model's θ at the first check), the relative step
+  (exact: θ before and after the step; the floor as the monitor's scale, so that a
+  zero-initialised group does not read every step as huge);
+* ``upd_p``: h·RMS(p) / the same, the relative step from the momentum alone (no copy of θ;
+  Overdamped: h·RMS(∇L));
 * ``uphill``: cos(∇L, Δθ) of the step the gradient drove, averaged over the last 3 checks (a
   control: the kick makes it about −1 whatever happens);
 * ``overshoot``: cos(∇L_t, Δθ_(t−1)), the new gradient against the previous step, averaged over
@@ -131,6 +133,10 @@ def group_series(run: Dict[str, Any], cadence: int = 0) -> Dict[int, List[Dict[s
                 m[k] = m.get(k, 0.0) + row.get(k, float("nan"))
     if pooled:
         out[-1] = [pooled[k] for k in sorted(pooled)]
+    # The floor of the relative step's denominator, as the monitor's scale: RMS(θ) of the whole
+    # model at the first check (a zero-initialised group, e.g. timm's last BN weights, would
+    # otherwise show any step as huge).
+    floor = math.sqrt(out[-1][0]["theta2"] / max(out[-1][0]["n"], 1)) if pooled else 0.0
     for gi, rows in out.items():
         first_g = first_t = None
         for i, row in enumerate(rows):
@@ -160,8 +166,8 @@ def group_series(run: Dict[str, Any], cadence: int = 0) -> Dict[int, List[Dict[s
                 grad=rms_g / first_g if first_g > 0 else 0.0,
                 grad_low=rms_g / low_g if low_g > 0 else 0.0,
                 kin_low=kin / low_k if low_k > 0 else 0.0,
-                upd=math.sqrt(row["d2"] / n) / rms_t if rms_t > 0 else 0.0,
-                upd_p=step_p / rms_t if rms_t > 0 else 0.0,
+                upd=math.sqrt(row["d2"] / n) / max(rms_t, floor) if rms_t > 0 else 0.0,
+                upd_p=step_p / max(rms_t, floor) if rms_t > 0 else 0.0,
                 uphill=sum(recent) / len(recent),
                 overshoot=avg("_over"),
                 mom_uphill=avg("_mom"),
