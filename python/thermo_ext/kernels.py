@@ -13,7 +13,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import _C
+from . import _C, cuda_library
 from .schemes import FoldedScheme
 
 __all__ = ["thermo_step", "fill_normal", "philox_words", "build_program", "coefficients",
@@ -139,13 +139,18 @@ def _device_index(t: torch.Tensor) -> int:
     if t.device.type == "cpu":
         return -1
     if t.device.type == "cuda":
-        if not _C.cuda_compiled():
-            raise RuntimeError(
-                "thermo_ext was built without CUDA, so it cannot step CUDA tensors: reinstall "
-                "where nvcc is on PATH with `pip install --no-build-isolation "
-                "-C cmake.define.THERMO_EXT_CUDA=ON .`")
         return t.device.index if t.device.index is not None else torch.cuda.current_device()
     raise ValueError(f"device {t.device}: thermo_ext runs on cpu and cuda tensors only")
+
+
+def _engine_index(t: torch.Tensor) -> int:
+    """``_device_index`` of a tensor the engine is about to run on: on a CUDA device, the CUDA
+    engine library is loaded (the first time) and must be able to run there, else RuntimeError
+    saying why and what fixes it (thermo_ext.cuda_library)."""
+    dev = _device_index(t)
+    if dev >= 0 and t.device.type == "cuda":
+        cuda_library.require(dev)
+    return dev
 
 
 def on_device(t: torch.Tensor) -> bool:
@@ -178,7 +183,7 @@ def fill_normal(out: torch.Tensor, *, seed: int, uid: int, step: int, draw: int,
     offset = check_int("offset", offset, 0, 2**62)
     if out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError("out: expected a contiguous float32 tensor")
-    dev = _device_index(out)
+    dev = _engine_index(out)
     _C.fill_normal(dev, _stream(dev), out.data_ptr(), out.numel(), seed, uid, step, draw, offset)
     return out
 
@@ -257,7 +262,7 @@ class EnginePlan:
                  workspace: Optional[torch.Tensor] = None):
         n = len(params)
         p0 = params[0]
-        dev = _device_index(p0)
+        dev = _engine_index(p0)
         if scheme.uses_thermostat:
             if not isinstance(xi, torch.Tensor):
                 raise TypeError(f"xi: scheme {scheme.written!r} has a thermostat; expected a "

@@ -22,6 +22,7 @@ from ._compat import (GLOBAL_STEP_POST_HOOKS, GLOBAL_STEP_PRE_HOOKS, dtensor_typ
                       profiler_enabled, set_grad_enabled)
 from .backends import BACKENDS, Refusal, run_step
 from .distributed import Agreement
+from .fallback import choose as choose_backend
 from .groups import (HYPER_KEYS, MAX_GROUPS, STRUCTURE_KEYS, EngineCall, GroupRecord,
                      build_calls, check_group, group_xi, hyper_values, momentum_buffers,
                      param_label, where)
@@ -151,7 +152,10 @@ class Thermo(Optimizer):
             (its parameters' RMS growing by large factors) and warn once per group with an
             :class:`thermo_ext.InstabilityWarning` (see :mod:`thermo_ext.stability`).
         stochastic_rounding: bf16 parameters are rounded stochastically from float32 results.
-        backend: ``"engine"`` (compiled) or ``"reference"`` (plain torch, slow; the oracle).
+        backend: None (the default: the compiled engine, and on a CUDA device where no fused
+            engine can run the torch-op fallback, with one warning; :mod:`thermo_ext.fallback`),
+            ``"engine"`` (the compiled engine only: raises where it cannot run) or
+            ``"reference"`` (plain torch, slow; the oracle).
 
     Complex parameters are stepped as their real views (``torch.view_as_real``): every real
     component gets its own noise, and a thermostat counts real components.
@@ -165,9 +169,10 @@ class Thermo(Optimizer):
                  foreach: Optional[bool] = None, fused: Optional[bool] = None,
                  differentiable: bool = False, check_finite: bool = True,
                  check_stability: bool = True, stochastic_rounding: bool = True,
-                 backend: str = "engine"):
-        if backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {tuple(BACKENDS)}, got {backend!r}")
+                 backend: Optional[str] = None):
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"backend: expected None or one of {tuple(BACKENDS)}, got "
+                             f"{backend!r}")
         if not isinstance(check_finite, bool):
             raise TypeError(f"check_finite: expected a bool, got {check_finite!r}")
         _check_torch_keywords(foreach, fused, differentiable)
@@ -461,7 +466,7 @@ class Thermo(Optimizer):
         # (A capture needs CUDA initialised: asking that first is cheaper than is_available.)
         if not (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()):
             return
-        if self.backend != "engine":
+        if self.backend == "reference":
             raise RuntimeError("step() is being captured into a CUDA graph, but "
                                "backend='reference' reads its step counter on the host; "
                                "use backend='engine' with capturable=True")
@@ -520,7 +525,7 @@ class Thermo(Optimizer):
             for src, buf in c.staged:  # parameters of any other layout: a contiguous copy
                 buf.copy_(src)
         check = self.check_finite
-        backend = BACKENDS[self.backend]
+        backend = choose_backend(self.backend, calls, on_device)
         flag = None
         if check and on_device and backend.name == "engine":
             devices = {c.params[0].device for c in calls}
