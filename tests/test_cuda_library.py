@@ -60,17 +60,34 @@ def test_torch_normals_equal_the_engines_bit_for_bit(n, offset, seed, uid, step,
     got = torch_noise.normal(n, **kw)
     assert got.dtype == torch.float32 and got.shape == (n,)
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
-    with torch_noise.native():                            # what the fallback draws
-        assert torch_noise.in_use("cpu")
+    with torch_noise.native(exact=True):
+        assert torch_noise.in_use("cpu") and torch_noise.exact_mode()
         assert torch.equal(te_random.normal(n, **kw), want)
     assert not torch_noise.in_use("cpu")
+    # the fallback's default: torch's float64 log/sin/cos, within 4 ulps of the engine's
+    fast = torch_noise.normal(n, exact=False, **kw)
+    ulps = (fast.view(torch.int32).long() - want.view(torch.int32).long()).abs()
+    assert int(ulps.max()) <= 4, int(ulps.max())
+    with torch_noise.native():                            # what the fallback draws by default
+        assert not torch_noise.exact_mode()
+        assert torch.equal(te_random.normal(n, **kw), fast)
+
+
+def test_noise_mode_from_the_environment(monkeypatch):
+    monkeypatch.setenv(torch_noise.ENV_MODE, "exact")
+    assert torch_noise.exact_mode()
+    monkeypatch.setenv(torch_noise.ENV_MODE, "fastest")
+    with pytest.raises(ValueError, match="THERMO_EXT_FALLBACK_NOISE='fastest': expected"):
+        torch_noise.exact_mode()
+    with torch_noise.native(exact=False):
+        assert not torch_noise.exact_mode()
 
 
 def test_torch_normals_of_runs_and_wide_words():
     kw = dict(seed=11, uid=7, step=5, draw=1, offset=13, runs=(6, 40))
     want = te_random.normal_runs(36, **kw)
     assert torch.equal(torch_noise.normal_runs(36, **kw), want)
-    with torch_noise.native():
+    with torch_noise.native(exact=True):
         assert torch.equal(te_random.normal_runs(36, **kw), want)
     # the Box–Muller extremes: w_a = 0 and 2**32 - 1, every quadrant boundary of w_b
     wa = torch.tensor([0, 1, 2**31, 2**32 - 1] * 4, dtype=torch.int64)
@@ -271,16 +288,23 @@ def _run(method, backend, steps=4, dtype=torch.float32, monkeypatch=None):
 @pytest.mark.parametrize("method", [te.Langevin, te.AdL, te.AdLaLa, te.LOL, te.Overdamped])
 def test_fallback_steps_equal_the_reference(method, monkeypatch):
     want, want_xi = _run(method, "reference")
+    monkeypatch.setenv(torch_noise.ENV_MODE, "exact")
     got, got_xi = _run(method, "fallback", monkeypatch=monkeypatch)
     for a, b in zip(got, want):  # the same letters and the same normals: the same bits
         assert torch.equal(a, b)
     assert got_xi == want_xi
+    monkeypatch.setenv(torch_noise.ENV_MODE, "fast")  # the default: normals within 4 ulps
+    fast, fast_xi = _run(method, "fallback", monkeypatch=monkeypatch)
     engine, _ = _run(method, "engine")
-    for a, b in zip(got, engine):  # the engine rounds differently (fused letters)
+    for a, b, c in zip(fast, want, engine):  # (the engine rounds its fused letters differently)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(fast_xi, want_xi):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
 
 
 def test_fallback_of_bf16_parameters_rounds_stochastically_as_the_reference(monkeypatch):
+    monkeypatch.setenv(torch_noise.ENV_MODE, "exact")
     want, _ = _run(te.AdLaLa, "reference", dtype=torch.bfloat16)
     got, _ = _run(te.AdLaLa, "fallback", dtype=torch.bfloat16, monkeypatch=monkeypatch)
     for a, b in zip(got, want):

@@ -5,7 +5,7 @@ fused engine can run — none built for torch's CUDA major, a driver below the l
 architecture with neither SASS nor PTX in it (:func:`thermo_ext.cuda_library.verdict`) — runs
 the same letters with torch ops on the device: :mod:`thermo_ext.reference`'s step, drawing the
 same noise stream with torch ops (:mod:`thermo_ext.torch_noise`: the Philox words exactly, the
-normals bit for bit). It warns once per reason with :class:`EngineFallbackWarning`, naming the
+normals within 4 ulps, or bit for bit with ``THERMO_EXT_FALLBACK_NOISE=exact``). It warns once per reason with :class:`EngineFallbackWarning`, naming the
 reason, the expected cost and the fix. ``backend="engine"`` raises instead; ``"reference"``
 chooses the torch ops without a warning.
 
@@ -67,7 +67,7 @@ def _warn_once(device: str, v: "cuda_library.Verdict") -> None:
     warnings.warn(
         f"thermo_ext: CUDA tensors on {device} are stepped by the torch-op fallback, not the "
         f"fused CUDA engine, because {v.reason}. Expect each step to cost {COST}; the results "
-        f"are the engine's up to float rounding (the same letters and noise). {v.fix}. "
+        f"are the engine's up to float rounding (the same letters and noise stream). {v.fix}. "
         f"backend='engine' raises instead of falling back; backend='reference' picks the torch "
         f"ops without this warning.", EngineFallbackWarning, stacklevel=4)
 

@@ -7,7 +7,8 @@ float32. The same arguments give the same numbers on every device, thread count 
 
 On a CUDA device where no fused engine can run (thermo_ext.cuda_library), and inside
 :func:`thermo_ext.torch_noise.native`, the same numbers come from torch ops
-(:mod:`thermo_ext.torch_noise`: the Philox words exactly, the normals bit for bit).
+(:mod:`thermo_ext.torch_noise`: the Philox words exactly, the normals within 4 ulps, or bit for
+bit with ``THERMO_EXT_FALLBACK_NOISE=exact``).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def normal(n: int, *, seed: int, uid: int, step: int, draw: int, offset: int = 0
             uid=kernels.check_int("uid", uid, 0, 2**32),
             step=kernels.check_int("step", step, 0, kernels.U64),
             draw=kernels.check_int("draw", draw, 0, 2**32),
-            offset=kernels.check_int("offset", offset, 0, 2**62), device=device)
+            offset=kernels.check_int("offset", offset, 0, 2**62), device=device,
+            exact=torch_noise.exact_mode())
     out = torch.empty(n, dtype=torch.float32, device=device)
     kernels.fill_normal(out, seed=seed, uid=uid, step=step, draw=draw, offset=offset)
     return out

@@ -3,42 +3,68 @@ torch-op fallback draws where no fused engine can run (:mod:`thermo_ext.fallback
 
 * Philox4x32-10 in int64 torch ops: every 32x32-bit product is split into 16-bit halves so that
   no intermediate leaves int64; the words are exact (they equal ``thermo_ext.random.philox``).
-* Box–Muller as ``csrc/philox.h`` writes it: the same float32 operations in the same order (the
+* Box–Muller (:func:`box_muller`, ``exact``) as ``csrc/philox.h`` writes it: the same float32 operations in the same order (the
   bit tricks of its logarithm and quarter-turn reduction in integer ops), and each of its fused
   multiply-adds as philox.h's software fma (``fma_soft``: an exact double product, TwoSum, and the
   midpoint correction), which rounds as the FMA instruction does. Every step is an IEEE add, mul
-  or sqrt in one torch kernel, so nothing can be contracted or reassociated: the normals equal the
-  engine's bit for bit (tests/test_torch_noise.py checks it on the CPU against the engine; on a
-  GPU it rests on torch's CUDA kernels rounding add, mul and sqrt as IEEE does, which they do
-  unless torch is built with fast math).
+  or sqrt in one torch kernel (the sqrt in double, rounded to float: torch's float32 sqrt on the
+  CPU is not correctly rounded), so nothing can be contracted or reassociated: the normals equal
+  the engine's bit for bit (tests/test_cuda_library.py checks it on the CPU against the engine;
+  on a GPU it rests on torch's CUDA kernels rounding add, mul and sqrt as IEEE does, which they
+  do unless torch is built with fast math).
 
-It costs some 60 elementwise kernels per draw, so a step's noise is far slower than the engine's
-fused kernels: it is a fallback, not a replacement.
+That costs some 450 elementwise kernels per draw (Philox's ten rounds about 240 of them), so by
+default the fallback maps the words to normals with torch's float64 log, sin and cos instead
+(:func:`box_muller_fast`, about 40 kernels): within 4 ulps of the engine's normals, as philox.h's
+own polynomials are of a float64 Box–Muller. ``THERMO_EXT_FALLBACK_NOISE=exact`` asks for the
+engine's bits. Either way a step's noise costs far more than the engine's fused kernels: it is a
+fallback, not a replacement.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
+from typing import Optional
 
 import torch
 
-__all__ = ["philox_words", "box_muller", "normal", "normal_runs", "native", "in_use"]
+__all__ = ["philox_words", "box_muller", "box_muller_fast", "normal", "normal_runs", "native",
+           "in_use", "exact_mode", "ENV_MODE"]
 
 _forced = threading.local()
+#: How the torch-op noise maps words to normals where thermo_ext.random uses it (the fallback):
+#: "fast" (the default: torch's float64 log/sin/cos, within 4 ulps of the engine's normals) or
+#: "exact" (philox.h's arithmetic, the engine's bits; about twice the time).
+ENV_MODE = "THERMO_EXT_FALLBACK_NOISE"
+
+
+def exact_mode() -> bool:
+    """Whether thermo_ext.random's torch-op noise is bit for bit the engine's (``exact`` in
+    :func:`native`, else ``THERMO_EXT_FALLBACK_NOISE=exact``) or within 4 ulps (``fast``)."""
+    forced = getattr(_forced, "exact", None)
+    if forced is not None:
+        return forced
+    mode = os.environ.get(ENV_MODE, "fast").strip().lower()
+    if mode not in ("fast", "exact"):
+        raise ValueError(f"{ENV_MODE}={mode!r}: expected 'fast' or 'exact'")
+    return mode == "exact"
 
 
 @contextlib.contextmanager
-def native():
+def native(exact: Optional[bool] = None):
     """Within it, :mod:`thermo_ext.random` draws with torch ops on every device (the fallback
     backend steps under it, so that it draws the same way on the CPU, where tests compare it
-    with the reference)."""
-    prev = getattr(_forced, "on", False)
+    with the reference); ``exact`` overrides :func:`exact_mode`."""
+    prev = getattr(_forced, "on", False), getattr(_forced, "exact", None)
     _forced.on = True
+    if exact is not None:
+        _forced.exact = exact
     try:
         yield
     finally:
-        _forced.on = prev
+        _forced.on, _forced.exact = prev
 
 
 def in_use(device) -> bool:
@@ -166,10 +192,32 @@ def box_muller(wa: torch.Tensor, wb: torch.Tensor):
     return r * c, r * s
 
 
+def box_muller_fast(wa: torch.Tensor, wb: torch.Tensor):
+    """:func:`box_muller` through torch's float64 log, sin and cos, rounded to float32: a tenth
+    of its kernels, and within a few ulps of the engine's normals (philox.h's polynomials are
+    within 4 ulps of a float64 Box–Muller; docs/DESIGN.md, Noise). The quarter-turn reduction
+    is philox.h's, in integers, so that the angle keeps its relative accuracy near the zeros."""
+    u = wa.to(torch.float32) * 2.0**-32 + 2.0**-33  # as the engine: float32, one rounding
+    r = torch.sqrt(-2.0 * torch.log(u.double()))
+    q = ((wb + 0x20000000) & _MASK) >> 30
+    d = (wb - (q << 30)) & _MASK
+    d = torch.where(d >= 2**31, d - 2**32, d)
+    t = d.double() * (2.0 * torch.pi * 2.0**-32)
+    s, c = torch.sin(t), torch.cos(t)
+    odd = (q & 1) != 0
+    cv = torch.where(odd, s, c)
+    sv = torch.where(odd, c, s)
+    c_out = torch.where(((q + 1) & 2) != 0, -cv, cv)
+    s_out = torch.where((q & 2) != 0, -sv, sv)
+    return (r * c_out).float(), (r * s_out).float()
+
+
 def normal(n: int, *, seed: int, uid: int, step: int, draw: int, offset: int = 0,
-           device="cpu") -> torch.Tensor:
+           device="cpu", exact: bool = True) -> torch.Tensor:
     """The ``n`` float32 normals of elements ``offset .. offset+n-1`` (docs/DESIGN.md, Noise),
-    as :func:`thermo_ext.random.normal` gives them, computed with torch ops on ``device``."""
+    as :func:`thermo_ext.random.normal` gives them, computed with torch ops on ``device``:
+    bit for bit with ``exact`` (:func:`box_muller`), else within a few ulps
+    (:func:`box_muller_fast`, several times cheaper)."""
     device = torch.device(device)
     if n == 0:
         return torch.empty(0, dtype=torch.float32, device=device)
@@ -179,20 +227,21 @@ def normal(n: int, *, seed: int, uid: int, step: int, draw: int, offset: int = 0
                            torch.full_like(q, draw)], dim=-1)
     key = torch.tensor([seed % 2**32, seed >> 32], dtype=torch.int64, device=device)
     w = philox_words(counter, key)
-    z0, z1 = box_muller(w[:, 0], w[:, 1])
-    z2, z3 = box_muller(w[:, 2], w[:, 3])
+    bm = box_muller if exact else box_muller_fast
+    z0, z1 = bm(w[:, 0], w[:, 1])
+    z2, z3 = bm(w[:, 2], w[:, 3])
     z = torch.stack([z0, z1, z2, z3], dim=-1).reshape(-1)
     start = offset - 4 * q0
     return z[start:start + n].contiguous()
 
 
 def normal_runs(n: int, *, seed: int, uid: int, step: int, draw: int, offset: int = 0,
-                runs=None, device="cpu") -> torch.Tensor:
+                runs=None, device="cpu", exact: bool = True) -> torch.Tensor:
     """:func:`normal` for a shard made of runs (``thermo_ext.random.normal_runs``)."""
     if runs is None or runs[0] >= n:
         return normal(n, seed=seed, uid=uid, step=step, draw=draw, offset=offset,
-                      device=device)
+                      device=device, exact=exact)
     run, stride = runs
     return torch.cat([normal(run, seed=seed, uid=uid, step=step, draw=draw,
-                             offset=offset + r * stride, device=device)
+                             offset=offset + r * stride, device=device, exact=exact)
                       for r in range(n // run)])
