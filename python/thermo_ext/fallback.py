@@ -27,7 +27,8 @@ __all__ = ["EngineFallbackWarning", "FallbackBackend", "FALLBACK", "choose", "CO
 
 #: What the warning says a fallback step costs, measured on the CPU (where both run) by
 #: bench/fallback.py: the torch-op step's time over the fused engine's (docs/BENCHMARKS.md).
-COST = "about 8-40x the fused engine's step time (measured on the CPU as a proxy)"
+COST = ("about 45-90x the fused engine's step time (measured on the CPU as a proxy, "
+        "bench/fallback.py; not yet measured on a GPU)")
 
 
 class EngineFallbackWarning(UserWarning):
@@ -50,7 +51,27 @@ class FallbackBackend(ReferenceBackend):
 
     def run(self, tasks, mode: str, check: bool, flag: Optional[torch.Tensor]):
         with torch_noise.native():
-            return super().run(tasks, mode, check, flag)
+            # Every noise letter's normals of the small tensors in one batch (torch_noise.
+            # prefetch): the reference draws tensor by tensor, a few hundred kernels each.
+            torch_noise.prefetch(self._draws(tasks), torch_noise.exact_mode())
+            try:
+                return super().run(tasks, mode, check, flag)
+            finally:
+                torch_noise.clear()
+
+    @staticmethod
+    def _draws(tasks):
+        """The (n, seed, uid, step, draw, offset, device) of every normal the tasks will draw
+        (reference.thermo_step: one per noise letter and tensor; tensors made of runs draw on
+        their own)."""
+        for kw in tasks:
+            letters = [x for x in kw["scheme"].program(kw["first"]) if x.draw is not None]
+            offsets = kw["offsets"] or [0] * len(kw["params"])
+            runs = kw["runs"] or [None] * len(kw["params"])
+            for x in letters:
+                for p, uid, off, r in zip(kw["params"], kw["uids"], offsets, runs):
+                    if r is None or r[0] >= p.numel():
+                        yield (p.numel(), kw["seed"], uid, kw["step"], x.draw, off, p.device)
 
 
 FALLBACK = FallbackBackend()

@@ -36,6 +36,9 @@ def normal(n: int, *, seed: int, uid: int, step: int, draw: int, offset: int = 0
     """The ``n`` float32 normals that docs/DESIGN.md, Noise, assigns to elements ``offset .. offset+n-1``."""
     n = kernels.check_int("n", n, 0, 2**62)
     if torch_noise.in_use(device):
+        ahead = torch_noise.take(n, seed, uid, step, draw, offset, device)
+        if ahead is not None:  # drawn with the step's other tensors (the fallback)
+            return ahead.clone()
         return torch_noise.normal(
             n, seed=kernels.check_int("seed", seed, 0, kernels.U64),
             uid=kernels.check_int("uid", uid, 0, 2**32),

@@ -30,8 +30,9 @@ from typing import Optional
 
 import torch
 
-__all__ = ["philox_words", "box_muller", "box_muller_fast", "normal", "normal_runs", "native",
-           "in_use", "exact_mode", "ENV_MODE"]
+__all__ = ["philox_words", "box_muller", "box_muller_fast", "normal", "normal_many",
+           "normal_runs", "native", "in_use", "exact_mode", "prefetch", "take", "clear",
+           "ENV_MODE"]
 
 _forced = threading.local()
 #: How the torch-op noise maps words to normals where thermo_ext.random uses it (the fallback):
@@ -233,6 +234,82 @@ def normal(n: int, *, seed: int, uid: int, step: int, draw: int, offset: int = 0
     z = torch.stack([z0, z1, z2, z3], dim=-1).reshape(-1)
     start = offset - 4 * q0
     return z[start:start + n].contiguous()
+
+
+def normal_many(specs, device, exact: bool = True):
+    """:func:`normal` of many (n, seed, uid, step, draw, offset) at once: one Philox pass and one
+    Box–Muller pass over all of them (a step's many small tensors cost a few hundred kernels
+    instead of a few hundred each). Returns one tensor per spec."""
+    device = torch.device(device)
+    specs = [s for s in specs]
+    if not specs:
+        return []
+    q0s = [off >> 2 for n, _, _, _, _, off in specs]
+    counts = [((off + n - 1) >> 2) - q + 1 if n else 0
+              for (n, _, _, _, _, off), q in zip(specs, q0s)]
+    total = sum(counts)
+    cnt = torch.tensor(counts, dtype=torch.int64, device=device)
+
+    def col(values):
+        return torch.repeat_interleave(torch.tensor(values, dtype=torch.int64, device=device),
+                                       cnt, output_size=total)
+
+    first = [0]
+    for c in counts[:-1]:
+        first.append(first[-1] + c)
+    q = (torch.arange(total, dtype=torch.int64, device=device) - col(first) + col(q0s)) & _MASK
+    counter = torch.stack([q, col([u for _, _, u, _, _, _ in specs]),
+                           col([st % 2**32 for _, _, _, st, _, _ in specs]),
+                           col([d for _, _, _, _, d, _ in specs])], dim=-1)
+    key = torch.stack([col([sd % 2**32 for _, sd, _, _, _, _ in specs]),
+                       col([sd >> 32 for _, sd, _, _, _, _ in specs])], dim=-1)
+    w = philox_words(counter, key)
+    bm = box_muller if exact else box_muller_fast
+    z0, z1 = bm(w[:, 0], w[:, 1])
+    z2, z3 = bm(w[:, 2], w[:, 3])
+    z = torch.stack([z0, z1, z2, z3], dim=-1).reshape(-1)
+    out = []
+    for (n, _, _, _, _, off), q0_, f, c in zip(specs, q0s, first, counts):
+        start = 4 * f + off - 4 * q0_
+        out.append(z[start:start + n])
+    return out
+
+
+# The fallback's noise drawn ahead for a step (prefetch), by (n, seed, uid, step mod 2**32,
+# draw, offset, device): thermo_ext.random.normal takes it from here under native().
+_ahead = threading.local()
+#: Tensors up to this many elements are drawn together (prefetch); larger ones on their own
+#: (their kernels are long enough, and the batch would hold their noise in memory at once).
+PREFETCH_MAX_NUMEL = 1 << 20
+
+
+def prefetch(specs, exact: bool) -> None:
+    """Draws the normals of (n, seed, uid, step, draw, offset, device) specs ahead in one batch
+    per device (only those of at most PREFETCH_MAX_NUMEL elements), for :func:`take`."""
+    table = {}
+    by_device = {}
+    for spec in specs:
+        n, seed, uid, step, draw, offset, device = spec
+        if 0 < n <= PREFETCH_MAX_NUMEL:
+            by_device.setdefault(torch.device(device), []).append(
+                (n, seed, uid, step % 2**32, draw, offset))
+    for device, group in by_device.items():
+        group = list(dict.fromkeys(group))
+        for spec, z in zip(group, normal_many(group, device, exact)):
+            table[spec + (device,)] = z
+    _ahead.table = table
+
+
+def take(n, seed, uid, step, draw, offset, device) -> Optional[torch.Tensor]:
+    """The prefetched normals of this draw, or None."""
+    table = getattr(_ahead, "table", None)
+    if not table:
+        return None
+    return table.get((n, seed, uid, step % 2**32, draw, offset, torch.device(device)))
+
+
+def clear() -> None:
+    _ahead.table = None
 
 
 def normal_runs(n: int, *, seed: int, uid: int, step: int, draw: int, offset: int = 0,
