@@ -15,7 +15,7 @@ trap 'rm -rf "$T"' EXIT
 PY=${PYTHON:-python3}
 
 "$PY" -m venv "$T/venv"
-"$T/venv/bin/pip" install -q "$TORCH" pytest hypothesis numpy
+"$T/venv/bin/pip" install -q "$TORCH" pytest hypothesis numpy scipy
 # --no-index --only-binary: the wheel itself, nothing built (thermo_ext's only dependency,
 # torch, is there already)
 "$T/venv/bin/pip" install -q --no-index --only-binary=:all: --no-deps "$WHEEL"
