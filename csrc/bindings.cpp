@@ -448,6 +448,30 @@ PYBIND11_MODULE(_C, m) {
     return std::make_pair(driver, runtime);
   }, "(driver, runtime): the CUDA versions of the installed driver and of this build "
      "(1000 * major + 10 * minor; 0 where unknown)");
+  // The CUDA engine library, loaded at run time (csrc/cuda/cuda_loader.cpp).
+  const auto library_dict = [](const CudaLibraryInfo& i) {
+    py::dict d;
+    d["path"] = i.path;
+    d["version"] = i.version;
+    d["archs"] = i.archs;
+    d["min_driver"] = i.min_driver;
+    d["runtime"] = i.runtime;
+    return d;
+  };
+  m.def("cuda_load", [library_dict](const std::string& path) {
+    return library_dict(cuda_load(path));
+  }, py::arg("path"), "Loads the CUDA engine library at path (checked against this module's "
+     "engine sources) and routes CUDA calls to it; returns what it is.");
+  m.def("cuda_library", [library_dict]() -> py::object {
+    CudaLibraryInfo info;
+    if (!cuda_loaded(&info)) return py::none();
+    return library_dict(info);
+  }, "The loaded CUDA engine library (path, version, archs, min_driver, runtime), or None.");
+  m.def("cuda_probe", [](int device) {
+    py::gil_scoped_release nogil;
+    cuda_probe(device);
+  }, py::arg("device"), "Raises RuntimeError when the loaded library's kernels cannot run on "
+     "the device (no image for its architecture, or no usable driver).");
   m.def("cuda_param_layout", [](py::object large) {
     return cuda_param_layout(large.is_none() ? -1 : (large.cast<bool>() ? 1 : 0));
   }, py::arg("large") = py::none(),

@@ -22,7 +22,19 @@ from thermo_ext import kernels
 from thermo_ext.random import normal
 from thermo_ext.schemes import fold
 
-CUDA = torch.cuda.is_available() and bool(thermo_ext._C.cuda_compiled())
+
+
+def _engine_runs() -> bool:
+    """A CUDA device, and the fused engine can run on it (thermo_ext.cuda_library: the library
+    for torch's CUDA major, loaded here; the emulation's plugin loads its own beforehand)."""
+    if not torch.cuda.is_available():
+        return False
+    if thermo_ext._C.cuda_compiled():
+        return True
+    return thermo_ext.cuda_library.verdict(torch.cuda.current_device()).usable
+
+
+CUDA = _engine_runs()
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not CUDA, reason="needs a CUDA device and a CUDA build")]
 
@@ -721,7 +733,8 @@ def test_optimizer_graph_capture_refused(kw, eager_steps, match):
 def test_build_info_reports_cuda():
     info = thermo_ext.build_info()
     assert info["cuda"] and info["cuda_available"]
-    assert "archs=" in info["cuda_archs"]
+    assert info["cuda_archs"] and info["cuda_library"] and info["cuda_min_driver"]
+    assert "archs=" in thermo_ext._C.cuda_build_info()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -885,6 +898,8 @@ def test_too_old_driver_is_refused_with_the_fix():
             "sys.meta_path[:] = [f for f in sys.meta_path\n"
             "                    if not type(f).__module__.startswith('_editable_skbc_')]\n"
             "import torch, thermo_ext\n"
+            "v = thermo_ext.cuda_library.verdict(0)\n"
+            "print('verdict:', v.usable, v.reason, v.fix)\n"
             "out = torch.empty(8)\n"
             "thermo_ext._C.fill_normal(0, 0, out.data_ptr(), 8, 1, 2, 3, 0, 0)\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -894,6 +909,11 @@ def test_too_old_driver_is_refused_with_the_fix():
     assert err.startswith("RuntimeError: thermo_ext CUDA engine: this build uses CUDA 13.0"), err
     for part in ("580", "supports CUDA 12.8", "THERMO_EXT_CUDA_HOME=/usr/local/cuda-12"):
         assert part in err, err
+    # The run-time choice says the same before any call: the fallback's reason and fix.
+    verdict = next(line for line in run.stdout.splitlines() if line.startswith("verdict:"))
+    for part in ("verdict: False", "supports CUDA 12.8", "floor", ">= 580.65.06",
+                 "update the NVIDIA driver"):
+        assert part in verdict, verdict
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1120,13 +1120,18 @@ def test_seg_numel_of_wrong_length_is_named(gen):
     _assert_rejected(st_, grads, kw, ValueError, "seg_numel")
 
 
-def test_cuda_tensor_with_cpu_only_build_says_how_to_rebuild(monkeypatch):
+def test_cuda_tensor_without_a_usable_engine_says_why_and_how_to_fix(monkeypatch):
     from types import SimpleNamespace
 
-    monkeypatch.setattr(kernels._C, "cuda_compiled", lambda: False)
+    from thermo_ext import cuda_library
+
+    v = cuda_library.Verdict(False, "no library for CUDA 12 here", "Fix: do this", "why", None)
+    monkeypatch.setattr(cuda_library, "_verdicts", {0: v})
     fake = SimpleNamespace(device=torch.device("cuda", 0))
-    with pytest.raises(RuntimeError, match="built without CUDA.*THERMO_EXT_CUDA=ON"):
-        kernels._device_index(fake)
+    assert kernels._device_index(fake) == 0  # where a tensor lives needs no engine
+    with pytest.raises(RuntimeError, match="cannot run on cuda:0: no library for CUDA 12 "
+                                           "here. Fix: do this"):
+        kernels._engine_index(fake)
     with pytest.raises(ValueError, match="cpu and cuda tensors only"):
         kernels._device_index(SimpleNamespace(device=torch.device("meta")))
 

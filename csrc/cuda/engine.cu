@@ -1167,4 +1167,17 @@ void cuda_fill_normal(float* out, int64_t n, uint64_t seed, uint32_t uid, uint64
   check_launch("the normal kernel");
 }
 
+int cuda_runtime_version() { return CUDART_VERSION; }
+
+// Whether the kernels can run on `device`: the runtime finds an image for its architecture
+// (SASS, or PTX the driver compiles) or says which error it met (cudaErrorNoKernelImageForDevice,
+// cudaErrorUnsupportedPtxVersion, ...). The loader asks before the first step on a device.
+void cuda_probe(int device) {
+  require_driver();
+  DeviceGuard guard(device);
+  cudaFuncAttributes attr;
+  check_call(cudaFuncGetAttributes(&attr, normal_kernel),
+             "looking up the kernels' image for this GPU (cudaFuncGetAttributes)");
+}
+
 }  // namespace te

@@ -14,7 +14,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import _C
+from . import _C, cuda_library
 from .refusal import Refusal
 from .schemes import FoldedScheme
 
@@ -147,13 +147,18 @@ def _device_index(t: torch.Tensor) -> int:
     if t.device.type == "cpu":
         return -1
     if t.device.type == "cuda":
-        if not _C.cuda_compiled():
-            raise RuntimeError(
-                "thermo_ext was built without CUDA, so it cannot step CUDA tensors: reinstall "
-                "where nvcc is on PATH with `pip install --no-build-isolation "
-                "-C cmake.define.THERMO_EXT_CUDA=ON .`")
         return t.device.index if t.device.index is not None else torch.cuda.current_device()
     raise ValueError(f"device {t.device}: thermo_ext runs on cpu and cuda tensors only")
+
+
+def _engine_index(t: torch.Tensor) -> int:
+    """``_device_index`` of a tensor the engine is about to run on: on a CUDA device, the CUDA
+    engine library is loaded (the first time) and must be able to run there, else RuntimeError
+    saying why and what fixes it (thermo_ext.cuda_library)."""
+    dev = _device_index(t)
+    if dev >= 0 and t.device.type == "cuda":
+        cuda_library.require(dev)
+    return dev
 
 
 def on_device(t: torch.Tensor) -> bool:
@@ -186,7 +191,7 @@ def fill_normal(out: torch.Tensor, *, seed: int, uid: int, step: int, draw: int,
     offset = check_int("offset", offset, 0, 2**62)
     if out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError("out: expected a contiguous float32 tensor")
-    dev = _device_index(out)
+    dev = _engine_index(out)
     _C.fill_normal(dev, _stream(dev), out.data_ptr(), out.numel(), seed, uid, step, draw, offset)
     return out
 
@@ -267,7 +272,7 @@ class EnginePlan:
                  mass_starts: Optional[Sequence[int]] = None):
         n = len(params)
         p0 = params[0]
-        dev = _device_index(p0)
+        dev = _engine_index(p0)
         if masses is not None:  # the adaptive mass: v of each parameter, in the momenta's dtype
             if len(masses) != n or mass_starts is None or len(mass_starts) != n:
                 raise ValueError(f"masses, mass_starts: expected {n} of each (one per parameter)")

@@ -84,7 +84,10 @@ class Thermo(Optimizer):
             (its parameters' RMS growing by large factors) and warn once per group with an
             :class:`thermo_ext.InstabilityWarning` (see :mod:`thermo_ext.stability`).
         stochastic_rounding: bf16 parameters are rounded stochastically from float32 results.
-        backend: ``"engine"`` (compiled) or ``"reference"`` (plain torch, slow; the oracle).
+        backend: None (the default: the compiled engine, and on a CUDA device where no fused
+            engine can run the torch-op fallback, with one warning; :mod:`thermo_ext.fallback`),
+            ``"engine"`` (the compiled engine only: raises where it cannot run) or
+            ``"reference"`` (plain torch, slow; the oracle).
 
     Complex parameters are stepped as their real views (``torch.view_as_real``): every real
     component gets its own noise, and a thermostat counts real components.
@@ -100,9 +103,10 @@ class Thermo(Optimizer):
                  foreach: Optional[bool] = None, fused: Optional[bool] = None,
                  differentiable: bool = False, check_finite: bool = True,
                  check_stability: bool = True, stochastic_rounding: bool = True,
-                 backend: str = "engine"):
-        if backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {tuple(BACKENDS)}, got {backend!r}")
+                 backend: Optional[str] = None):
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"backend: expected None or one of {tuple(BACKENDS)}, got "
+                             f"{backend!r}")
         for name, flag in (("check_finite", check_finite), ("check_stability", check_stability)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name}: expected a bool, got {flag!r}")

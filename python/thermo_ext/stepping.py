@@ -23,6 +23,7 @@ from .backends import BACKENDS, run_step
 from .calls import (EngineCall, GroupRecord, addresses, buffer_ids, build_calls,
                     momentum_buffers)
 from .distributed import Agreement
+from .fallback import choose as choose_backend
 from .groups import check_group, hyper_values, raw_hyper, raw_structure
 from .kernels import Hyper
 from .naming import where
@@ -171,7 +172,7 @@ class StepCache:
             self.advance(groups, None)
             return
         calls = [it.call for it in step.items]
-        backend = BACKENDS[opt.backend]
+        backend = choose_backend(opt.backend, calls, step.on_device)
         check = opt.check_finite
         flag = agreement = None
         if not step.plain:
@@ -301,7 +302,7 @@ class StepCache:
         # (A capture needs CUDA initialised: asking that first is cheaper than is_available.)
         if not (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()):
             return
-        if opt.backend != "engine":
+        if opt.backend == "reference":
             raise RuntimeError("step() is being captured into a CUDA graph, but "
                                "backend='reference' reads its step counter on the host; "
                                "use backend='engine' with capturable=True")
