@@ -100,6 +100,15 @@ def check_group(group: Dict[str, Any], where: str) -> FoldedScheme:
     return scheme
 
 
+def check_options(backend, backends, flags: Dict[str, Any]) -> None:
+    """The optimizer-wide options: ``backend`` one of ``backends`` (or None), the flags bools."""
+    if backend is not None and backend not in backends:
+        raise ValueError(f"backend: expected None or one of {tuple(backends)}, got {backend!r}")
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}: expected a bool, got {flag!r}")
+
+
 def check_torch_keywords(foreach, fused, differentiable) -> None:
     """torch.optim's implementation keywords, with what they can honestly mean here: the engine
     is a fused multi-tensor kernel, and a step is not differentiable."""

@@ -23,7 +23,7 @@ from ._compat import (GLOBAL_STEP_POST_HOOKS, GLOBAL_STEP_PRE_HOOKS, profiler_en
                       set_grad_enabled)
 from .backends import BACKENDS
 from .calls import group_xi
-from .groups import MAX_GROUPS, check_group, check_torch_keywords
+from .groups import MAX_GROUPS, check_group, check_options, check_torch_keywords
 from .naming import where
 from .schemes import FoldedScheme, fold
 from .stability import StabilityMonitor
@@ -104,12 +104,8 @@ class Thermo(Optimizer):
                  differentiable: bool = False, check_finite: bool = True,
                  check_stability: bool = True, stochastic_rounding: bool = True,
                  backend: Optional[str] = None):
-        if backend is not None and backend not in BACKENDS:
-            raise ValueError(f"backend: expected None or one of {tuple(BACKENDS)}, got "
-                             f"{backend!r}")
-        for name, flag in (("check_finite", check_finite), ("check_stability", check_stability)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name}: expected a bool, got {flag!r}")
+        check_options(backend, BACKENDS, dict(check_finite=check_finite,
+                                              check_stability=check_stability))
         check_torch_keywords(foreach, fused, differentiable)
         seed = dist_glue.broadcast_seed(te_random.draw_seed() if seed is None else
                                         te_random.check_seed(seed))
