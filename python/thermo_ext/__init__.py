@@ -16,6 +16,7 @@ from .chains import Chains
 from .kernels import get_num_threads, set_num_threads
 from .methods import LOL, AdL, AdLaLa, LaLa, Langevin, Overdamped
 from .optim import Thermo
+from .posterior import PosteriorPredictive, posterior_temperature, prior_weight_decay
 from .schedulers import TemperatureScheduler
 from .stability import InstabilityWarning
 from .tuning import from_adam, from_sgd
@@ -23,7 +24,8 @@ from .tuning import from_adam, from_sgd
 __all__ = ["Chains", "Thermo", "Langevin", "AdL", "Overdamped", "LaLa", "AdLaLa", "LOL",
            "TemperatureScheduler", "InstabilityWarning", "from_sgd", "from_adam", "build_info",
            "get_num_threads", "set_num_threads", "kernels", "partition", "random", "reference",
-           "schemes", "stability", "tuning", "__version__"]
+           "schemes", "stability", "tuning", "PosteriorPredictive", "posterior_temperature",
+           "prior_weight_decay", "__version__"]
 
 
 def build_info() -> dict:
