@@ -160,7 +160,7 @@ def _methods_epilog() -> str:
                                    + (", where they differ:" if differ else
                                       ": the same values")))
         lines += [f"  {name:<10} {_format_settings(values)}" for name, values in differ]
-    lines.append("SGD and Adam, the baselines, keep their settings under every preset.")
+    lines.append("The baselines (SGD, Adam, AdamW) keep their settings under every preset.")
     return "\n".join(lines)
 
 
