@@ -692,3 +692,24 @@ def test_mnist1d_metrics_and_summaries_by_hand():
     assert by_kind["ensemble"]["acc"] == want["acc"] and by_kind["ensemble"]["epochs"] == 2
     assert by_kind["ensemble"]["nll"] == pytest.approx(want["nll"], rel=1e-15)
     assert by_kind["ensemble"]["acc_std"] == 0.0 and "ensemble_long" not in by_kind
+
+
+def test_mnist1d_temperature_sets_every_tau_from_the_data_set_size(tmp_path, capsys):
+    pytest.importorskip("mnist1d")
+    out = str(tmp_path / "res")
+    assert main(["mnist1d", "--epochs", "1", "--seeds", "1", "--samples", "100", "--jobs", "1",
+                 "--quiet", "--nets", "MLP", "--methods", "AdLaLa,LaLa,Overdamped,Adam",
+                 "--no-comparison", "--lr-factors", "1", "--temperature", "0.5",
+                 "--set", "LaLa.tau=1e-6", "--out", out]) == 0
+    assert "te.posterior_temperature(80, temperature=0.5) = 0.00625" in capsys.readouterr().out
+    with open(os.path.join(out, "mnist1d.json")) as f:
+        record = json.load(f)
+    tau = thermo_ext.posterior_temperature(80, temperature=0.5)
+    assert tau == 0.5 / 80 and record["settings"]["posterior_tau"] == tau
+    hyper = record["hyper"]
+    assert (hyper["AdLaLa"]["tau1"], hyper["AdLaLa"]["tau2"], hyper["Overdamped"]["tau"]) == \
+        (tau, tau, tau)
+    assert hyper["LaLa"]["tau"] == 1e-6 and "tau" not in hyper["Adam"]  # --set wins
+    adlala = next(r for r in record["runs"] if r["method"] == "AdLaLa")
+    assert [g["tau"] for g in adlala["optimizer"]] == [tau, tau]
+    assert [r["role"] for r in record["runs"]] == ["main"] * 4

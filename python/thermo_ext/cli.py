@@ -38,7 +38,9 @@ DIGITS_DEFAULTS = dict(epochs=50, seeds=5, eval_every=1)
 ROBUSTNESS_DEFAULTS = dict(epochs=300, seeds=1, eval_every=50)
 #: ``thermo-ext mnist1d``: the six named methods at their own defaults and the three baselines.
 MNIST1D_METHODS = "AdLaLa,LOL,LaLa,Langevin,AdL,Overdamped,SGD,Adam,AdamW"
-MNIST1D_DEFAULTS = dict(epochs=20, seeds=3, grid_seeds=1)
+#: The default takes minutes on two cores; the long run (docs/RESULTS.md) is --epochs 48
+#: --grid-seeds 3: 6000 steps of batch 32, the mnist1d benchmark's number of training steps.
+MNIST1D_DEFAULTS = dict(epochs=10, seeds=3, grid_seeds=1)
 #: Test accuracy % that "epochs to target" counts to, per network (--targets).
 MNIST1D_TARGETS = {"MLP": 60.0, "CNN": 85.0}
 
@@ -262,8 +264,9 @@ def _mnist1d_epilog() -> str:
     lines.append("the baselines at their usual settings (not changed by --preset):")
     for name, values in BASELINES.items():
         lines.append(f"  {name:<10} {_format_settings(values)}")
-    lines.append(textwrap.fill("Change any with --set METHOD.KEY=VALUE. A long run: --epochs 60 "
-                               "--grid-seeds 3 (docs/RESULTS.md)."))
+    lines.append(textwrap.fill("Change any with --set METHOD.KEY=VALUE. The long run of "
+                               "docs/RESULTS.md: --epochs 48 --grid-seeds 3 (6000 steps, the "
+                               "mnist1d benchmark's number)."))
     return "\n".join(lines)
 
 
@@ -303,6 +306,12 @@ def _add_mnist1d_parser(sub) -> None:
                    metavar="METHOD.KEY=VALUE",
                    help="override a method's hyperparameter, e.g. --set SGD.lr=0.1 "
                         "(repeatable)")
+    g.add_argument("--temperature", type=nonnegative_float, default=None, metavar="T",
+                   help="run the named methods at the tempered posterior of the training set: "
+                        "every tau (tau, tau1, tau2) = te.posterior_temperature(N, "
+                        "temperature=T) = T/N for N training signals and the mean loss (1 = "
+                        "the Bayesian posterior, < 1 cold); a --set of a tau wins (default: "
+                        "each method's own tau)")
     g.add_argument("--targets", type=targets, default=dict(MNIST1D_TARGETS),
                    metavar="NET=ACC,...",
                    help="test accuracy %% for (i), per network (default " +
@@ -545,6 +554,19 @@ def cmd_mnist1d(args) -> int:
     nets = _resolve_nets(args.nets)
     methods = ex.resolve_methods(args.methods.split(","))
     hyper = ex.parse_settings(args.settings, methods, preset=args.preset, base=mx.BASELINES)
+    n_train = int(args.samples * 0.8)
+    tau = None
+    if args.temperature is not None:
+        from .posterior import posterior_temperature
+
+        tau = posterior_temperature(n_train, temperature=args.temperature)
+        given = {tuple(item.partition("=")[0].strip().lower().split(".", 1))
+                 for item in args.settings}
+        for m in methods:
+            if ex.METHODS[m].named:
+                for key in ("tau", "tau1", "tau2"):
+                    if key in hyper[m] and (m.lower(), key) not in given:
+                        hyper[m][key] = tau
     if 1.0 not in args.lr_factors:
         raise UsageError(f"--lr-factors: must include 1 (the main runs), got "
                          f"{','.join(f'{f:g}' for f in args.lr_factors)}")
@@ -559,7 +581,6 @@ def cmd_mnist1d(args) -> int:
                          f"(each member of the equal-budget ensemble trains epochs/ensemble "
                          f"epochs); pass --no-comparison or more epochs")
     task = mx.Mnist1dTask(samples=args.samples, data_seed=args.data_seed)
-    n_train = int(args.samples * 0.8)
     if args.batch > n_train:
         raise UsageError(f"--batch: {args.batch} is larger than the training set ({n_train})")
     for net in nets:  # every optimizer is built once on each network: bad values fail here
@@ -589,8 +610,10 @@ def cmd_mnist1d(args) -> int:
           f"x{','.join(f'{f:g}' for f in args.lr_factors)} on {args.grid_seeds} seed(s)"
           f"{', ensembles and SWA' if comparison else ''}: {len(runs)} runs on {jobs} "
           f"process(es)", flush=True)
+    tempered = ("" if tau is None else f", tau = te.posterior_temperature({n_train}, "
+                f"temperature={args.temperature:g}) = {tau:g}")
     print("settings (the named methods: --preset "
-          f"{args.preset}; the baselines: their usual settings):")
+          f"{args.preset}{tempered}; the baselines: their usual settings):")
     for m, values in hyper.items():
         print(f"  {m:<10} {_format_settings(values)}")
     sys.stdout.flush()
@@ -618,9 +641,10 @@ def cmd_mnist1d(args) -> int:
     payload["settings"] = {k: getattr(args, k) for k in
                            ("epochs", "seeds", "first_seed", "batch", "jobs", "threads",
                             "preset", "lr_factors", "grid_seeds", "pp_burn_in", "pp_per_epoch",
-                            "comparison", "ensemble", "swa_start", "samples", "data_seed")}
+                            "comparison", "ensemble", "swa_start", "samples", "data_seed",
+                            "temperature")}
     payload["settings"].update(nets=nets, targets=args.targets, pp_burn_in_epochs=pp_burn_in,
-                               swa_start_epoch=swa_start)
+                               swa_start_epoch=swa_start, posterior_tau=tau)
     payload["method_sources"].update({m: f"the usual setting: torch.optim.{m}("
                                          f"{_format_settings(hyper[m])})"
                                       for m in methods if m in mx.BASELINES})
@@ -650,7 +674,7 @@ def cmd_mnist1d(args) -> int:
                 f"process(es)\n")
     mx.plot_mnist1d(os.path.join(out, "mnist1d.png"), results, robust, nets, methods,
                     f"{task.describe()}\nbatch {args.batch}, {args.epochs} epochs, "
-                    f"{len(seeds)} seed(s); step sizes on {args.grid_seeds} seed(s)")
+                    f"{len(seeds)} seed(s); step sizes on {args.grid_seeds} seed(s)", compared)
     print(f"wrote {', '.join(os.path.join(out, f) for f in files)}")
     return 0
 

@@ -597,14 +597,18 @@ def _fraction(f: float) -> str:
     return f"{f:g}"
 
 
-def plot_mnist1d(path: str, results, robustness, archs, methods, title: str) -> None:
-    """Top: test accuracy per epoch (mean ± std over seeds) per arch. Bottom: final test
-    accuracy against the step-size factor per arch (the robustness claim)."""
+def plot_mnist1d(path: str, results, robustness, archs, methods, title: str,
+                 comparison: Sequence[Dict[str, Any]] = ()) -> None:
+    """Top: test accuracy per epoch (mean ± std over seeds) per arch. Middle: final test
+    accuracy against the step-size factor per arch (the robustness claim). Bottom (with
+    ``comparison``): test NLL against test accuracy of every predictor of the comparison, an
+    arrow from each method's last iterate to its prediction average."""
     from .figures import _colors, _figure
 
     colors = _colors(methods)
-    fig = _figure(12, 9.5)
-    axes = fig.subplots(2, len(archs), squeeze=False)
+    rows = 3 if comparison else 2
+    fig = _figure(12, 4.75 * rows)
+    axes = fig.subplots(rows, len(archs), squeeze=False)
     for j, a in enumerate(archs):
         ax = axes[0][j]
         for m in methods:
@@ -640,6 +644,35 @@ def plot_mnist1d(path: str, results, robustness, archs, methods, title: str) -> 
                      fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2, loc="lower left")
+        if comparison:
+            _plot_comparison(axes[2][j], [r for r in comparison if r["arch"] == a], colors)
     axes[0][0].legend(fontsize=8, ncol=2, loc="lower right")
     fig.suptitle(title, fontsize=11)
     fig.savefig(path, dpi=110)
+
+
+def _plot_comparison(ax, rows, colors) -> None:
+    marks = {"ensemble": ("s", "black"), "ensemble_long": ("D", "dimgray"), "swa": ("^", "black")}
+    for r in rows:
+        method = r["predictor"].split(",")[0]
+        if r["kind"] == "last":
+            pp = next((q for q in rows if q["kind"] == "pp"
+                       and q["predictor"].split(",")[0] == method), None)
+            ax.plot(r["acc"], r["nll"], "o", mfc="none", color=colors.get(method, "gray"), ms=6)
+            if pp is not None and math.isfinite(pp["nll"]) and math.isfinite(r["nll"]):
+                ax.annotate("", xy=(pp["acc"], pp["nll"]), xytext=(r["acc"], r["nll"]),
+                            arrowprops=dict(arrowstyle="->", color=colors.get(method, "gray"),
+                                            lw=1.0))
+                ax.plot(pp["acc"], pp["nll"], "o", color=colors.get(method, "gray"), ms=6,
+                        label=method)
+        elif r["kind"] in marks:
+            marker, color = marks[r["kind"]]
+            label = r["predictor"] + (f" ({r['epochs']:g} epochs)" if r["kind"] ==
+                                      "ensemble_long" else "")
+            ax.plot(r["acc"], r["nll"], marker, color=color, ms=7, label=label)
+    ax.set_xlabel("test accuracy %")
+    ax.set_ylabel("test NLL (nats)")
+    ax.set_title("last iterate (open) → prediction average (filled); ensembles, SWA",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
