@@ -631,6 +631,13 @@ def test_mnist1d_data_from_the_generator_offline_and_deterministic():
     (x, y), (xt, yt) = data.mnist1d(200, seed=7)
     assert (np.random.rand(), random.random()) == expected  # global random states restored
     assert x.shape == (160, 40) and xt.shape == (40, 40)
+    from thermo_ext.experiments.mnist1d import Mnist1dTask
+
+    assert Mnist1dTask(samples=200).sizes == (160, 40)
+    assert Mnist1dTask(samples=105).sizes == (80, 20)  # the generator makes 10 per class
+    (x105, _), (xt105, _) = data.mnist1d(105, seed=7)
+    assert (len(x105), len(xt105)) == (80, 20)
+    assert Mnist1dTask().sizes == (4000, 1000)
     assert x.dtype == torch.float32 and y.dtype == torch.int64
     assert set(y.tolist()) <= set(range(10)) and len(set(y.tolist())) == 10
     (x2, y2), (xt2, yt2) = data.mnist1d(200, seed=7)

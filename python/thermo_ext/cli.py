@@ -554,7 +554,8 @@ def cmd_mnist1d(args) -> int:
     nets = _resolve_nets(args.nets)
     methods = ex.resolve_methods(args.methods.split(","))
     hyper = ex.parse_settings(args.settings, methods, preset=args.preset, base=mx.BASELINES)
-    n_train = int(args.samples * 0.8)
+    task = mx.Mnist1dTask(samples=args.samples, data_seed=args.data_seed)
+    n_train = task.sizes[0]
     tau = None
     if args.temperature is not None:
         from .posterior import posterior_temperature
@@ -580,7 +581,6 @@ def cmd_mnist1d(args) -> int:
         raise UsageError(f"--epochs: {args.epochs} is fewer than --ensemble {args.ensemble} "
                          f"(each member of the equal-budget ensemble trains epochs/ensemble "
                          f"epochs); pass --no-comparison or more epochs")
-    task = mx.Mnist1dTask(samples=args.samples, data_seed=args.data_seed)
     if args.batch > n_train:
         raise UsageError(f"--batch: {args.batch} is larger than the training set ({n_train})")
     for net in nets:  # every optimizer is built once on each network: bad values fail here

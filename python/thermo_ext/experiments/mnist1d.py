@@ -117,11 +117,18 @@ class Mnist1dTask:
     def model(arch: str = "MLP") -> nn.Module:
         return ARCHS[arch]()
 
+    @property
+    def sizes(self) -> Tuple[int, int]:
+        """(training, test) signals, as the generator splits them: samples // 10 per class,
+        the first 80 % for training."""
+        total = self.samples // 10 * 10
+        return int(total * 0.8), total - int(total * 0.8)
+
     def describe(self) -> str:
-        n_train = int(self.samples * 0.8)
+        n_train, n_test = self.sizes
         data = "the standard data set" if self.data_seed == 42 else f"data seed {self.data_seed}"
-        return (f"MNIST-1D ({n_train} train / {self.samples - n_train} test signals of length "
-                f"40, the mnist1d generator, {data}), cross-entropy")
+        return (f"MNIST-1D ({n_train} train / {n_test} test signals of length 40, the mnist1d "
+                f"generator, {data}), cross-entropy")
 
 
 # ============================================================================ metrics
