@@ -3,8 +3,12 @@
 #
 #   bash bench/gpu_check.sh            # from the repository root; logs to $OUT when set
 #
-# Builds the package in place for sm_90 only, prints the build info and the GPU, runs the CUDA
-# tests (and the CPU engine tests when time allows), then the step benchmark. The CUDA tests
+# Installs the wheel of this machine's Python from dist/wheelhouse (tools/build_wheel.sh, built
+# on the CPU machine and carried over: `carry: ["dist/wheelhouse"]`), as a pip user would; only
+# where there is no such wheel does it build the package from source for sm_90 (and says so).
+# Then it prints the build info (which engine library was chosen and why, and whether it runs on
+# this GPU) and the GPU, runs the CUDA tests (and the CPU engine tests when time allows), then the
+# step benchmark. The CUDA tests
 # include what only a GPU can check: graph capture and replay (a replay that follows in-place
 # changes of the device hyperparameters, as a scheduler makes them; the optimizer's capturable
 # steps and skipped-step counter), the device math library against the host's, and with two
@@ -74,6 +78,19 @@ run_stage() {
 # pip refuses an externally managed interpreter, not after a compile error.
 install_pkg() {
   set -o pipefail  # runs in a child bash (bash -c install_pkg)
+  local tag wheel
+  tag=$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
+  wheel=$(ls dist/wheelhouse/thermo_ext-*-"$tag"-*manylinux*.whl 2>/dev/null | head -n 1 || true)
+  if [[ -n "$wheel" ]]; then
+    echo "[installing the wheel $wheel: no compiler involved]"
+    "$PY" -m pip install --no-index --no-deps --force-reinstall "$wheel" && return 0
+    "$PY" -m pip install --break-system-packages --no-index --no-deps --force-reinstall \
+      "$wheel" && return 0
+    "$PY" -m pip install --user --break-system-packages --no-index --no-deps --force-reinstall \
+      "$wheel" && return 0
+    return 1
+  fi
+  echo "[no $tag wheel in dist/wheelhouse: building from source for sm_90 instead]"
   # Its own build directory: the sm_90-only CMake cache must not leak into later builds.
   local args=(--no-build-isolation --no-deps -v -C build-dir=build/gpu_check
     -C cmake.define.CMAKE_CUDA_ARCHITECTURES=90 -C cmake.define.THERMO_EXT_CUDA=ON)
@@ -110,7 +127,7 @@ export PY
 export -f install_pkg
 QUIET=1 run_stage build 200 150 bash -c install_pkg
 
-run_stage build_info 30 140 bash -c "cd /tmp && \"$PY\" -c 'import thermo_ext; print(thermo_ext.build_info())'"
+run_stage build_info 30 140 bash -c "cd /tmp && \"$PY\" -m thermo_ext info"
 
 run_stage test_cuda 150 70 "$PY" -m pytest -q -rs --durations=10 -p no:cacheprovider \
   tests/test_cuda.py

@@ -1,8 +1,8 @@
 // pybind11 surface of thermo_ext._C: raw pointers, counts and dtypes in; no libtorch.
 //
 // A Plan holds everything of one (group, device, dtype) call that does not change from step to
-// step; a step sets its gradient pointers, program and step counter, and run_plans executes a
-// whole optimizer step (every plan) in one call from Python, the staging protocol included.
+// step; a step sets its gradient pointers, program and step counter, and run_plans runs one
+// mode of several plans in one call from Python (fewer crossings than a call per plan).
 #include <omp.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -26,7 +26,10 @@ namespace {
 using OpTuple = std::tuple<int, int, int, double, double, double>;
 // letter, factor (delta / h), draw, xi_version
 using LetterTuple = std::tuple<int, double, int, int>;
-using HyperTuple = std::tuple<double, double, double, double, double, double>;
+// A group's hyperparameters (Hyper's fields in order): all kNumHyper, or only the first
+// kNumLetterHyper, which the letters' coefficients read (the mass's settings then default).
+using HyperValues = std::vector<double>;
+constexpr int kNumLetterHyper = 6;
 
 [[noreturn]] void bad_op(const char* arg, size_t i, const std::string& what) {
   throw std::invalid_argument(std::string(arg) + "[" + std::to_string(i) + "]: " + what);
@@ -89,10 +92,13 @@ Program make_program(const std::vector<OpTuple>& ops) {
   return p;
 }
 
-Hyper make_hyper(const HyperTuple& t) {
-  Hyper h;
-  std::tie(h.lr, h.gamma, h.tau, h.sigma, h.eps, h.weight_decay) = t;
-  const double v[kNumHyper] = {h.lr, h.gamma, h.tau, h.sigma, h.eps, h.weight_decay};
+Hyper make_hyper(const HyperValues& t) {
+  if ((int)t.size() != kNumHyper && (int)t.size() != kNumLetterHyper)
+    throw std::invalid_argument("hyper: expected " + std::to_string(kNumHyper) + " values (or the "
+                                "first " + std::to_string(kNumLetterHyper) + "), got " +
+                                std::to_string(t.size()));
+  double v[kNumHyper] = {0, 0, 0, 0, 0, 0, 0.999, 1e-8, 0};
+  for (size_t i = 0; i < t.size(); ++i) v[i] = t[i];
   for (int i = 0; i < kNumHyper; ++i) {
     const bool gamma = i == 1;
     if (std::isnan(v[i]) || v[i] < 0 || (std::isinf(v[i]) && !gamma))
@@ -100,19 +106,32 @@ Hyper make_hyper(const HyperTuple& t) {
                                   (gamma ? ">= 0 (inf allowed)" : "a finite number >= 0") +
                                   ", got " + std::to_string(v[i]));
   }
-  return h;
+  if (!(v[6] < 1.0))
+    throw std::invalid_argument("hyper.mass_beta: expected a number in [0, 1), got " +
+                                std::to_string(v[6]));
+  if (!(v[7] > 0.0))
+    throw std::invalid_argument("hyper.mass_eps: expected a finite number > 0, got " +
+                                std::to_string(v[7]));
+  if (v[8] != std::floor(v[8]))
+    throw std::invalid_argument("hyper.mass_freeze: expected a whole number of steps (0: never), "
+                                "got " + std::to_string(v[8]));
+  return Hyper{v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8]};
 }
 
 // A program from a folded scheme's letters and a group's hyperparameters: the coefficients come
 // from substeps.h, the formulas the CUDA engine also evaluates from device hyperparameters.
-Program build_program(const std::vector<LetterTuple>& letters, const HyperTuple& hyper,
-                      bool maximize) {
+Program build_program(const std::vector<LetterTuple>& letters, const HyperValues& hyper,
+                      bool maximize, bool mass) {
   check_n_ops(letters.size(), "letters");
   const Hyper h = make_hyper(hyper);
   Program p{};
   p.n_ops = (int32_t)letters.size();
   p.has_factors = 1;
   p.grad_sign = maximize ? -1.0 : 1.0;
+  p.mass = mass ? 1 : 0;
+  p.mass_beta = h.mass_beta;
+  p.mass_eps = h.mass_eps;
+  p.mass_freeze = h.mass_freeze;
   for (size_t i = 0; i < letters.size(); ++i) {
     Op& op = p.ops[i];
     double factor;
@@ -173,11 +192,14 @@ Plan make_plan(int device, int dtype, const std::vector<intptr_t>& thetas,
                const std::vector<int64_t>& offsets, const std::vector<int64_t>& uids,
                const std::vector<int32_t>& segs, uint64_t seed, intptr_t step_ptr, intptr_t xi,
                int n_seg, const std::vector<double>& seg_n, intptr_t ws, intptr_t scratch,
-               int64_t scratch_len) {
+               int64_t scratch_len, const std::vector<intptr_t>& masses,
+               const std::vector<int64_t>& mass_starts) {
   const size_t n = thetas.size();
   if (moms.size() != n || numels.size() != n || offsets.size() != n || uids.size() != n ||
       segs.size() != n)
     throw std::invalid_argument("plan: per-tensor lists differ in length");
+  if (!masses.empty() && (masses.size() != n || mass_starts.size() != n))
+    throw std::invalid_argument("plan: masses and mass_starts: none, or one per tensor");
   if (n_seg < 1 || (int)seg_n.size() != n_seg)
     throw std::invalid_argument("plan: seg_n needs n_seg >= 1 entries");
   if (dtype < kFloat32 || dtype > kFloat16) throw std::invalid_argument("plan: unknown dtype");
@@ -190,7 +212,9 @@ Plan make_plan(int device, int dtype, const std::vector<intptr_t>& thetas,
     if (numels[i] < 0 || offsets[i] < 0) throw std::invalid_argument("plan: negative size");
     if (uids[i] < 0 || uids[i] > 0xFFFFFFFFll) throw std::invalid_argument("plan: uid range");
     p.tensors[i] = TensorDesc{(void*)thetas[i], (void*)moms[i], nullptr, numels[i], offsets[i],
-                              (uint32_t)uids[i], segs[i]};
+                              (uint32_t)uids[i], segs[i],
+                              masses.empty() ? nullptr : (void*)masses[i],
+                              masses.empty() ? 0 : mass_starts[i]};
   }
   p.seed = seed;
   p.step_ptr = step_ptr;
@@ -233,8 +257,17 @@ PYBIND11_MODULE(_C, m) {
   py::tuple bad_kinds(kNumBadKinds), hyper_fields(kNumHyper);
   for (int i = 0; i < kNumBadKinds; ++i) bad_kinds[i] = kBadKindNames[i];
   for (int i = 0; i < kNumHyper; ++i) hyper_fields[i] = kHyperNames[i];
+  // The letters a written scheme may use (V is the overdamped scheme's own), and those that draw
+  // noise.
+  std::string scheme_letters, noise_letters;
+  for (int i = 0; i < kNumLetters; ++i) {
+    if (i != kV) scheme_letters += kLetterNames[i];
+    if (is_noise(i)) noise_letters += kLetterNames[i];
+  }
   m.attr("DTYPE_CODES") = dtypes;        // torch dtype name -> code
   m.attr("LETTER_CODES") = letters;      // letter -> code
+  m.attr("SCHEME_LETTERS") = scheme_letters;
+  m.attr("NOISE_LETTERS") = noise_letters;
   m.attr("BAD_KINDS") = bad_kinds;       // kind of a non-finite value, by code % 4
   m.attr("MODES") = modes;               // run_plans mode name -> code
   m.attr("HYPER_FIELDS") = hyper_fields; // a hyperparameter tuple's (and tensor's) order
@@ -259,7 +292,7 @@ PYBIND11_MODULE(_C, m) {
       "The noise counter's uid of parameter `position` of param group `group`.");
   m.def(
       "letter_coefficients",
-      [](int letter, double delta, const HyperTuple& hyper, bool maximize) {
+      [](int letter, double delta, const HyperValues& hyper, bool maximize) {
         if (letter < kA || letter > kV)
           throw std::invalid_argument("letter: unknown letter code " + std::to_string(letter));
         double c[3];
@@ -268,14 +301,14 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("letter"), py::arg("delta"), py::arg("hyper"), py::arg("maximize") = false,
       "(c0, c1, c2) of a letter moving by delta under hyper = (lr, gamma, tau, sigma, eps, "
-      "weight_decay); maximize: B and V see -g.");
+      "weight_decay[, mass_beta, mass_eps, mass_freeze]); maximize: B and V see -g.");
 
   py::class_<Program>(m, "Program")
       .def(py::init(&build_program), py::arg("letters"), py::arg("hyper"),
-           py::arg("maximize") = false,
+           py::arg("maximize") = false, py::arg("mass") = false,
            "letters: list of (letter, factor, draw, xi_version), factor = delta / h; hyper: "
-           "(lr, gamma, tau, sigma, eps, weight_decay); maximize: B and V see -g. The "
-           "coefficients are computed here.")
+           "HYPER_FIELDS' values (the first six will do for a unit mass); maximize: B and V "
+           "see -g; mass: the adaptive mass. The coefficients are computed here.")
       .def(py::init(&make_program), py::arg("ops"),
            "ops: list of (letter, draw, xi_version, c0, c1, c2) with explicit coefficients")
       .def_property_readonly("n_ops", [](const Program& p) { return p.n_ops; })
@@ -294,11 +327,17 @@ PYBIND11_MODULE(_C, m) {
            py::arg("moms"), py::arg("numels"), py::arg("offsets"), py::arg("uids"),
            py::arg("segs"), py::arg("seed"), py::arg("step_ptr"), py::arg("xi"),
            py::arg("n_seg"), py::arg("seg_n"), py::arg("ws"), py::arg("scratch"),
-           py::arg("scratch_len"))
+           py::arg("scratch_len"), py::arg("masses") = std::vector<intptr_t>(),
+           py::arg("mass_starts") = std::vector<int64_t>())
       .def("set", [](Plan& p, const std::vector<intptr_t>& grads, const Program& prog,
                      uint64_t step, bool stochastic_rounding) {
         if (grads.size() != p.tensors.size())
           throw std::invalid_argument("plan: expected one gradient per tensor");
+        if (prog.mass)
+          for (const TensorDesc& d : p.tensors)
+            if (!d.mass)
+              throw std::invalid_argument("plan: the program has an adaptive mass, but the plan "
+                                          "was made without mass buffers");
         for (size_t i = 0; i < grads.size(); ++i) p.tensors[i].grad = (const void*)grads[i];
         p.prog = prog;
         p.has_prog = true;
@@ -312,50 +351,46 @@ PYBIND11_MODULE(_C, m) {
                                       "CPU engine uses the program's coefficients)");
         p.hyper = hyper;
       }, py::arg("hyper"),
-      "A device pointer to 6 float64 hyperparameters (HYPER_FIELDS order) from which every "
-      "CUDA call recomputes the coefficients, or 0 for the program's own.")
+      "A device pointer to len(HYPER_FIELDS) float64 hyperparameters (that order) from which "
+      "every CUDA call recomputes the coefficients and mass settings, or 0 for the program's "
+      "own.")
       .def_property_readonly("n_tensors", [](const Plan& p) { return (int)p.tensors.size(); });
 
   m.def(
       "run_plans",
       [](const std::vector<Plan*>& plans, const std::vector<intptr_t>& streams, bool check,
-         intptr_t flag, int mode, const std::vector<py::object>& hooks) {
+         intptr_t flag, const std::vector<int>& modes, const std::vector<py::object>& hooks) {
         const int n = (int)plans.size();
         if ((int)streams.size() != n) throw std::invalid_argument("streams: one per plan");
+        if ((int)modes.size() != n) throw std::invalid_argument("modes: one per plan");
         if (!hooks.empty() && (int)hooks.size() != n)
           throw std::invalid_argument("hooks: none, or one (None or a callable) per plan");
-        if (mode != kRunAll && mode != kRunPre && mode != kRunFinish)
-          throw std::invalid_argument("mode: expected -1 (all), -2 (pre) or -3 (finish), got " +
-                                      std::to_string(mode));
+        for (int mode : modes)
+          if (mode != kRunAll && mode != kRunPre && mode != kRunFinish)
+            throw std::invalid_argument("mode: expected -1 (all), -2 (pre) or -3 (finish), got " +
+                                        std::to_string(mode));
         std::vector<SumHook> sum_hooks(n, SumHook{nullptr, nullptr});
         for (int i = 0; i < (int)hooks.size(); ++i)
           if (!hooks[i].is_none())
             sum_hooks[i] = SumHook{&call_py_hook, (void*)&hooks[i]};
         const auto hook = [&](int i) { return sum_hooks[i].fn ? &sum_hooks[i] : nullptr; };
         py::gil_scoped_release nogil;
-        // The staging protocol of a step over several calls: with a check, everything that can
-        // fail runs for every plan before any plan writes, so a refused step changes nothing
-        // anywhere. After a refusal the plans with a sum hook still run their "pre" (which
-        // writes only their workspace): their collectives must match the other ranks'.
-        const bool staged = mode == kRunAll && check && n > 1;
-        std::pair<int, int> refused(-1, -1);
+        // Each entry's mode in order, up to the first refusal. Which modes run in which order
+        // (a step over several plans: every "pre" before any "finish") is the caller's:
+        // thermo_ext.backends.run_step, the one place that orders them.
         for (int i = 0; i < n; ++i) {
-          if (refused.first >= 0 && !hook(i)) continue;
-          const int m_i = refused.first >= 0 || staged ? (int)kRunPre : mode;
-          const int bad = run_one(*plans[i], streams[i], m_i, check && mode != kRunFinish, flag,
-                                  hook(i));
-          if (bad >= 0 && refused.first < 0) refused = std::make_pair(i, bad);
+          const int bad = run_one(*plans[i], streams[i], modes[i],
+                                  check && modes[i] != kRunFinish, flag, hook(i));
+          if (bad >= 0) return std::make_pair(i, bad);
         }
-        if (refused.first >= 0 || !staged) return refused;
-        for (int i = 0; i < n; ++i)
-          run_one(*plans[i], streams[i], kRunFinish, false, flag, nullptr);
-        return refused;
+        return std::make_pair(-1, -1);
       },
-      py::arg("plans"), py::arg("streams"), py::arg("check"), py::arg("flag"), py::arg("mode"),
+      py::arg("plans"), py::arg("streams"), py::arg("check"), py::arg("flag"), py::arg("modes"),
       py::arg("hooks") = std::vector<py::object>(),
-      "One optimizer step over all plans in `mode` (MODES). hooks[i], when not None, is called "
-      "with k after plan i's partial sums of E number k and before that E (distributed steps). "
-      "Returns (plan, BadKind code) of the first refusal or (-1, -1).");
+      "Runs modes[i] (MODES) of plans[i] (a plan may appear more than once) in order, up to the "
+      "first refusal. hooks[i], when not None, is called with k after plans[i]'s partial sums "
+      "of E number k and before that E (distributed steps). Returns (entry, BadKind code) of "
+      "the first refusal or (-1, -1).");
 
   m.def(
       "fill_normal",
@@ -413,6 +448,30 @@ PYBIND11_MODULE(_C, m) {
     return std::make_pair(driver, runtime);
   }, "(driver, runtime): the CUDA versions of the installed driver and of this build "
      "(1000 * major + 10 * minor; 0 where unknown)");
+  // The CUDA engine library, loaded at run time (csrc/cuda/cuda_loader.cpp).
+  const auto library_dict = [](const CudaLibraryInfo& i) {
+    py::dict d;
+    d["path"] = i.path;
+    d["version"] = i.version;
+    d["archs"] = i.archs;
+    d["min_driver"] = i.min_driver;
+    d["runtime"] = i.runtime;
+    return d;
+  };
+  m.def("cuda_load", [library_dict](const std::string& path) {
+    return library_dict(cuda_load(path));
+  }, py::arg("path"), "Loads the CUDA engine library at path (checked against this module's "
+     "engine sources) and routes CUDA calls to it; returns what it is.");
+  m.def("cuda_library", [library_dict]() -> py::object {
+    CudaLibraryInfo info;
+    if (!cuda_loaded(&info)) return py::none();
+    return library_dict(info);
+  }, "The loaded CUDA engine library (path, version, archs, min_driver, runtime), or None.");
+  m.def("cuda_probe", [](int device) {
+    py::gil_scoped_release nogil;
+    cuda_probe(device);
+  }, py::arg("device"), "Raises RuntimeError when the loaded library's kernels cannot run on "
+     "the device (no image for its architecture, or no usable driver).");
   m.def("cuda_param_layout", [](py::object large) {
     return cuda_param_layout(large.is_none() ? -1 : (large.cast<bool>() ? 1 : 0));
   }, py::arg("large") = py::none(),

@@ -15,7 +15,9 @@ constexpr const char* kDTypeNames[kNumDTypes] = {"float32", "float64", "bfloat16
 
 // One (parameter, momentum, gradient) triple. theta and grad have the call's dtype; mom has the
 // compute dtype (float32 for float32/bf16/fp16 parameters, float64 for float64) and may be null
-// for the overdamped scheme. offset is the global index of element 0 in the whole tensor.
+// for the overdamped scheme. offset is the global index of element 0 in the whole tensor. With
+// an adaptive mass (Program::mass), mass is the tensor's second-moment buffer v (the compute
+// dtype) and mass_start the step whose gradient was v's first (substeps.h, mass_step).
 struct TensorDesc {
   void* theta;
   void* mom;
@@ -24,6 +26,8 @@ struct TensorDesc {
   int64_t offset;
   uint32_t uid;
   int32_t seg;
+  void* mass;
+  int64_t mass_start;
 };
 
 // Reduces the segment sums of E number k in place (ws row n_e + k) before that E moves xi: the
@@ -42,9 +46,9 @@ struct CpuStore;
 // seg_n:  n_seg doubles, the number of elements of each segment (whole tensors, all shards).
 // (The CUDA engine never zeroes the flag: the caller zeroes it once per optimizer step.)
 // step_ptr, when not null, is a device int64 that replaces `step` (capturable CUDA steps).
-// hyper, when not null, is a device Hyper (6 doubles) from which the CUDA engine recomputes the
-// program's coefficients at the start of each call (graphs then follow schedulers); the program's
-// own coefficients are ignored.
+// hyper, when not null, is a device Hyper (kNumHyper doubles) from which the CUDA engine
+// recomputes the program's coefficients and mass settings at the start of each call (graphs then
+// follow schedulers); the program's own are ignored.
 struct StepArgs {
   int32_t dtype;
   const TensorDesc* tensors;

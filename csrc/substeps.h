@@ -36,17 +36,24 @@ struct Program {
   Op ops[kMaxOps];
   double factor[kMaxOps];
   int32_t has_factors;
+  // 1: the adaptive diagonal mass of docs/DESIGN.md, Mass (each tensor's second-moment buffer
+  // in TensorDesc::mass); 0: the unit mass, whose bits are those of the letters without it.
+  int32_t mass;
   // -1 when the program runs the dynamics of -L (maximize: B and V see -g), else +1.
   double grad_sign;
+  // The mass's settings (Hyper's mass_beta, mass_eps, mass_freeze).
+  double mass_beta, mass_eps, mass_freeze;
 };
 
-// A group's hyperparameters, in the order of a device hyperparameter tensor.
+// A group's hyperparameters, in the order of a device hyperparameter tensor. mass_freeze is a
+// count of steps (0: the mass adapts at every step).
 struct Hyper {
-  double lr, gamma, tau, sigma, eps, weight_decay;
+  double lr, gamma, tau, sigma, eps, weight_decay, mass_beta, mass_eps, mass_freeze;
 };
-constexpr int kNumHyper = 6;
-constexpr const char* kHyperNames[kNumHyper] = {"lr", "gamma", "tau", "sigma", "eps",
-                                                "weight_decay"};
+constexpr int kNumHyper = 9;
+constexpr const char* kHyperNames[kNumHyper] = {"lr",           "gamma",     "tau",
+                                                "sigma",        "eps",       "weight_decay",
+                                                "mass_beta",    "mass_eps",  "mass_freeze"};
 
 // The coefficients c of a letter moving by delta (= its factor * lr), in double:
 //   A: c0 = delta                      B: c0 = delta, c1 = weight_decay
@@ -119,6 +126,46 @@ template <class T>
 TE_HD T letter_V(T theta, T g, T z, T h, T wd, T s) {
   return theta - h * (g + wd * theta) + s * z;
 }
+// The adaptive mass (docs/DESIGN.md, Mass). v is the gradients' second moment, an EMA with
+// decay beta; m = sqrt(v bias) + eps with Adam's bias correction bias = 1 / (1 - beta^t), t the
+// number of updates v has had. A moves by p / m, O and D draw sqrt(m) R, E sums p^2 / m, V
+// moves by (g + wd theta) / m with noise R / sqrt(m). Each letter takes inv = 1 / m,
+// sm = sqrt(m) and rs = 1 / sm, each correctly rounded in the compute type (IEEE), so the bits
+// are the same on every ISA and on CUDA; with inv = sm = rs = 1 the letters give the unit
+// mass's bits.
+TE_HD float te_sqrt(float x) { return sqrtf(x); }  // correctly rounded in float (IEEE)
+TE_HD double te_sqrt(double x) { return sqrt(x); }
+
+template <class T>
+TE_HD T mass_update(T v, T g, T beta, T one_minus_beta) {
+  return beta * v + one_minus_beta * (g * g);
+}
+template <class T>
+TE_HD T mass_of(T v, T bias, T eps) {
+  return te_sqrt(v * bias) + eps;
+}
+
+// A tensor's mass at a step: whether its v takes this step's gradient (not after mass_freeze
+// updates), and the bias correction of the v the step uses. start is the step whose gradient
+// was v's first; steps before it (a counter set back by hand) count as its first.
+struct MassStep {
+  bool update;
+  double bias;
+};
+TE_HD MassStep mass_step(double beta, double freeze, uint64_t step, int64_t start) {
+  const double t = (int64_t)step >= start ? (double)((int64_t)step - start) + 1.0 : 1.0;
+  MassStep m;
+  m.update = !(freeze > 0.0) || t <= freeze;
+  const double n = m.update ? t : freeze;
+  m.bias = 1.0 / -expm1(n * log(beta));  // 1 / (1 - beta^n); beta = 0: 1
+  return m;
+}
+
+template <class T>
+TE_HD T letter_V_mass(T theta, T g, T z, T h, T wd, T s, T inv, T rs) {
+  return theta - h * (inv * (g + wd * theta)) + s * (rs * z);
+}
+
 // E on the segment: xi + eps delta (sum p^2 - N tau), in double.
 TE_HD double thermostat_E(double xi, double sum_p2, double n, double eps_delta, double tau) {
   return xi + eps_delta * (sum_p2 - n * tau);

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+import helpers as H
 import thermo_ext as te
 
 STEPS = 20
@@ -77,18 +78,11 @@ def make_opt(model, scheme):
     return te.Langevin(model.parameters(), tau=1e-2, seed=99)
 
 
-def train(model, opt, x, y, steps):
-    for _ in range(steps):
-        opt.zero_grad()
-        nn.functional.binary_cross_entropy_with_logits(model(x), y).backward()
-        opt.step()
-
-
 def single_process(scheme, steps=STEPS):
     m = make_model()
     x, y = global_batch()
     opt = make_opt(m, scheme)
-    train(m, opt, x, y, steps)
+    H.train(m, opt, steps, x, y)
     return [p.detach().clone() for p in m.parameters()], opt
 
 
@@ -109,7 +103,7 @@ def ddp_worker(rank, world, port, out_dir, scheme):
                     lr=0.1, tau=1e-2)
     x, y = global_batch()
     n = x.shape[0] // world
-    train(ddp, opt, x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n], STEPS)
+    H.train(ddp, opt, STEPS, x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n])
     torch.save({"params": [p.detach() for p in model.parameters()],
                 "seed": opt.param_groups[0]["seed"]}, os.path.join(out_dir, f"ddp{rank}.pt"))
 
@@ -127,11 +121,11 @@ def fsdp_worker(rank, world, port, out_dir, scheme):
 
     model, opt, xs, ys = build()
     half = STEPS // 2
-    train(model, opt, xs, ys, half)
+    H.train(model, opt, half, xs, ys)
     ck = os.path.join(out_dir, "ck")
     msd, osd = get_state_dict(model, opt)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=ck)
-    train(model, opt, xs, ys, STEPS - half)
+    H.train(model, opt, STEPS - half, xs, ys)
     full = [p.full_tensor().detach() for p in model.parameters()]
     xis = [float(x) for g in opt.thermostats() for x in g]
     # Resume from the checkpoint in a fresh model and optimizer.
@@ -140,7 +134,7 @@ def fsdp_worker(rank, world, port, out_dir, scheme):
     state = {"model": msd2, "optim": osd2}
     dcp.load(state, checkpoint_id=ck)
     set_state_dict(model2, opt2, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    train(model2, opt2, xs, ys, STEPS - half)
+    H.train(model2, opt2, STEPS - half, xs, ys)
     resumed = [p.full_tensor().detach() for p in model2.parameters()]
     torch.save({"params": full, "resumed": resumed, "xis": xis,
                 "kt": [None if t is None else float(t) for t in opt.kinetic_temperature()]},
@@ -161,7 +155,7 @@ def fsdp_nan_worker(rank, world, port, out_dir, scheme):
     torch.set_num_threads(1)
     model, xs, ys = fsdp_model(rank, world)
     opt = make_opt(model, scheme)
-    train(model, opt, xs, ys, 2)
+    H.train(model, opt, 2, xs, ys)
     opt.zero_grad()
     nn.functional.binary_cross_entropy_with_logits(model(xs), ys).backward()
     if rank == 1:
@@ -184,7 +178,7 @@ def fsdp_nan_worker(rank, world, port, out_dir, scheme):
                  and all(torch.equal(a, b) for a, b in
                          zip(xis, [t for g in opt.thermostats() for t in g]))
                  and steps == [int(g["step"]) for g in opt.param_groups])
-    train(model, opt, xs, ys, 1)  # the next, clean step runs everywhere
+    H.train(model, opt, 1, xs, ys)  # the next, clean step runs everywhere
     moved = not all(torch.equal(a, p.to_local()) for a, p in zip(before, model.parameters()))
     torch.save({"message": message, "unchanged": unchanged, "moved": moved,
                 "steps": [int(g["step"]) for g in opt.param_groups]},
@@ -245,7 +239,7 @@ def hsdp_worker(rank, world, port, out_dir, scheme):
     mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
     model, xs, ys = fsdp_model(rank, world, mesh)
     opt = make_opt(model, scheme)
-    train(model, opt, xs, ys, STEPS)
+    H.train(model, opt, STEPS, xs, ys)
     torch.save({"params": [p.full_tensor().detach() for p in model.parameters()],
                 "placements": [str(p.placements) for p in model.parameters()],
                 "xis": [float(x) for g in opt.thermostats() for x in g],

@@ -86,6 +86,16 @@ def mlp(seed: int = 0, dtype: torch.dtype = F32, hidden: Sequence[int] = (5, 3),
                          nn.Linear(h2, 1)).to(dtype)
 
 
+def relu_mlp(seed: int = 0, dtype: torch.dtype = F32) -> nn.Sequential:
+    """The 2-16-8-1 network of the optimizer tests (ReLU, then tanh)."""
+    return mlp(seed, dtype, hidden=(16, 8), act=nn.ReLU)
+
+
+def batch(seed: int = 1, dtype: torch.dtype = F32):
+    """The 32 points the optimizer tests train :func:`relu_mlp` on."""
+    return data(seed, dtype, n=32)
+
+
 def data(seed: int = 1, dtype: torch.dtype = F32, n: int = 16):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 2, generator=g, dtype=dtype)

@@ -137,7 +137,7 @@ def test_info_and_bench(capsys):
     printed = capsys.readouterr().out
     assert thermo_ext.__version__ in printed and "openmp_threads" in printed
     info = thermo_ext.build_info()
-    assert f"CUDA engine compiled: {'yes' if info['cuda'] else 'no'}" in printed
+    assert f"CUDA engine library for this torch: {'yes' if info['cuda'] else 'no'}" in printed
     assert f"CUDA engine usable here: {'yes' if info['cuda_available'] else 'no ('}" in printed
     threads = torch.get_num_threads()
     assert main(["bench", "--spiral", "--rounds", "2"]) == 0
@@ -162,18 +162,32 @@ def _fake_torch_cuda(monkeypatch, version, available):
 
 
 @pytest.mark.parametrize("info, torch_cuda, available, expected", [
-    (dict(cuda=False, cuda_archs="", cuda_available=False), None, False,
-     ["CUDA engine compiled: no (built without CUDA", "usable here: no (the engine was built "
-      "without CUDA)"]),
+    (dict(cuda=False, cuda_archs="", cuda_available=False, cuda_libraries=[],
+          cuda_library_why="this torch (2.13.0+cpu) is built without CUDA"), None, False,
+     ["CUDA engine library for this torch: no (this torch (2.13.0+cpu) is built without CUDA)",
+      "installed: none", "usable here: no (no engine library for this torch: CUDA tensors step "
+      "with the torch-op fallback)"]),
+    (dict(cuda=False, cuda_archs="", cuda_available=False,
+          cuda_libraries=["libthermo_ext_cuda13.so"],
+          cuda_library_why="torch 2.9 uses CUDA 12.8, and this installation has no engine "
+                           "library built for CUDA 12"), "12.8", True,
+     ["library for this torch: no (torch 2.9 uses CUDA 12.8, and this installation has no "
+      "engine library built for CUDA 12)", "installed: libthermo_ext_cuda13.so",
+      "torch-op fallback"]),
     (dict(cuda=True, cuda_archs="90", cuda_available=False), None, False,
-     ["CUDA engine compiled: yes (architectures 90)", "usable here: no (this torch",
-      "is built without CUDA)"]),
+     ["CUDA engine library for this torch: yes (architectures 90)", "usable here: no (this "
+      "torch", "is built without CUDA)"]),
     (dict(cuda=True, cuda_archs="90", cuda_available=False), "12.4", False,
-     ["CUDA engine compiled: yes", "usable here: no (no CUDA device visible"]),
-    (dict(cuda=True, cuda_archs="90", cuda_available=False, cuda_driver_version=12040,
-          cuda_runtime_version=12080), "12.4", True,
-     ["usable here: no (build_info() reports it unavailable)",
-      "CUDA versions: cuda driver version 12.4, cuda runtime version 12.8"]),
+     ["CUDA engine library for this torch: yes", "usable here: no (no CUDA device visible"]),
+    (dict(cuda=True, cuda_archs="90-real", cuda_available=False, cuda_driver=12040,
+          cuda_runtime=13000, cuda_library="/x/libthermo_ext_cuda13.so",
+          cuda_min_driver="580.65.06", cuda_library_why="torch uses CUDA 13.0: the library",
+          cuda_fallback="cuda:0: the NVIDIA driver supports CUDA 12.4, below the floor"),
+     "13.0", True,
+     ["chosen: torch uses CUDA 13.0: the library",
+      "loaded: /x/libthermo_ext_cuda13.so (needs a driver >= 580.65.06)",
+      "usable here: no (CUDA tensors step with the torch-op fallback: cuda:0: the NVIDIA driver "
+      "supports CUDA 12.4", "CUDA versions: cuda driver 12.4, cuda runtime 13.0"]),
     (dict(cuda=True, cuda_archs="90", cuda_available=False, cuda_driver_version=0), None, False,
      ["CUDA versions: cuda driver version unknown"]),
 ])
@@ -184,7 +198,7 @@ def test_info_says_whether_cuda_is_compiled_and_usable_and_why_not(monkeypatch, 
     text = "\n".join(cuda_status(info))
     for part in expected:
         assert part in text, text
-    if not any(k in info for k in ("cuda_driver_version", "cuda_runtime_version")):
+    if not any(k in info for k in ("cuda_driver_version", "cuda_runtime_version", "cuda_driver")):
         assert "CUDA versions" not in text
 
 
@@ -421,14 +435,19 @@ def test_help_lists_the_values_each_preset_runs_with(capsys, other_defaults):
 
 
 def test_help_says_when_the_presets_agree(capsys, monkeypatch):
-    paper = named_methods.PRESETS["paper"]
-    for m in PRESET_METHODS:
-        fn = getattr(named_methods, m)
-        sig = inspect.signature(fn)
-        if {k: sig.parameters[k].default for k in paper[m]} != paper[m]:
-            pytest.skip("the signature defaults are no longer the paper's")
+    # A paper preset equal to the signature defaults (as in the first release): the help says
+    # the default preset has the same values instead of listing differences.
+    from thermo_ext.experiments import signature_defaults
+
+    agreeing = {m: {k: signature_defaults(getattr(named_methods, m))[0][k]
+                    for k in named_methods.PRESETS["paper"][m]} for m in PRESET_METHODS}
+    monkeypatch.setitem(named_methods.PRESETS, "paper", agreeing)
     assert main(["spiral", "--help"]) == 0
-    assert "the same values" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "the same values" in text and "where they differ" not in text
+    monkeypatch.undo()
+    assert main(["spiral", "--help"]) == 0
+    assert "the same values" not in capsys.readouterr().out  # today's defaults differ
 
 
 def test_bad_preset_is_refused_naming_it(tmp_path, capsys):

@@ -460,7 +460,7 @@ def test_gradients_in_any_layout_step_like_contiguous_ones_through_a_kept_copy(s
             o.step()
         H.assert_same(H.snapshot(opts[0]), H.snapshot(opts[1]))
         assert w.is_contiguous(memory_format=torch.channels_last)
-        calls = opts[0]._records[0].calls
+        calls = opts[0]._cache.records[0].calls
         kept.append({k: t.data_ptr() for c in calls for k, t in c.grad_copies.items()})
     assert kept[3] == kept[0] and kept[5] == kept[2] and kept[0]  # the same buffers again
 

@@ -22,7 +22,19 @@ from thermo_ext import kernels
 from thermo_ext.random import normal
 from thermo_ext.schemes import fold
 
-CUDA = torch.cuda.is_available() and bool(thermo_ext._C.cuda_compiled())
+
+
+def _engine_runs() -> bool:
+    """A CUDA device, and the fused engine can run on it (thermo_ext.cuda_library: the library
+    for torch's CUDA major, loaded here; the emulation's plugin loads its own beforehand)."""
+    if not torch.cuda.is_available():
+        return False
+    if thermo_ext._C.cuda_compiled():
+        return True
+    return thermo_ext.cuda_library.verdict(torch.cuda.current_device()).usable
+
+
+CUDA = _engine_runs()
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not CUDA, reason="needs a CUDA device and a CUDA build")]
 
@@ -721,7 +733,8 @@ def test_optimizer_graph_capture_refused(kw, eager_steps, match):
 def test_build_info_reports_cuda():
     info = thermo_ext.build_info()
     assert info["cuda"] and info["cuda_available"]
-    assert "archs=" in info["cuda_archs"]
+    assert info["cuda_archs"] and info["cuda_library"] and info["cuda_min_driver"]
+    assert "archs=" in thermo_ext._C.cuda_build_info()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -885,6 +898,8 @@ def test_too_old_driver_is_refused_with_the_fix():
             "sys.meta_path[:] = [f for f in sys.meta_path\n"
             "                    if not type(f).__module__.startswith('_editable_skbc_')]\n"
             "import torch, thermo_ext\n"
+            "v = thermo_ext.cuda_library.verdict(0)\n"
+            "print('verdict:', v.usable, v.reason, v.fix)\n"
             "out = torch.empty(8)\n"
             "thermo_ext._C.fill_normal(0, 0, out.data_ptr(), 8, 1, 2, 3, 0, 0)\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -894,6 +909,11 @@ def test_too_old_driver_is_refused_with_the_fix():
     assert err.startswith("RuntimeError: thermo_ext CUDA engine: this build uses CUDA 13.0"), err
     for part in ("580", "supports CUDA 12.8", "THERMO_EXT_CUDA_HOME=/usr/local/cuda-12"):
         assert part in err, err
+    # The run-time choice says the same before any call: the fallback's reason and fix.
+    verdict = next(line for line in run.stdout.splitlines() if line.startswith("verdict:"))
+    for part in ("verdict: False", "supports CUDA 12.8", "floor", ">= 580.65.06",
+                 "update the NVIDIA driver"):
+        assert part in verdict, verdict
 
 
 # ---------------------------------------------------------------------------------------------
@@ -962,3 +982,88 @@ print(active(0), active(1))
                          timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split() == ["0", "1"], run.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# The adaptive mass (docs/DESIGN.md, Mass)
+# ---------------------------------------------------------------------------------------------
+
+MASS_KW = dict(mass_beta=0.99, mass_eps=1e-8, mass_freeze=0)
+
+
+def _with_masses(state: State, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    mdt = kernels.momentum_dtype(state.dtype)
+    state.masses = [(torch.rand(s, generator=g, dtype=F64) * 0.01).to(mdt) for s in state.shapes]
+    state.mass_starts = [k % 3 for k in range(len(state.shapes))]
+    return state
+
+
+def _mass_run_both(state: State, steps, **kw):
+    d, c = state.to_dut(), state.to_host()
+    d.masses = [dut(v) for v in state.masses]
+    c.masses = [v.clone() for v in state.masses]
+    for step, first in steps:
+        flag = new_flag()
+        for s, fl in ((c, None), (d, flag)):
+            assert s.step(step=step, first=first, flag=fl, masses=s.masses,
+                          mass_starts=state.mass_starts, **MASS_KW, **kw) is None
+        sync()
+        assert int(host(flag)[0]) == 0
+    return d, c
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=["f32", "f64", "bf16"])
+def test_adaptive_mass_matches_cpu(scheme, dtype):
+    """The same letters with the mass as the CPU engine: v bitwise (the same IEEE operations),
+    theta and p to the tolerance of the device's exp/log (the bias correction and the
+    coefficients), xi likewise."""
+    state = _with_masses(State(SIZES, dtype, scheme, seed=7), 8)
+    d, c = _mass_run_both(state, ((0, True), (1, False), (5, False)))
+    if dtype == BF16:
+        for a, b in zip(d.params, c.params):
+            torch.testing.assert_close(host(a).float(), b.float(), rtol=2**-7, atol=1e-6)
+    else:
+        assert_close_state(d, c, rtol=1e-5 if dtype == F32 else 1e-11)
+    for a, b in zip(d.masses, c.masses):
+        assert torch.equal(host(a), b)
+
+
+def test_adaptive_mass_with_device_hyperparameters_matches_host_values():
+    """capturable: the mass's beta, eps and freeze come from the device hyperparameters."""
+    state = _with_masses(State(SIZES, F32, "langevin", seed=9), 10)
+    hyper = dict(HYPER, **MASS_KW)
+    ref, dev = state.to_dut(), state.to_dut()
+    ref.masses = [dut(v) for v in state.masses]
+    dev.masses = [dut(v) for v in state.masses]
+    plans = []
+    for s in (ref, dev):
+        plans.append(kernels.EnginePlan(s.params, s.momenta, scheme=s.scheme, xi=s.xi,
+                                        segments=s.segments, seg_numel=None, seed=SEED,
+                                        uids=s.uids, masses=s.masses,
+                                        mass_starts=state.mass_starts))
+    plans[1].set_device_hyper(dut(torch.tensor([hyper[k] for k in kernels.HYPER_FIELDS],
+                                               dtype=F64)))
+    for step in (1, 2):
+        for pl, s in zip(plans, (ref, dev)):
+            pl.set(s.grads, step=step, first=False, **hyper)
+            assert kernels.run_plans([pl], check=True, flag=new_flag()) is None
+    sync()
+    assert_close_state(dev, ref, rtol=1e-6)
+    for a, b in zip(dev.masses, ref.masses):
+        assert torch.equal(host(a), host(b))
+
+
+def test_optimizer_with_the_mass_matches_cpu():
+    dev_p, cpu_p = _opt_params(True), _opt_params(False)
+    dev_o, cpu_o = _thermo(dev_p, mass="adaptive"), _thermo(cpu_p, mass="adaptive")
+    for k in range(4):
+        for a, b, g in zip(dev_p, cpu_p, _grads(k)):
+            a.grad.copy_(g)
+            b.grad.copy_(g)
+        dev_o.step()
+        cpu_o.step()
+    for a, b in zip(dev_p, cpu_p):
+        torch.testing.assert_close(host(a.detach()), b.detach(), rtol=1e-5, atol=1e-6)
+        assert torch.equal(host(dev_o.state[a]["exp_avg_sq"]), cpu_o.state[b]["exp_avg_sq"])

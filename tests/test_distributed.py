@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(__file__))
 import dist_workers as W  # noqa: E402
+import helpers as H  # noqa: E402
 
 import thermo_ext as te  # noqa: E402
 
@@ -39,7 +40,7 @@ def test_ddp_replicas_identical_and_equal_to_single_process(tmp_path, scheme):
     m = W.make_model()
     opt = te.Thermo(m.parameters(), scheme=scheme, lr=0.1, tau=1e-2, seed=r0["seed"])
     x, y = W.global_batch()
-    W.train(m, opt, x, y, W.STEPS)
+    H.train(m, opt, W.STEPS, x, y)
     for a, b in zip(m.parameters(), r0["params"]):
         torch.testing.assert_close(b, a.detach(), rtol=1e-5, atol=1e-6)
 

@@ -23,8 +23,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import helpers as H
 import thermo_ext
-from thermo_ext import kernels, reference
+from thermo_ext import backends, kernels, reference
 from thermo_ext.random import normal
+from thermo_ext.refusal import Refusal
 from thermo_ext.schemes import fold
 
 F32, F64 = torch.float32, torch.float64
@@ -601,8 +602,15 @@ def test_plan_store_with_a_zero_noise_scale(gen):
         sigma=lambda k: 0.0 if k == 1 else 0.3)
 
 
-def test_plan_stores_are_per_plan_in_a_staged_step(gen):
-    # several plans in one checked call: every plan's read-only phase runs before any plan
+def _step_plans(plans):
+    """A checked step over several plans, in the optimizer's order (backends.run_step: every
+    plan's "pre" before any plan's "finish")."""
+    return backends.run_step(backends.BACKENDS["engine"], plans, check=True, flag=None,
+                             agreement=None, capturable=False)
+
+
+def test_plan_stores_are_per_plan_in_a_step_of_several_plans(gen):
+    # several plans in one checked step: every plan's read-only phase runs before any plan
     # writes, so each plan needs its own store
     states = [State(STORE_SIZES, F32, "adl", gen=gen) for _ in range(3)]
     for i, s in enumerate(states):
@@ -614,7 +622,7 @@ def test_plan_stores_are_per_plan_in_a_staged_step(gen):
     for k in range(3):
         for pl, g in zip(plans, grads):
             _set(pl, g[k], k)
-        assert kernels.run_plans(plans, check=True) is None
+        assert _step_plans(plans) is None
         for s, g in zip(fresh, grads):
             assert _fresh_step(s, g[k], k) is None
         for a, b in zip(kept, fresh):
@@ -643,7 +651,7 @@ def test_plan_store_refused_step_changes_nothing(gen):
     bad = [g.clone() for g in grads[2]]
     bad[2][7] = float("nan")
     _set(plan, bad, 2)
-    assert kernels.run_plans([plan], check=True) == (0, 2, "gradient")
+    assert kernels.run_plans([plan], check=True) == Refusal(0, 2, "gradient")
     assert_states_equal(kept, before)
     for k in (2, 3):
         _set(plan, grads[k], k)
@@ -743,7 +751,7 @@ def test_a_shard_on_another_dim_equals_its_columns_of_the_whole(scheme, dtype, i
                   [torch.zeros(3, dtype=mdt), pm], [torch.zeros(3, dtype=dtype), g],
                   offsets=[0, 3], runs=[None, (7, 12)], **dict(kw, segments=[0, 0],
                                                                uids=[4, 5]))
-    assert tuple(bad) == (1, "gradient")
+    assert bad == Refusal(None, 1, "gradient")
 
 
 def test_runs_are_validated(gen):
@@ -867,14 +875,14 @@ def test_bad_tensors_rejected(case, gen):
                      call_grads=call_grads)
 
 
-@pytest.mark.parametrize("value,exc", [(-0.1, ValueError), (math.nan, ValueError),
-                                       (math.inf, ValueError), (-math.inf, ValueError),
-                                       ("0.1", TypeError), (None, TypeError),
-                                       (True, TypeError)])
-@pytest.mark.parametrize("name", ["lr", "gamma", "tau", "sigma", "eps", "weight_decay"])
+@pytest.mark.parametrize("name,value,exc", [
+    (name, value, exc)
+    for name in ["lr", "gamma", "tau", "sigma", "eps", "weight_decay"]
+    for value, exc in [(-0.1, ValueError), (math.nan, ValueError), (math.inf, ValueError),
+                       (-math.inf, ValueError), ("0.1", TypeError), (None, TypeError),
+                       (True, TypeError)]
+    if not (name == "gamma" and value == math.inf)])  # allowed: tested below
 def test_bad_hyperparameters_rejected(name, value, exc, gen):
-    if name == "gamma" and value == math.inf:
-        pytest.skip("gamma = inf is allowed (tested below)")
     st_, grads, kw = _base_call(gen, scheme="OBACDEDCABO")
     kw[name] = value
     _assert_rejected(st_, grads, kw, exc, name)
@@ -940,18 +948,18 @@ def _unchanged(st_, grads, snap):
 
 
 @pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
-@pytest.mark.parametrize("scheme", ["BAOAB", "adl", "overdamped"])
-@pytest.mark.parametrize("where,value,kind", [
-    ("grad", math.nan, "gradient"), ("grad", math.inf, "gradient"),
-    ("param", -math.inf, "parameter"), ("param", math.nan, "parameter"),
-    ("mom", math.nan, "momentum"),
-])
+@pytest.mark.parametrize("scheme,where,value,kind", [
+    (scheme, where, value, kind)
+    for scheme in ["BAOAB", "adl", "overdamped"]
+    for where, value, kind in [("grad", math.nan, "gradient"), ("grad", math.inf, "gradient"),
+                               ("param", -math.inf, "parameter"), ("param", math.nan, "parameter"),
+                               ("mom", math.nan, "momentum")]
+    # momenta are checked only by schemes with E (they are summed)
+    if where != "mom" or fold(scheme).n_e])
 @pytest.mark.parametrize("index,pos", [(0, 0), (2, 2**15 + 1)])
 def test_non_finite_is_reported_and_nothing_changes(scheme, where, value, kind, index, pos,
                                                     dtype, gen):
     fs = fold(scheme)
-    if where == "mom" and not fs.n_e:
-        pytest.skip("momenta are checked only by schemes with E (they are summed)")
     st_ = State([7, 4097, 2**16 + 9], dtype, fs, gen=gen)
     grads = make_grads(st_, gen, 1)[0]
     target = {"grad": grads, "param": st_.params, "mom": st_.momenta}[where][index]
@@ -959,7 +967,7 @@ def test_non_finite_is_reported_and_nothing_changes(scheme, where, value, kind, 
     for impl in (kernels.thermo_step, reference.thermo_step):
         snap = _snapshot(st_, grads)
         got = st_.step(impl, grads, step=1, first=False, eps=1e-3)
-        assert got == (index, kind), impl.__module__
+        assert got == Refusal(None, index, kind), impl.__module__
         assert _unchanged(st_, grads, snap), impl.__module__
 
 
@@ -969,10 +977,12 @@ def test_first_bad_tensor_is_reported(gen):
     grads[2][5] = math.nan
     st_.params[1][4000] = math.inf
     snap = _snapshot(st_, grads)
-    assert st_.step(kernels.thermo_step, grads, step=0, first=True) == (1, "parameter")
+    assert st_.step(kernels.thermo_step, grads, step=0, first=True) == Refusal(None, 1,
+                                                                               "parameter")
     assert _unchanged(st_, grads, snap)
     grads[1][0] = math.nan  # same tensor: the gradient is reported before the parameter
-    assert st_.step(kernels.thermo_step, grads, step=0, first=True) == (1, "gradient")
+    assert st_.step(kernels.thermo_step, grads, step=0, first=True) == Refusal(None, 1,
+                                                                               "gradient")
 
 
 @pytest.mark.parametrize("impl", [kernels.thermo_step, reference.thermo_step],
@@ -993,7 +1003,7 @@ def test_thermostat_overflow_is_reported_and_nothing_changes(thermostat, xi0, ep
         seg = st_.segments[1]
     snap = _snapshot(st_, grads)
     got = st_.step(impl, grads, step=0, first=True, eps=eps, tau=0.0, lr=0.1, sigma=0.0)
-    assert got == (seg, "thermostat")
+    assert got == Refusal(None, seg, "thermostat")
     assert _unchanged(st_, grads, snap)
 
 
@@ -1110,13 +1120,18 @@ def test_seg_numel_of_wrong_length_is_named(gen):
     _assert_rejected(st_, grads, kw, ValueError, "seg_numel")
 
 
-def test_cuda_tensor_with_cpu_only_build_says_how_to_rebuild(monkeypatch):
+def test_cuda_tensor_without_a_usable_engine_says_why_and_how_to_fix(monkeypatch):
     from types import SimpleNamespace
 
-    monkeypatch.setattr(kernels._C, "cuda_compiled", lambda: False)
+    from thermo_ext import cuda_library
+
+    v = cuda_library.Verdict(False, "no library for CUDA 12 here", "Fix: do this", "why", None)
+    monkeypatch.setattr(cuda_library, "_verdicts", {0: v})
     fake = SimpleNamespace(device=torch.device("cuda", 0))
-    with pytest.raises(RuntimeError, match="built without CUDA.*THERMO_EXT_CUDA=ON"):
-        kernels._device_index(fake)
+    assert kernels._device_index(fake) == 0  # where a tensor lives needs no engine
+    with pytest.raises(RuntimeError, match="cannot run on cuda:0: no library for CUDA 12 "
+                                           "here. Fix: do this"):
+        kernels._engine_index(fake)
     with pytest.raises(ValueError, match="cpu and cuda tensors only"):
         kernels._device_index(SimpleNamespace(device=torch.device("meta")))
 
@@ -1159,7 +1174,11 @@ def test_python_constants_are_the_engines():
     assert "".join(sorted(kernels.LETTER_CODES, key=kernels.LETTER_CODES.get)) == "ABOCDEV"
     assert kernels.BAD_KINDS == ("gradient", "parameter", "momentum", "thermostat")
     assert kernels.MODES == {"all": -1, "pre": -2, "finish": -3}
-    assert kernels.HYPER_FIELDS == ("lr", "gamma", "tau", "sigma", "eps", "weight_decay")
+    assert kernels.HYPER_FIELDS == ("lr", "gamma", "tau", "sigma", "eps", "weight_decay",
+                                    "mass_beta", "mass_eps", "mass_freeze")
+    assert kernels.Hyper._fields == (*kernels.HYPER_FIELDS, "maximize")
+    assert schemes.LETTERS == C.SCHEME_LETTERS == "ABOCDE"
+    assert set(schemes.NOISE_LETTERS) == set(C.NOISE_LETTERS) == set("ODV")
     assert schemes.MAX_LETTERS == C.MAX_OPS == 32
     assert reference.ROUNDING_DRAW == C.ROUNDING_DRAW == 0xFFFF
     # the longest scheme the engine can hold is accepted, one letter more is not
@@ -1207,13 +1226,14 @@ def test_engine_coefficients_are_the_formulas(letter, factor, lr, gamma, tau, si
     want = _python_coefficients(letter, factor * lr, **hyper)
     assert kernels.coefficients(letter, factor * lr, **hyper) == want
     prog = thermo_ext._C.Program([(kernels.LETTER_CODES[letter], factor, 0, 0)],
-                                 tuple(hyper[k] for k in kernels.HYPER_FIELDS))
+                                 [hyper[k] for k in kernels.HYPER_FIELDS[:6]])
     assert prog.ops[0][3:] == want
 
 
 def test_programs_of_folded_schemes_carry_their_letters():
     f = fold("OBACDEDCABO")
-    prog = kernels.build_program(f, False, 0.1, 1.0, 0.5, 0.3, 0.2, 0.01)
+    prog = kernels.build_program(f, False, kernels.Hyper(0.1, 1.0, 0.5, 0.3, 0.2, 0.01, 0.999,
+                                                         1e-8, 0, False))
     assert prog.n_ops == len(f.program(False)) and prog.n_e == 1
     for (code, draw, ver, *_), x in zip(prog.ops, f.program(False)):
         assert (code, draw, ver) == (kernels.LETTER_CODES[x.letter], x.draw or 0, x.xi_version)
@@ -1339,14 +1359,14 @@ def test_sum_hooks_run_for_every_plan_and_e_even_after_a_refusal(bad_plan, gen):
     scheme = "BACEDECAB"  # two E letters
     states, plans, seen = _hooked_plans(gen, scheme, [[5, 300], [7]], bad_plan=bad_plan)
     snaps = [_snapshot(st_, g) for st_, g in states]
-    got = kernels.run_plans(plans, check=True)
+    got = _step_plans(plans)
     n_e = fold(scheme).n_e
     assert [i for i, _ in seen] == [0] * n_e + [1] * n_e
     if bad_plan is None:
         assert got is None
         assert not any(_unchanged(st_, g, s) for (st_, g), s in zip(states, snaps))
         return
-    assert got == (bad_plan, 1 if bad_plan == 0 else 0, "gradient")
+    assert got == Refusal(bad_plan, 1 if bad_plan == 0 else 0, "gradient")
     assert all(_unchanged(st_, g, s) for (st_, g), s in zip(states, snaps))
     for i, sums in seen:
         if i == bad_plan:  # the refused plan took part with zeros
@@ -1364,7 +1384,7 @@ def test_a_failing_sum_hook_changes_nothing(gen):
 
     plans[1].sum_hook = hook
     with pytest.raises(RuntimeError, match="the all-reduce failed"):
-        kernels.run_plans(plans, check=True)
+        _step_plans(plans)
     assert all(_unchanged(st_, g, s) for (st_, g), s in zip(states, snaps))
 
 

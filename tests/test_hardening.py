@@ -44,14 +44,6 @@ SETTINGS = dict(deadline=None, derandomize=True,
 # Helpers
 # ---------------------------------------------------------------------------------------------
 
-def mlp(seed=0, dtype=F32):
-    return H.mlp(seed, dtype, hidden=(16, 8), act=nn.ReLU)
-
-
-def data(seed=1, dtype=F32):
-    return H.data(seed, dtype, n=32)
-
-
 backward, train, snapshot, clone_sd = H.backward, H.train, H.snapshot, H.clone_state_dict
 assert_same_snapshot = deep_same = H.assert_same
 
@@ -61,7 +53,7 @@ assert_same_snapshot = deep_same = H.assert_same
 # ---------------------------------------------------------------------------------------------
 
 def named_model(dtype):
-    m = mlp(dtype=dtype)
+    m = H.relu_mlp(dtype=dtype)
     named = list(m.named_parameters())
     return m, named
 
@@ -81,7 +73,7 @@ def test_nonfinite_raises_names_the_parameter_and_changes_nothing(
     naming group, position (and name when the group has param_names); every parameter,
     momentum, xi and step counter unchanged, also in the groups before the bad one."""
     m, named = named_model(dtype)
-    x, y = data(dtype=dtype)
+    x, y = H.batch(dtype=dtype)
     groups = []
     for gi in range(3):
         pairs = named[2 * gi:2 * gi + 2]
@@ -104,9 +96,9 @@ def test_nonfinite_raises_names_the_parameter_and_changes_nothing(
 
 
 def test_nonfinite_raises_with_param_names_from_named_parameters():
-    m = mlp()
+    m = H.relu_mlp()
     opt = te.Thermo(m.named_parameters(), seed=1)
-    x, y = data()
+    x, y = H.batch()
     train(m, opt, 1, x, y)
     backward(m, x, y)
     m[4].bias.grad[0] = math.inf
@@ -121,9 +113,9 @@ def test_nonfinite_raises_with_param_names_from_named_parameters():
 @pytest.mark.parametrize("backend", ["engine", "reference"])
 @pytest.mark.parametrize("scheme", ["langevin", "adl", "overdamped"])
 def test_check_finite_false_lets_nonfinite_through(scheme, backend):
-    m = mlp()
+    m = H.relu_mlp()
     opt = te.Thermo(m.parameters(), scheme=scheme, check_finite=False, seed=1, backend=backend)
-    x, y = data()
+    x, y = H.batch()
     backward(m, x, y)
     m[0].weight.grad[0, 0] = math.nan
     opt.step()  # no check: no raise
@@ -138,8 +130,8 @@ def test_check_finite_false_lets_nonfinite_through(scheme, backend):
 def test_runaway_thermostat_raises_and_changes_nothing(bad, dtype, thermostat, backend):
     """xi driven to -1e300 (e^(-xi delta) overflows even in double), or made NaN/inf: the step
     raises FloatingPointError about the thermostat and nothing moves, the other group included."""
-    m = mlp(dtype=dtype)
-    x, y = data(dtype=dtype)
+    m = H.relu_mlp(dtype=dtype)
+    x, y = H.batch(dtype=dtype)
     opt = te.AdLaLa(m, seed=1, thermostat=thermostat, backend=backend)
     train(m, opt, 1, x, y)
     backward(m, x, y)
@@ -227,8 +219,8 @@ def test_grad_scaler_skips_the_step_on_found_inf(method, bad):
     """torch.amp.GradScaler("cpu"): an inf/NaN in the scaled gradients makes scaler.step skip
     opt.step (params, momenta, xi, step counters unchanged; no FloatingPointError) and
     scaler.update lower the scale; finite gradients step, exactly as with unscaled gradients."""
-    x, y = data()
-    m, ref = mlp(), mlp()
+    x, y = H.batch()
+    m, ref = H.relu_mlp(), H.relu_mlp()
     make = getattr(te, method)
     opt, opt_ref = make(m, seed=5), make(ref, seed=5)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1000)
@@ -261,8 +253,8 @@ def test_grad_scaler_skips_the_step_on_found_inf(method, bad):
 # ---------------------------------------------------------------------------------------------
 
 def _checkpoint(tmp_path, legacy=False):
-    x, y = data()
-    m = mlp()
+    x, y = H.batch()
+    m = H.relu_mlp()
     opt = te.AdLaLa(m, seed=7)
     train(m, opt, 3, x, y)
     path = tmp_path / ("legacy.pt" if legacy else "ck.pt")
@@ -280,9 +272,9 @@ def test_truncated_checkpoint_is_refused(tmp_path, legacy):
     n = len(blob)
     cuts = sorted({0, 1, 8, 64, n // 10, n // 4, n // 3, n // 2, 2 * n // 3, 3 * n // 4,
                    9 * n // 10, n - 100, n - 22, n - 8, n - 1})
-    m = mlp(seed=1)
+    m = H.relu_mlp(seed=1)
     opt = te.AdLaLa(m, seed=1)
-    x, y = data()
+    x, y = H.batch()
     train(m, opt, 1, x, y)
     before, model_before = snapshot(opt), copy.deepcopy(m.state_dict())
     cut_path = tmp_path / "cut.pt"
@@ -307,8 +299,8 @@ def test_truncated_checkpoint_is_refused(tmp_path, legacy):
 def _base():
     """A model with two groups (adl with per-tensor xi, langevin) after three steps, and its
     optimizer's state dict."""
-    x, y = data()
-    m = mlp()
+    x, y = H.batch()
+    m = H.relu_mlp()
     opt = te.AdLaLa(m, seed=7)
     train(m, opt, 3, x, y)
     return m, opt, clone_sd(opt.state_dict())
@@ -360,8 +352,8 @@ def _del_keys(*keys):
 
 def _other_optimizer(cls, **kw):
     def f(sd):
-        x, y = data()
-        m = mlp()
+        x, y = H.batch()
+        m = H.relu_mlp()
         params = list(m.parameters())  # two groups like AdLaLa's: first layer, the rest
         other = cls([{"params": params[:2]}, {"params": params[2:]}], **kw)
         train(m, other, 2, x, y)
@@ -445,7 +437,7 @@ def test_mangled_state_dict_is_refused_and_changes_nothing(case):
         opt.load_state_dict(bad)
     deep_same(before_sd, opt.state_dict())
     assert_same_snapshot(before, snapshot(opt))
-    x, y = data()
+    x, y = H.batch()
     train(m, opt, 2, x, y)
     train(control_m, control, 2, x, y)
     assert_same_snapshot(snapshot(control), snapshot(opt))
@@ -467,11 +459,11 @@ def test_state_dict_of_another_architecture_is_refused():
 def test_valid_state_dict_in_another_dtype_loads_into_the_parameters_dtype():
     """A float64 run's checkpoint loaded into a float32 model: momenta follow the parameters'
     dtype (not an error)."""
-    x, y = data(dtype=F64)
-    m64 = mlp(dtype=F64)
+    x, y = H.batch(dtype=F64)
+    m64 = H.relu_mlp(dtype=F64)
     opt64 = te.AdLaLa(m64, seed=7)
     train(m64, opt64, 2, x, y)
-    m32 = mlp()
+    m32 = H.relu_mlp()
     opt32 = te.AdLaLa(m32, seed=1)
     opt32.load_state_dict(opt64.state_dict())
     for p in m32.parameters():
@@ -598,7 +590,7 @@ LEAK_SCRIPT = textwrap.dedent("""
     n1 = len(gc.get_objects())
     print(json.dumps(dict(rss0=r0, rss1=r1, objects0=n0, objects1=n1,
                           programs=kernels.build_program.cache_info().currsize,
-                          cache=len(opt._records), state=len(opt.state),
+                          cache=len(opt._cache.records), state=len(opt.state),
                           step=int(opt.param_groups[0]["step"]))))
 """)
 

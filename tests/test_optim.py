@@ -13,7 +13,7 @@ from torch import nn
 import helpers as H
 import thermo_ext as te
 from thermo_ext import random as te_random
-from thermo_ext.groups import init_momentum
+from thermo_ext.calls import init_momentum
 
 METHODS = {
     "AdLaLa": lambda m, **k: te.AdLaLa(m, **k),
@@ -23,17 +23,6 @@ METHODS = {
     "AdL": lambda m, **k: te.AdL(m, **k),
     "Overdamped": lambda m, **k: te.Overdamped(m, **k),
 }
-
-
-def mlp(seed=0, dtype=torch.float32):
-    return H.mlp(seed, dtype, hidden=(16, 8), act=nn.ReLU)
-
-
-def data(seed=1, dtype=torch.float32):
-    return H.data(seed, dtype, n=32)
-
-
-train = H.train
 
 
 def flat(model):
@@ -50,12 +39,12 @@ def snapshot(model, opt):
 @pytest.mark.parametrize("name", list(METHODS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_named_method_matches_reference_over_50_steps(name, dtype):
-    x, y = data(dtype=dtype)
+    x, y = H.batch(dtype=dtype)
     out = []
     for backend in ("engine", "reference"):
-        m = mlp(dtype=dtype)
+        m = H.relu_mlp(dtype=dtype)
         opt = METHODS[name](m, seed=123, backend=backend)
-        train(m, opt, 50, x, y)
+        H.train(m, opt, 50, x, y)
         out.append(snapshot(m, opt))
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(out[0][0], out[1][0], **tol)
@@ -66,7 +55,7 @@ def test_named_method_matches_reference_over_50_steps(name, dtype):
 
 
 def test_paper_preset_is_the_papers():
-    m = mlp()
+    m = H.relu_mlp()
     opt = te.AdLaLa(m, preset="paper")
     g1, g2 = opt.param_groups
     assert (g1["scheme"], g2["scheme"]) == ("adl", "langevin")
@@ -89,7 +78,7 @@ def test_adlala_first_step_by_hand():
     """The paper code's first step: stepMom (B with h/2, p from 0) then stepAOA, by hand."""
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(2, 5), nn.ReLU(), nn.Linear(5, 1)).double()
-    x, y = data(dtype=torch.float64)
+    x, y = H.batch(dtype=torch.float64)
     h, tau, gamma, sigma, eps, xi0, seed = 0.25, 1e-4, 0.1, 0.01, 0.05, 0.1, 99
     opt = te.AdLaLa(m, lr=h, tau1=tau, tau2=tau, gamma=gamma, sigma=sigma, eps=eps, xi0=xi0,
                     seed=seed)
@@ -151,13 +140,13 @@ RESUME_SCRIPT = textwrap.dedent("""
 
 
 def test_resume_in_a_fresh_process_is_bitwise(tmp_path):
-    x, y = data()
-    m = mlp()
+    x, y = H.batch()
+    m = H.relu_mlp()
     opt = te.AdLaLa(m, seed=7)
-    train(m, opt, 10, x, y)
+    H.train(m, opt, 10, x, y)
     path = str(tmp_path / "ck.pt")
     torch.save({"model": m.state_dict(), "opt": opt.state_dict()}, path)
-    train(m, opt, 15, x, y)
+    H.train(m, opt, 15, x, y)
     script = tmp_path / "resume.py"
     script.write_text(RESUME_SCRIPT)
     subprocess.run([sys.executable, str(script), path, "15"], check=True,
@@ -168,72 +157,72 @@ def test_resume_in_a_fresh_process_is_bitwise(tmp_path):
 
 
 def test_state_dict_roundtrip_carries_momenta_xi_seed_step():
-    x, y = data()
-    m = mlp()
+    x, y = H.batch()
+    m = H.relu_mlp()
     opt = te.AdLaLa(m, seed=11)
-    train(m, opt, 3, x, y)
+    H.train(m, opt, 3, x, y)
     sd = opt.state_dict()
-    m2 = mlp()
+    m2 = H.relu_mlp()
     m2.load_state_dict(m.state_dict())
     opt2 = te.AdLaLa(m2, seed=5)  # the loaded seed wins
     opt2.load_state_dict(sd)
     assert [g["step"] for g in opt2.param_groups] == [3, 3]
     assert [g["seed"] for g in opt2.param_groups] == [11, 11]
-    train(m, opt, 4, x, y)
-    train(m2, opt2, 4, x, y)
+    H.train(m, opt, 4, x, y)
+    H.train(m2, opt2, 4, x, y)
     assert torch.equal(flat(m), flat(m2))
     assert opt2.param_groups[0]["xi"] is not opt.param_groups[0]["xi"]
 
 
 def test_seed_reproducibility_and_difference():
-    x, y = data()
+    x, y = H.batch()
     runs = []
     for s in (3, 3, 4):
         torch.manual_seed(s)
-        m = mlp()
+        m = H.relu_mlp()
         torch.manual_seed(s)
         opt = te.Langevin(m, tau=1e-2)
-        train(m, opt, 5, x, y)
+        H.train(m, opt, 5, x, y)
         runs.append(flat(m))
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0], runs[2])
     torch.manual_seed(3)
-    a = te.Thermo(mlp().parameters()).param_groups[0]["seed"]
+    a = te.Thermo(H.relu_mlp().parameters()).param_groups[0]["seed"]
     torch.manual_seed(3)
-    b = te.Thermo(mlp().parameters()).param_groups[0]["seed"]
+    b = te.Thermo(H.relu_mlp().parameters()).param_groups[0]["seed"]
     assert a == b and 0 <= a < 2**64
 
 
 def test_different_seed_same_init_different_noise():
-    x, y = data()
+    x, y = H.batch()
     out = []
     for seed in (1, 2):
-        m = mlp()
-        train(m, te.Langevin(m, tau=1e-2, seed=seed), 3, x, y)
+        m = H.relu_mlp()
+        H.train(m, te.Langevin(m, tau=1e-2, seed=seed), 3, x, y)
         out.append(flat(m))
     assert not torch.equal(out[0], out[1])
 
 
 def test_lr_scheduler_changes_h():
-    x, y = data()
-    m1, m2 = mlp(), mlp()
+    x, y = H.batch()
+    m1, m2 = H.relu_mlp(), H.relu_mlp()
     o1 = te.Langevin(m1, lr=0.2, seed=1)
     o2 = te.Langevin(m2, lr=0.2, seed=1)
     sched = torch.optim.lr_scheduler.StepLR(o1, step_size=1, gamma=0.5)
     for k in range(4):
-        train(m1, o1, 1, x, y)
+        H.train(m1, o1, 1, x, y)
         sched.step()
-        train(m2, o2, 1, x, y)
+        H.train(m2, o2, 1, x, y)
         o2.param_groups[0]["lr"] = 0.2 * 0.5 ** (k + 1)
     assert o1.param_groups[0]["lr"] == pytest.approx(0.2 / 16)
     assert torch.equal(flat(m1), flat(m2))
-    m3 = mlp()
-    train(m3, te.Langevin(m3, lr=0.2, seed=1), 4, x, y)
+    m3 = H.relu_mlp()
+    H.train(m3, te.Langevin(m3, lr=0.2, seed=1), 4, x, y)
     assert not torch.equal(flat(m1), flat(m3))
 
 
 def test_temperature_scheduler_and_zero_temperature():
-    m = mlp()
+    m = H.relu_mlp()
     opt = te.LaLa(m, tau=[1e-2, 2e-2, 3e-2])
     sched = te.TemperatureScheduler(opt, lambda k: 0.5 ** k)
     assert sched.get_last_tau() == pytest.approx([1e-2, 2e-2, 3e-2])
@@ -244,35 +233,35 @@ def test_temperature_scheduler_and_zero_temperature():
         te.TemperatureScheduler(opt, lambda k: -1.0)
     assert sched.get_last_tau() == pytest.approx([2.5e-3, 5e-3, 7.5e-3])
     # tau = 0: deterministic dynamics, the seed does not matter.
-    x, y = data()
+    x, y = H.batch()
     out = []
     for seed in (1, 2):
-        m = mlp()
+        m = H.relu_mlp()
         opt = te.AdLaLa(m, tau1=0.0, tau2=0.0, sigma=0.0, seed=seed)
-        train(m, opt, 5, x, y)
+        H.train(m, opt, 5, x, y)
         out.append(flat(m))
     assert torch.equal(out[0], out[1])
 
 
 def test_tau_schedule_is_used_by_the_step():
-    x, y = data()
-    m1, m2 = mlp(), mlp()
+    x, y = H.batch()
+    m1, m2 = H.relu_mlp(), H.relu_mlp()
     o1 = te.Langevin(m1, tau=1e-2, seed=4)
     o2 = te.Langevin(m2, tau=1e-3, seed=4)
     te.TemperatureScheduler(o1, lambda k: 0.1)
-    train(m1, o1, 3, x, y)
-    train(m2, o2, 3, x, y)
+    H.train(m1, o1, 3, x, y)
+    H.train(m2, o2, 3, x, y)
     torch.testing.assert_close(flat(m1), flat(m2), rtol=0, atol=1e-7)
 
 
 def test_swa_averaged_model_gives_posterior_mean_predictions():
-    x, y = data()
-    m = mlp()
+    x, y = H.batch()
+    m = H.relu_mlp()
     opt = te.AdLaLa(m, seed=2)
     avg = torch.optim.swa_utils.AveragedModel(m)
     snaps = []
     for _ in range(20):
-        train(m, opt, 1, x, y)
+        H.train(m, opt, 1, x, y)
         avg.update_parameters(m)
         snaps.append(flat(m).clone())
     torch.testing.assert_close(torch.cat([p.detach().flatten() for p in avg.module.parameters()]),
@@ -309,31 +298,31 @@ def test_equipartition_adl():
 
 
 def test_diagnostics():
-    m = mlp()
+    m = H.relu_mlp()
     opt = te.AdLaLa(m, seed=1)
     assert [float(t) for t in opt.kinetic_temperature()] == [0.0, 0.0]
     assert len(opt.thermostats()[0]) == 2 and opt.thermostats()[1] == []
     assert all(float(x) == 0.1 for x in opt.thermostats()[0])
-    x, y = data()
-    train(m, opt, 2, x, y)
+    x, y = H.batch()
+    H.train(m, opt, 2, x, y)
     kt = opt.kinetic_temperature()
     moms = [opt.state[p]["momentum_buffer"] for p in m.parameters()]
     want = sum(float(v.double().pow(2).sum()) for v in moms[:2]) / sum(v.numel() for v in moms[:2])
     assert float(kt[0]) == pytest.approx(want, rel=1e-12)
     assert te.Overdamped(m).kinetic_temperature() == [None]
     grp = te.AdL(m, thermostat="group", seed=1)
-    train(m, grp, 1, x, y)
+    H.train(m, grp, 1, x, y)
     assert len(grp.thermostats()[0]) == 1
 
 
 def test_grad_none_is_skipped():
-    x, y = data()
-    m = mlp()
+    x, y = H.batch()
+    m = H.relu_mlp()
     last = list(m.parameters())[-1]
     last.requires_grad_(False)
     before = last.detach().clone()
     opt = te.AdLaLa(m, seed=1)
-    train(m, opt, 3, x, y)
+    H.train(m, opt, 3, x, y)
     assert torch.equal(last.detach(), before)
     assert "momentum_buffer" not in opt.state[last]
     first = list(m.parameters())[0]
@@ -341,12 +330,12 @@ def test_grad_none_is_skipped():
 
 
 def test_thermal_momentum_init():
-    m = mlp()
+    m = H.relu_mlp()
     opt = te.Langevin(m, tau=0.04, momentum_init="thermal", seed=3)
-    x, y = data()
-    train(m, opt, 1, x, y)
+    x, y = H.batch()
+    H.train(m, opt, 1, x, y)
     p0 = list(m.parameters())[0]
-    m2 = mlp()
+    m2 = H.relu_mlp()
     opt2 = te.Langevin(m2, tau=0.04, momentum_init="thermal", seed=3)
     z = te_random.normal(p0.numel(), seed=3, uid=0, step=te_random.THERMAL_STEP, draw=0)
     torch.testing.assert_close(init_momentum(p0, 0, 0, opt2.param_groups[0]).flatten(), 0.2 * z)
@@ -360,7 +349,7 @@ def test_thermal_momentum_init():
                                        ("momentum_init", "random"), ("xi0", float("nan")),
                                        ("seed", -1), ("seed", 2**64)])
 def test_bad_hyperparameters_name_group_and_key(key, value):
-    m = mlp()
+    m = H.relu_mlp()
     with pytest.raises((ValueError, TypeError), match=key if key != "scheme" else "scheme"):
         te.Thermo(m.parameters(), **{key: value})
     with pytest.raises((ValueError, TypeError), match=r"param group 1: .*" + key):
@@ -369,10 +358,10 @@ def test_bad_hyperparameters_name_group_and_key(key, value):
 
 
 def test_bad_hyperparameter_set_later_is_rejected_without_changes():
-    x, y = data()
-    m = mlp()
+    x, y = H.batch()
+    m = H.relu_mlp()
     opt = te.AdLaLa(m, seed=1)
-    train(m, opt, 1, x, y)
+    H.train(m, opt, 1, x, y)
     before = snapshot(m, opt)
     opt.param_groups[1]["tau"] = -1.0
     with pytest.raises(ValueError, match=r"param group 1 \('rest \(all but 0\)'\): tau"):
@@ -384,10 +373,10 @@ def test_bad_hyperparameter_set_later_is_rejected_without_changes():
 
 @pytest.mark.parametrize("where", ["grad0", "grad_last", "param"])
 def test_nonfinite_raises_and_changes_nothing(where):
-    x, y = data()
-    m = mlp()
+    x, y = H.batch()
+    m = H.relu_mlp()
     opt = te.AdLaLa(m, seed=1)
-    train(m, opt, 2, x, y)
+    H.train(m, opt, 2, x, y)
     opt.zero_grad()
     nn.functional.binary_cross_entropy_with_logits(m(x), y).backward()
     params = list(m.parameters())
@@ -409,7 +398,7 @@ def test_nonfinite_raises_and_changes_nothing(where):
 
 
 def test_nonfinite_message_names_the_parameter():
-    m = mlp()
+    m = H.relu_mlp()
     named = [{"params": [p], "param_names": [n]} for n, p in m.named_parameters()]
     opt = te.Thermo(named, seed=1)
     for p in m.parameters():
@@ -420,7 +409,7 @@ def test_nonfinite_message_names_the_parameter():
 
 
 def test_check_finite_off_lets_nan_through():
-    m = mlp()
+    m = H.relu_mlp()
     opt = te.Langevin(m, check_finite=False, seed=1)
     for p in m.parameters():
         p.grad = torch.zeros_like(p)
@@ -430,7 +419,7 @@ def test_check_finite_off_lets_nan_through():
 
 
 def test_partition_helpers():
-    m = mlp()
+    m = H.relu_mlp()
     parts = te.partition.layers(m)
     assert [len(p) for p in parts] == [2, 2, 2]
     first, rest = te.partition.first_and_rest(m)
@@ -451,25 +440,25 @@ def test_partition_helpers():
 
 
 def test_group_scheme_strings_and_weight_decay():
-    x, y = data()
+    x, y = H.batch()
     out = []
     for backend in ("engine", "reference"):
-        m = mlp()
+        m = H.relu_mlp()
         parts = te.partition.layers(m)
         opt = te.Thermo([{"params": parts[0], "scheme": "OBABO"},
                          {"params": parts[1], "scheme": "ABOBA", "weight_decay": 1e-2},
                          {"params": parts[2], "scheme": "BACDEDCAB", "thermostat": "group"}],
                         lr=0.05, tau=1e-3, seed=8, backend=backend)
-        train(m, opt, 10, x, y)
+        H.train(m, opt, 10, x, y)
         out.append(flat(m))
     torch.testing.assert_close(out[0], out[1], rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_parameters_keep_float32_momenta_across_load():
-    m = mlp().to(torch.bfloat16)
-    x, y = data(dtype=torch.bfloat16)
+    m = H.relu_mlp().to(torch.bfloat16)
+    x, y = H.batch(dtype=torch.bfloat16)
     opt = te.Langevin(m, seed=1)
-    train(m, opt, 2, x, y)
+    H.train(m, opt, 2, x, y)
     p0 = list(m.parameters())[0]
     assert opt.state[p0]["momentum_buffer"].dtype == torch.float32
     opt2 = te.Langevin(m, seed=1)
@@ -479,7 +468,7 @@ def test_bf16_parameters_keep_float32_momenta_across_load():
 
 
 def test_step_hooks_and_profiler_label():
-    m = mlp()
+    m = H.relu_mlp()
     opt = te.Langevin(m, seed=1)
     seen = []
     opt.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
@@ -487,20 +476,20 @@ def test_step_hooks_and_profiler_label():
     from torch.optim.optimizer import register_optimizer_step_pre_hook
     h = register_optimizer_step_pre_hook(lambda o, a, k: seen.append("g"))
     try:
-        x, y = data()
-        train(m, opt, 1, x, y)
+        x, y = H.batch()
+        H.train(m, opt, 1, x, y)
     finally:
         h.remove()
     assert seen == ["g", "pre", "post"]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        train(m, opt, 1, x, y)
+        H.train(m, opt, 1, x, y)
     assert any(e.name == "Optimizer.step#Thermo.step" for e in prof.events())
 
 
 def test_closure_is_called_with_grad_enabled():
-    m = mlp()
+    m = H.relu_mlp()
     opt = te.AdLaLa(m, seed=1)
-    x, y = data()
+    x, y = H.batch()
 
     def closure():
         opt.zero_grad()
@@ -519,10 +508,10 @@ def test_closure_is_called_with_grad_enabled():
 def test_graph_capture_without_capturable_is_refused(monkeypatch, kw, match):
     # Under CUDA graph capture only device work is recorded, so a step whose counter or whose
     # tensors live on the host must refuse to be captured, before it changes anything.
-    model = mlp()
+    model = H.relu_mlp()
     opt = te.Langevin(model, seed=3, **kw)
-    x, y = data()
-    train(model, opt, 1, x, y)
+    x, y = H.batch()
+    H.train(model, opt, 1, x, y)
     before = [p.detach().clone() for p in model.parameters()]
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
@@ -534,9 +523,9 @@ def test_graph_capture_without_capturable_is_refused(monkeypatch, kw, match):
 
 def test_graph_capture_of_the_first_step_is_refused(monkeypatch):
     # The first step runs a different program: capturing it would replay that program forever.
-    model = mlp()
+    model = H.relu_mlp()
     opt = te.Langevin(model, seed=3, capturable=True)
-    nn.functional.mse_loss(model(data()[0]), data()[1]).backward()
+    nn.functional.mse_loss(model(H.batch()[0]), H.batch()[1]).backward()
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     with pytest.raises(RuntimeError, match="first step"):
@@ -546,10 +535,10 @@ def test_graph_capture_of_the_first_step_is_refused(monkeypatch):
 
 def test_skipped_steps_is_zero_where_steps_raise():
     # On the CPU (and on CUDA without capturable) a non-finite step raises instead of skipping.
-    model = mlp()
+    model = H.relu_mlp()
     opt = te.AdLaLa(model, seed=3)
-    x, y = data()
-    train(model, opt, 2, x, y)
+    x, y = H.batch()
+    H.train(model, opt, 2, x, y)
     next(model.parameters()).grad[0, 0] = float("nan")
     with pytest.raises(FloatingPointError):
         opt.step()
@@ -558,27 +547,26 @@ def test_skipped_steps_is_zero_where_steps_raise():
 
 
 @pytest.mark.parametrize("name", ["AdLaLa", "Langevin", "LOL"])
-def test_repeated_step_shortcut_matches_the_general_step(name, monkeypatch):
-    """An unchanged optimizer's step takes a shortcut (identity checks, then one engine call).
-    Run side by side with an optimizer that never takes it, through every change the shortcut
-    must notice (hyperparameters, a missing or column-major gradient, a parameter swapped
-    through .data, a tensor lr, a new group, a loaded state, a refused step): the same bits at
-    every step, and the shortcut is taken again once nothing changes."""
-    import thermo_ext.optim as optim_module
+def test_kept_records_match_records_built_afresh(name, monkeypatch):
+    """An unchanged optimizer's step reuses its groups' records (engine calls and plans,
+    recognised by identity). Run side by side with an optimizer whose records are rebuilt at
+    every step, through every change a kept record must notice (hyperparameters, a missing or
+    column-major gradient, a parameter swapped through .data, a tensor lr, a new group, a
+    loaded state, a refused step): the same bits at every step, and the records are kept again
+    once nothing changes."""
+    from thermo_ext import stepping
 
-    x, y = data()
-    models = [mlp(seed=4), mlp(seed=4)]
+    x, y = H.batch()
+    models = [H.relu_mlp(seed=4), H.relu_mlp(seed=4)]
     opts = [METHODS[name](m, seed=9) for m in models]
-    taken = []
-    shortcut = optim_module.Thermo._steady_step
+    built = []
+    build_calls = stepping.build_calls
 
-    def counting(self):
-        done = shortcut(self)
-        taken.append(done)
-        return done
+    def counting(gi, group, *args):
+        built.append(group is not None and any(group is g for g in opts[0].param_groups))
+        return build_calls(gi, group, *args)
 
-    monkeypatch.setattr(optim_module.Thermo, "_steady_step", counting)
-    opts[1]._steady = None
+    monkeypatch.setattr(stepping, "build_calls", counting)
     never = opts[1]
 
     def step_both(change=None):
@@ -587,7 +575,7 @@ def test_repeated_step_shortcut_matches_the_general_step(name, monkeypatch):
             if change is not None:
                 change(m, opt)
             if opt is never:
-                opt._steady = None  # the general path, every step
+                opt._cache.records.clear()  # built afresh, every step
             opt.step()
         H.assert_same(H.snapshot(opts[0]), H.snapshot(opts[1]))
 
@@ -619,7 +607,7 @@ def test_repeated_step_shortcut_matches_the_general_step(name, monkeypatch):
     for change in [None, None, lr, None, no_grad, None, transposed, None, swapped, None,
                    tensor_lr, None, float_lr, None, new_group, None, None]:
         step_both(change)
-    assert any(taken)
+    assert built.count(False) > built.count(True)  # the kept records were reused
 
     # A loaded state, then a refused step (nothing changes), then training goes on.
     for opt in opts:
@@ -635,9 +623,9 @@ def test_repeated_step_shortcut_matches_the_general_step(name, monkeypatch):
         H.assert_same(before, H.snapshot(opt))
     step_both()
     step_both()
-    calls = len(taken)
+    kept_builds = built.count(True)
     step_both()
-    assert taken[calls:] == [True]  # back on the shortcut once nothing changes
+    assert built.count(True) == kept_builds  # kept again once nothing changes
 
 
 @pytest.mark.parametrize("name", ["Langevin", "AdLaLa"])
@@ -645,21 +633,21 @@ def test_momentum_buffer_replaced_by_assignment_is_the_one_stepped(name):
     """A momentum buffer assigned anew (or a state reset to empty) is what the next step reads
     and writes, on the shortcut and the general path alike: the same bits as an optimizer whose
     buffer was never replaced."""
-    x, y = data()
-    models = [mlp(seed=2), mlp(seed=2)]
+    x, y = H.batch()
+    models = [H.relu_mlp(seed=2), H.relu_mlp(seed=2)]
     opts = [METHODS[name](m, seed=5) for m in models]
     for m, opt in zip(models, opts):
-        train(m, opt, 3, x, y)
+        H.train(m, opt, 3, x, y)
     p = models[0][0].weight
     copy = opts[0].state[p]["momentum_buffer"].clone()
     opts[0].state[p]["momentum_buffer"] = copy  # the same values in a new tensor
     for m, opt in zip(models, opts):
-        train(m, opt, 2, x, y)
+        H.train(m, opt, 2, x, y)
     H.assert_same(H.snapshot(opts[0]), H.snapshot(opts[1]))
     assert opts[0].state[p]["momentum_buffer"] is copy
 
     import collections
     opts[0].state = collections.defaultdict(dict)  # torch users' "reset the optimizer"
-    train(models[0], opts[0], 1, x, y)
+    H.train(models[0], opts[0], 1, x, y)
     assert all(opts[0].state[q]["momentum_buffer"].abs().sum() > 0
                for q in models[0].parameters())

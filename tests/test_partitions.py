@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+import helpers as H
 import thermo_ext as te
 
 
@@ -23,31 +24,12 @@ class Net(nn.Module):
         return self.head(self.body(x) + self.pos)
 
 
-def mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 8), nn.Tanh(),
-                         nn.Linear(8, 1))
-
-
-def data(seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(32, 2, generator=g)
-    return x, (x[:, :1] * x[:, 1:] > 0).float()
-
-
-def train(model, opt, steps, x, y):
-    for _ in range(steps):
-        opt.zero_grad()
-        nn.functional.binary_cross_entropy_with_logits(model(x), y).backward()
-        opt.step()
-
-
 def ids(tensors):
     return [id(t) for t in tensors]
 
 
 def test_module_partitions_carry_names_and_skip_frozen():
-    m = mlp()
+    m = H.relu_mlp()
     m[2].weight.requires_grad_(False)  # half a layer frozen
     m[4].requires_grad_(False)  # a whole layer frozen: no partition at all
     parts = te.partition.partitions(m)
@@ -62,14 +44,14 @@ def test_module_partitions_carry_names_and_skip_frozen():
         held = {id(p) for g in opt.param_groups for p in g["params"]}
         assert not held & set(ids(frozen)), type(opt)
     before = [p.detach().clone() for p in frozen]
-    x, y = data()
-    train(m, te.AdLaLa(m, seed=1), 3, x, y)
+    x, y = H.batch()
+    H.train(m, te.AdLaLa(m, seed=1), 3, x, y)
     for b, p in zip(before, frozen):
         assert torch.equal(b, p)
 
 
 def test_all_frozen_first_layer_is_never_a_group():
-    m = mlp()
+    m = H.relu_mlp()
     m[0].requires_grad_(False)  # e.g. a frozen embedding: AdLaLa's AdL group must not be it
     opt = te.AdLaLa(m)
     assert opt.param_groups[0]["name"] == "2"
@@ -83,23 +65,23 @@ def test_all_frozen_first_layer_is_never_a_group():
 
 
 def test_named_parameters_and_module_give_the_same_groups_and_run():
-    x, y = data()
+    x, y = H.batch()
     flats = []
     for make in (lambda m: m, lambda m: m.named_parameters(),
                  lambda m: (layer.parameters() for layer in m if list(layer.parameters())),
                  lambda m: [list(m[0].named_parameters()), m[2], m[4].parameters()]):
-        m = mlp()
+        m = H.relu_mlp()
         opt = te.AdLaLa(make(m), seed=5)
         assert [len(g["params"]) for g in opt.param_groups] == [2, 4]
         assert ids(opt.param_groups[0]["params"]) == ids(m[0].parameters())
-        train(m, opt, 5, x, y)
+        H.train(m, opt, 5, x, y)
         flats.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
     for f in flats[1:]:
         assert torch.equal(flats[0], f)  # same partitions, uids and noise: the same bits
 
 
 def test_group_names_by_input_kind():
-    m = mlp()
+    m = H.relu_mlp()
     assert [g["name"] for g in te.LaLa(m.named_parameters()).param_groups] == ["0", "2", "4"]
     assert te.LaLa(m.named_parameters()).param_groups[1]["param_names"] == ["2.weight",
                                                                             "2.bias"]
@@ -117,7 +99,7 @@ def test_group_names_by_input_kind():
 
 
 def test_flat_parameters_are_refused_for_layer_methods_with_the_alternatives():
-    m = mlp()
+    m = H.relu_mlp()
     for method in (te.LaLa, te.AdLaLa, te.LOL):
         with pytest.raises(TypeError, match="named_parameters"):
             method(m.parameters())
@@ -125,7 +107,7 @@ def test_flat_parameters_are_refused_for_layer_methods_with_the_alternatives():
 
 
 def test_empty_partitions_are_errors():
-    m = mlp()
+    m = H.relu_mlp()
     gen = m.parameters()
     with pytest.raises(ValueError, match=r"model\[1\].*used up"):
         te.LaLa([gen, gen])  # a generator passed twice
@@ -197,8 +179,8 @@ def test_attention_owns_parameters_as_a_container():
 
 
 def test_names_appear_in_errors():
-    m = mlp()
-    x, y = data()
+    m = H.relu_mlp()
+    x, y = H.batch()
     for opt in (te.AdLaLa(m, seed=1), te.LaLa(m.named_parameters(), seed=1),
                 te.Langevin(m, seed=1)):
         opt.zero_grad()
@@ -229,7 +211,7 @@ def test_group_added_without_names_to_a_named_optimizer():
     """The named methods name a module's parameters; torch wants names on every group or none,
     so a group added later without names gets names saying where (its errors name them); one
     added with names keeps them."""
-    opt = te.AdLaLa(mlp(), seed=1)
+    opt = te.AdLaLa(H.relu_mlp(), seed=1)
     extra, named = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2))
     opt.add_param_group({"params": [extra]})
     opt.add_param_group({"params": [("head.scale", named)]})
@@ -242,19 +224,19 @@ def test_group_added_without_names_to_a_named_optimizer():
 
 
 def test_named_groups_survive_state_dict_round_trip():
-    m = mlp()
-    x, y = data()
+    m = H.relu_mlp()
+    x, y = H.batch()
     opt = te.AdLaLa(m, seed=3)
-    train(m, opt, 3, x, y)
+    H.train(m, opt, 3, x, y)
     sd = opt.state_dict()
     assert [g["param_names"] for g in sd["param_groups"]] == [
         ["0.weight", "0.bias"], ["2.weight", "2.bias", "4.weight", "4.bias"]]
-    m2 = mlp()
+    m2 = H.relu_mlp()
     m2.load_state_dict(m.state_dict())
     opt2 = te.AdLaLa(m2, seed=3)
     opt2.load_state_dict(sd)
-    train(m, opt, 2, x, y)
-    train(m2, opt2, 2, x, y)
+    H.train(m, opt, 2, x, y)
+    H.train(m2, opt2, 2, x, y)
     for a, b in zip(m.parameters(), m2.parameters()):
         assert torch.equal(a, b)
 

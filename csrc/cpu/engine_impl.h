@@ -141,6 +141,47 @@ void sum_squares(double* __restrict acc, const T* __restrict p, int len) {
   for (int l = 0; j + l < len; ++l) acc[l] += (double)p[j + l] * (double)p[j + l];
 }
 
+// sum p^2 / m with an adaptive mass: (p^2 in double) * inv, in the lanes of sum_squares.
+template <class T>
+void sum_squares_mass(double* __restrict acc, const T* __restrict p, const T* __restrict inv,
+                      int len) {
+  int j = 0;
+  for (; j + kSumLanes <= len; j += kSumLanes)
+    for (int l = 0; l < kSumLanes; ++l)
+      acc[l] += (double)p[j + l] * (double)p[j + l] * (double)inv[j + l];
+  for (int l = 0; j + l < len; ++l)
+    acc[l] += (double)p[j + l] * (double)p[j + l] * (double)inv[j + l];
+}
+
+// The mass factors of a block (interpret.h, MassFactors) from its second moments v, updated in
+// place with the block's gradients first when the step updates them.
+template <class T>
+void block_mass(T* __restrict v, const T* __restrict g, int len, bool update, T beta,
+                T one_minus_beta, T bias, T eps, bool need_sm, bool need_rs, T* __restrict inv,
+                T* __restrict sm, T* __restrict rs) {
+  if (update)
+    for (int j = 0; j < len; ++j) v[j] = mass_update(v[j], g[j], beta, one_minus_beta);
+  // One loop per combination, each vectorised; the same per-element operations as
+  // interpret.h's mass_factors (the CUDA engine's).
+  if (need_rs) {
+    for (int j = 0; j < len; ++j) {
+      const T m = mass_of(v[j], bias, eps);
+      const T s = te_sqrt(m);
+      inv[j] = (T)1 / m;
+      sm[j] = s;
+      rs[j] = (T)1 / s;
+    }
+  } else if (need_sm) {
+    for (int j = 0; j < len; ++j) {
+      const T m = mass_of(v[j], bias, eps);
+      inv[j] = (T)1 / m;
+      sm[j] = te_sqrt(m);
+    }
+  } else {
+    for (int j = 0; j < len; ++j) inv[j] = (T)1 / mass_of(v[j], bias, eps);
+  }
+}
+
 // theta's storage from the block's compute values (lowp.h to_storage), the stochastic test
 // outside the loops so that each loop vectorises.
 template <class P, class T>
@@ -208,8 +249,9 @@ StoreSlots store_slots(const Program& pg) {
   return s;
 }
 
-// One phase over all tensors. P: parameter/gradient storage, M: momentum storage, T: compute.
-template <class P, class M, class T>
+// One phase over all tensors. P: parameter/gradient storage, M: momentum (and mass) storage,
+// T: compute. kMass: the adaptive mass (Program::mass).
+template <class P, class M, class T, bool kMass>
 int phase_impl(const StepArgs& a, int phase, bool check) {
   const Program& pg = *a.prog;
   const bool write = phase == pg.n_e;
@@ -258,6 +300,20 @@ int phase_impl(const StepArgs& a, int phase, bool check) {
     tbase[t] = t == 0 ? 0 : tbase[t - 1] + a.tensors[t - 1].numel;
   const int64_t* tbase_all = tbase.data();
 
+  // The adaptive mass: each tensor's update and bias correction at this step, and which of the
+  // mass factors the phase's letters use.
+  thread_local std::vector<MassStep> mass_steps;
+  bool need_sm = false, need_rs = false;
+  if (kMass) {
+    mass_steps.resize((size_t)a.n_tensors);
+    for (int t = 0; t < a.n_tensors; ++t)
+      mass_steps[t] = mass_step(pg.mass_beta, pg.mass_freeze, step, a.tensors[t].mass_start);
+    mass_needs(pg.ops, n_ops, &need_sm, &need_rs);
+  }
+  const MassStep* mass_steps_all = mass_steps.data();
+  const T mass_beta = (T)pg.mass_beta, mass_omb = (T)(1.0 - pg.mass_beta);
+  const T mass_eps = (T)pg.mass_eps;
+
   for_each_item(n_items, total >= kParallelMin, [&](int64_t it) {
     Item& item = items[it];
     const TensorDesc& d = a.tensors[item.t];
@@ -265,6 +321,11 @@ int phase_impl(const StepArgs& a, int phase, bool check) {
     M* __restrict mom = (M*)d.mom;
     const P* __restrict grad = (const P*)d.grad;
     alignas(64) T th[kBlock], pm[kBlock], gr[kBlock];
+    alignas(64) T vloc[kMass ? kBlock : 1], inv[kMass ? kBlock : 1], sm[kMass ? kBlock : 1],
+        rs[kMass ? kBlock : 1];
+    M* __restrict mass = kMass ? (M*)d.mass : nullptr;
+    const MassStep ms = kMass ? mass_steps_all[item.t] : MassStep{false, 1.0};
+    const T mass_bias = (T)ms.bias;
     alignas(64) float zbuf[kBlock + 8];
     alignas(64) double acc[kSumLanes] = {0};
     const double* fac = cfac_all + (size_t)item.t * n_ops;
@@ -278,12 +339,14 @@ int phase_impl(const StepArgs& a, int phase, bool check) {
       T* __restrict thb = th;
       T* __restrict pmb = pm;
       const T* __restrict grb = gr;
+      T* __restrict vb = vloc;
       bool copied = true;
       if constexpr (kSameTypes) {
         if (!sum_phase) {
           thb = (T*)(theta + lo);
           grb = (const T*)(grad + lo);
           if (mom) pmb = (T*)(mom + lo);
+          if (kMass) vb = (T*)(mass + lo);  // updated in place
           copied = false;
         }
       }
@@ -293,7 +356,12 @@ int phase_impl(const StepArgs& a, int phase, bool check) {
         for (int j = 0; j < len; ++j) gr[j] = to_compute<T>(grad[lo + j]);
         if (mom)
           for (int j = 0; j < len; ++j) pm[j] = (T)mom[lo + j];
+        if (kMass)
+          for (int j = 0; j < len; ++j) vloc[j] = (T)mass[lo + j];
       }
+      if (kMass)
+        block_mass(vb, grb, len, ms.update, mass_beta, mass_omb, mass_bias, mass_eps, need_sm,
+                   need_rs, inv, sm, rs);
       if (fused_check) {
         bad |= nonfinite_any(grb, len) << kBadGrad;
         bad |= nonfinite_any(thb, len) << kBadParam;
@@ -315,14 +383,20 @@ int phase_impl(const StepArgs& a, int phase, bool check) {
         if (zs) memcpy(zs, z, sizeof(float) * (size_t)len);
         return z;
       };
-      interpret<0>(pg.ops, n_ops, len, thb, pmb, grb, fac, skip_theta, noise);
+      interpret<0, kMass>(pg.ops, n_ops, len, thb, pmb, grb, fac, skip_theta, noise,
+                          MassFactors<T>{inv, sm, rs});
       if (sum_phase) {
-        sum_squares(acc, pmb, len);
+        if (kMass)
+          sum_squares_mass(acc, pmb, inv, len);
+        else
+          sum_squares(acc, pmb, len);
       } else if (copied) {
         store_theta(theta + lo, th, len, a.stochastic_rounding,
                     make_key(a.seed, d.uid, step, kRoundingDraw), g0);
         if (mom)
           for (int j = 0; j < len; ++j) mom[lo + j] = (M)pm[j];
+        if (kMass && ms.update)
+          for (int j = 0; j < len; ++j) mass[lo + j] = (M)vloc[j];
       }
       lo += len;
     }
@@ -377,14 +451,19 @@ int check_impl(const StepArgs& a) {
 
 }  // namespace
 
-int run_phase(const StepArgs& a, int phase, int check) {
+template <bool kMass>
+int run_phase_t(const StepArgs& a, int phase, int check) {
   switch (a.dtype) {
-    case kFloat32: return phase_impl<float, float, float>(a, phase, check);
-    case kFloat64: return phase_impl<double, double, double>(a, phase, check);
-    case kBFloat16: return phase_impl<bf16_t, float, float>(a, phase, check);
-    case kFloat16: return phase_impl<fp16_t, float, float>(a, phase, check);
+    case kFloat32: return phase_impl<float, float, float, kMass>(a, phase, check);
+    case kFloat64: return phase_impl<double, double, double, kMass>(a, phase, check);
+    case kBFloat16: return phase_impl<bf16_t, float, float, kMass>(a, phase, check);
+    case kFloat16: return phase_impl<fp16_t, float, float, kMass>(a, phase, check);
   }
   return -1;
+}
+
+int run_phase(const StepArgs& a, int phase, int check) {
+  return a.prog->mass ? run_phase_t<true>(a, phase, check) : run_phase_t<false>(a, phase, check);
 }
 
 int check_inputs(const StepArgs& a) {

@@ -84,7 +84,9 @@ constexpr int kSegThreads = 512;          // threads of the single seg_kernel bl
 constexpr int kSegWarps = kSegThreads / 32;
 constexpr int64_t kMaxBlocksPerLaunch = INT_MAX;
 // Scratch layout: the coefficients of device hyperparameters (3 per op), then the partial sums.
-constexpr int64_t kCoefDoubles = 3 * kMaxOps;
+// Device coefficients: 3 per op, then the mass's beta, eps and freeze (coef_kernel).
+constexpr int kMassCoef = 3 * kMaxOps;
+constexpr int64_t kCoefDoubles = kMassCoef + 3;
 
 enum Mode : int { kSum = 0, kWrite = 1, kCheck = 2 };
 enum SegMode : int { kSegFinish = 1, kSegUpdate = 2, kSegCheck = 4 };
@@ -99,7 +101,7 @@ struct KTensor {
   int32_t block_begin;  // first block of this tensor in the launch
   int32_t pad;
 };
-static_assert(sizeof(KTensor) == 64, "KTensor layout");
+static_assert(sizeof(KTensor) == 80, "KTensor layout");
 
 struct KCommon {
   Op ops[kMaxOps];
@@ -119,6 +121,8 @@ struct KCommon {
   int32_t early_exit;  // do nothing when *flag != 0 (only where no block of this kernel sets it)
   int32_t skip_theta;  // kSum: theta unread and A undone (substeps.h: sum_reads_theta)
   int32_t pad;
+  // The adaptive mass's settings (Program; with coef, the device's at coef[kMassCoef]).
+  double mass_beta, mass_eps, mass_freeze;
 };
 
 // Two sizes of every kernel's arguments: the 32764-byte parameter space (see the top of this
@@ -308,7 +312,7 @@ __device__ __forceinline__ void quad_noise(uint64_t seed, uint32_t uid, uint64_t
 // ops in shared memory. A separate instantiation, because reading the ops from shared memory
 // costs the kernel 7 registers (48 -> 55 for the float32 writing phase, 5 -> 4 blocks per SM),
 // which the usual calls, reading the ops from the argument block, should not pay.
-template <class P, class M, class T, int kMode, int kCap, bool kDevCoef>
+template <class P, class M, class T, int kMode, int kCap, bool kDevCoef, bool kMass>
 __global__ void __launch_bounds__(kThreads)
     phase_kernel(const __grid_constant__ LaunchArgs<kCap> la) {
   const KCommon& c = la.c;
@@ -367,6 +371,23 @@ __global__ void __launch_bounds__(kThreads)
   const bool check = c.check_data != 0;
   const bool skip_theta = kMode == kSum && c.skip_theta;
 
+  // The adaptive mass of this block's tensor at this step (substeps.h, Mass).
+  M* __restrict__ mass = kMass ? (M*)d.mass : nullptr;
+  MassStep ms{false, 1.0};
+  T mass_beta = (T)0, mass_omb = (T)0, mass_eps = (T)0, mass_bias = (T)1;
+  bool need_sm = false, need_rs = false;
+  if (kMass) {
+    const double beta = kDevCoef ? c.coef[kMassCoef] : c.mass_beta;
+    const double eps = kDevCoef ? c.coef[kMassCoef + 1] : c.mass_eps;
+    const double freeze = kDevCoef ? c.coef[kMassCoef + 2] : c.mass_freeze;
+    ms = mass_step(beta, freeze, step, d.mass_start);
+    mass_beta = (T)beta;
+    mass_omb = (T)(1.0 - beta);
+    mass_eps = (T)eps;
+    mass_bias = (T)ms.bias;
+    mass_needs(kDevCoef ? s_ops : c.ops, c.n_ops, &need_sm, &need_rs);
+  }
+
   double acc = 0.0;
   int bad = 0;
   const int64_t q_first = g_lo >> 2, q_last = (g_hi - 1) >> 2;
@@ -414,17 +435,32 @@ __global__ void __launch_bounds__(kThreads)
                  (has_mom && nonfinite_bits(pm[l]) ? 1 << kBadMom : 0);
     }
 
+    T vq[4], inv[4], sm[4], rs[4];
+    if (kMass) {
+      M rv[4];
+      load_quad(mass + i0, l0, l1, rv);
+#pragma unroll
+      for (int l = 0; l < 4; ++l) {
+        vq[l] = (T)rv[l];
+        if (ms.update) vq[l] = mass_update(vq[l], gr[l], mass_beta, mass_omb);
+        mass_factors(vq[l], mass_bias, mass_eps, need_sm, need_rs, &inv[l], &sm[l], &rs[l]);
+      }
+    }
+
     float z[4];
     auto noise = [&](const Op& op, double scale) -> const float* {
       quad_noise(c.seed, d.uid, step, op, scale, q, z);
       return z;
     };
-    interpret<4>(kDevCoef ? s_ops : c.ops, c.n_ops, 4, th, pm, gr, s_fac, skip_theta, noise);
+    interpret<4, kMass>(kDevCoef ? s_ops : c.ops, c.n_ops, 4, th, pm, gr, s_fac, skip_theta,
+                        noise, MassFactors<T>{inv, sm, rs});
 
     if (kMode == kSum) {
 #pragma unroll
       for (int l = 0; l < 4; ++l)
-        if (l >= l0 && l < l1) acc += (double)pm[l] * (double)pm[l];
+        if (l >= l0 && l < l1)
+          acc += kMass ? (double)pm[l] * (double)pm[l] * (double)inv[l]
+                       : (double)pm[l] * (double)pm[l];
     } else {
       P st[4];
       quad_to_storage(th, st, c.stochastic != 0, make_key(c.seed, d.uid, step, kRoundingDraw),
@@ -435,6 +471,12 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int l = 0; l < 4; ++l) sp[l] = (M)pm[l];
         store_quad(mom + i0, l0, l1, sp);
+      }
+      if (kMass && ms.update) {
+        M sv[4];
+#pragma unroll
+        for (int l = 0; l < 4; ++l) sv[l] = (M)vq[l];
+        store_quad(mass + i0, l0, l1, sv);
       }
     }
   }
@@ -519,8 +561,14 @@ __global__ void __launch_bounds__(kSegThreads) seg_kernel(const __grid_constant_
 // The coefficients of op threadIdx.x from the hyperparameters in device memory (substeps.h).
 __global__ void coef_kernel(const __grid_constant__ CoefArgs a) {
   const int o = threadIdx.x;
+  const Hyper h{a.hyper[0], a.hyper[1], a.hyper[2], a.hyper[3], a.hyper[4],
+                a.hyper[5], a.hyper[6], a.hyper[7], a.hyper[8]};
+  if (o == 0) {  // the mass's settings (kMassCoef)
+    a.out[kMassCoef] = h.mass_beta;
+    a.out[kMassCoef + 1] = h.mass_eps;
+    a.out[kMassCoef + 2] = h.mass_freeze;
+  }
   if (o >= a.n_ops) return;
-  const Hyper h{a.hyper[0], a.hyper[1], a.hyper[2], a.hyper[3], a.hyper[4], a.hyper[5]};
   letter_coefficients(a.letter[o], a.factor[o] * h.lr, h, a.out + 3 * o, a.grad_sign);
 }
 
@@ -759,6 +807,9 @@ KCommon make_common(const StepArgs& a, int n_ops, int32_t* flag) {
   c.partials = a.scratch ? a.scratch + kCoefDoubles : nullptr;
   c.coef = device_coef(a);
   c.stochastic = a.stochastic_rounding;
+  c.mass_beta = a.prog->mass_beta;
+  c.mass_eps = a.prog->mass_eps;
+  c.mass_freeze = a.prog->mass_freeze;
   return c;
 }
 
@@ -769,6 +820,7 @@ void launch_phase_t(const StepArgs& a, const ChunkLayout& layout, const KCommon&
   // Device coefficients (capturable steps, whose launches a graph replays cheaply) take only
   // the 4 KB layout: half the instantiations.
   const bool dev_coef = common.coef != nullptr;
+  const bool mass = a.prog->mass != 0;  // the adaptive mass: its own instantiations
   const int max_t = large_params() && !dev_coef ? kMaxT : kSmallT;
   la.c = common;
   la.n_t = 0;
@@ -784,15 +836,33 @@ void launch_phase_t(const StepArgs& a, const ChunkLayout& layout, const KCommon&
       memcpy(small.t, la.t, sizeof(KTensor) * la.n_t);
       bool launched = false;
       if constexpr (kMode != kCheck) {  // a check runs no letters: never device coefficients
-        if (dev_coef) {
-          phase_kernel<P, M, T, kMode, kSmallT, true><<<(unsigned)blocks, kThreads, 0, st>>>(small);
+        if (dev_coef && mass) {
+          phase_kernel<P, M, T, kMode, kSmallT, true, true>
+              <<<(unsigned)blocks, kThreads, 0, st>>>(small);
+          launched = true;
+        } else if (dev_coef) {
+          phase_kernel<P, M, T, kMode, kSmallT, true, false>
+              <<<(unsigned)blocks, kThreads, 0, st>>>(small);
+          launched = true;
+        } else if (mass) {
+          phase_kernel<P, M, T, kMode, kSmallT, false, true>
+              <<<(unsigned)blocks, kThreads, 0, st>>>(small);
           launched = true;
         }
       }
       if (!launched)
-        phase_kernel<P, M, T, kMode, kSmallT, false><<<(unsigned)blocks, kThreads, 0, st>>>(small);
+        phase_kernel<P, M, T, kMode, kSmallT, false, false>
+            <<<(unsigned)blocks, kThreads, 0, st>>>(small);
     } else {
-      phase_kernel<P, M, T, kMode, kMaxT, false><<<(unsigned)blocks, kThreads, 0, st>>>(la);
+      bool launched = false;
+      if constexpr (kMode != kCheck) {
+        if (mass) {
+          phase_kernel<P, M, T, kMode, kMaxT, false, true><<<(unsigned)blocks, kThreads, 0, st>>>(la);
+          launched = true;
+        }
+      }
+      if (!launched)
+        phase_kernel<P, M, T, kMode, kMaxT, false, false><<<(unsigned)blocks, kThreads, 0, st>>>(la);
     }
     check_launch("the phase kernel");
     la.n_t = 0;
@@ -1095,6 +1165,19 @@ void cuda_fill_normal(float* out, int64_t n, uint64_t seed, uint32_t uid, uint64
   normal_kernel<<<(unsigned)blocks, threads, 0, (cudaStream_t)stream>>>(
       out, n, make_key(seed, uid, step, draw), offset);
   check_launch("the normal kernel");
+}
+
+int cuda_runtime_version() { return CUDART_VERSION; }
+
+// Whether the kernels can run on `device`: the runtime finds an image for its architecture
+// (SASS, or PTX the driver compiles) or says which error it met (cudaErrorNoKernelImageForDevice,
+// cudaErrorUnsupportedPtxVersion, ...). The loader asks before the first step on a device.
+void cuda_probe(int device) {
+  require_driver();
+  DeviceGuard guard(device);
+  cudaFuncAttributes attr;
+  check_call(cudaFuncGetAttributes(&attr, normal_kernel),
+             "looking up the kernels' image for this GPU (cudaFuncGetAttributes)");
 }
 
 }  // namespace te

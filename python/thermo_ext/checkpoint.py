@@ -1,21 +1,25 @@
-"""Checkpoints of a :class:`~thermo_ext.optim.Thermo`: validating a state dict before anything is
-loaded, and the optional keys older checkpoints lack (docs/DESIGN.md, "Failure model": a rejected
-call changes nothing)."""
+"""Checkpoints of a :class:`~thermo_ext.optim.Thermo`: loading a state dict (:func:`load`), after
+validating all of it, and the optional keys older checkpoints lack (docs/DESIGN.md, "Failure
+model": a rejected call changes nothing)."""
 
 from __future__ import annotations
 
 from typing import Any, Dict
 
 import torch
+from torch.optim import Optimizer
 
 from . import distributed as dist_glue
+from .calls import momentum_dtype
 from .groups import GROUP_KEYS, check_group, param_label
 
-__all__ = ["OPTIONAL_GROUP_KEYS", "with_optional_keys", "validate", "saved_momenta"]
+__all__ = ["OPTIONAL_GROUP_KEYS", "STATE_TENSORS", "with_optional_keys", "validate",
+           "saved_momenta", "load"]
 
 #: Group keys added after the first release, with the value a checkpoint without them means.
 OPTIONAL_GROUP_KEYS: Dict[str, Any] = dict(maximize=False, foreach=None, fused=None,
-                                           differentiable=False)
+                                           differentiable=False, mass="unit", mass_beta=0.999,
+                                           mass_eps=1e-8, mass_freeze=None)
 
 
 def with_optional_keys(sd: Dict[str, Any]) -> Dict[str, Any]:
@@ -84,32 +88,97 @@ def validate(param_groups, sd: Dict[str, Any]) -> None:
             entry = sd["state"].get(pid, {})
             if not isinstance(entry, dict):
                 raise ValueError(f"{where}{param_label(group, pos)}: expected a dict of state")
+            label = f"{where}{param_label(group, pos)}"
+            _check_buffer(label, "exp_avg_sq", entry.get("exp_avg_sq"), p, nonnegative=True)
+            start = entry.get("mass_start", 0)
+            if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+                raise ValueError(f"{label}: mass_start must be an int >= 0 (the step of the "
+                                 f"second moment's first gradient), got {start!r}")
             m = entry.get("momentum_buffer")
             if m is None:
                 continue
             n_moms += 1
-            if (not isinstance(m, torch.Tensor) or tuple(m.shape) != tuple(p.shape)
-                    or not (m.is_floating_point() or m.is_complex())
-                    or m.is_complex() != p.is_complex()):
-                raise ValueError(f"{where}{param_label(group, pos)}: momentum_buffer must be a "
-                                 f"{'complex' if p.is_complex() else 'floating'} tensor of the "
-                                 f"parameter's shape {tuple(p.shape)}, got "
-                                 f"{getattr(m, 'dtype', type(m).__name__)} "
-                                 f"{tuple(getattr(m, 'shape', ()))}")
-            if not torch.isfinite(dist_glue.local(m)).all():
-                raise ValueError(f"{where}{param_label(group, pos)}: momentum_buffer has non-finite values")
+            _check_buffer(label, "momentum_buffer", m, p)
         if (saved["xi"] is not None and int(saved["step"]) > 0 and scheme.uses_momentum
                 and n_moms == 0 and len(group["params"])):
             raise ValueError(f"{where}a thermostatted group that has stepped but no momenta: the "
                              f"momenta are missing from the state dict")
 
 
-def saved_momenta(param_groups, sd: Dict[str, Any]) -> Dict[torch.Tensor, torch.Tensor]:
-    """parameter -> its saved momentum (the tensors of a validated state dict)."""
+def _check_buffer(label: str, key: str, t, p, nonnegative: bool = False) -> None:
+    """A saved state tensor of parameter ``p`` (None: absent): a floating (complex for a complex
+    parameter) tensor of its shape with finite (and, ``nonnegative``, non-negative) values."""
+    if t is None:
+        return
+    if (not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(p.shape)
+            or not (t.is_floating_point() or t.is_complex()) or t.is_complex() != p.is_complex()):
+        raise ValueError(f"{label}: {key} must be a "
+                         f"{'complex' if p.is_complex() else 'floating'} tensor of the "
+                         f"parameter's shape {tuple(p.shape)}, got "
+                         f"{getattr(t, 'dtype', type(t).__name__)} "
+                         f"{tuple(getattr(t, 'shape', ()))}")
+    values = dist_glue.local(t)
+    values = torch.view_as_real(values) if values.is_complex() else values
+    if not torch.isfinite(values).all():
+        raise ValueError(f"{label}: {key} has non-finite values")
+    if nonnegative and bool((values < 0).any()):
+        raise ValueError(f"{label}: {key} has negative values (it is a second moment)")
+
+
+#: The state tensors of a parameter that a checkpoint carries: the momentum and (adaptive mass)
+#: the second moment.
+STATE_TENSORS = ("momentum_buffer", "exp_avg_sq")
+
+
+def saved_momenta(param_groups, sd: Dict[str, Any]) -> Dict[torch.Tensor, Dict[str, Any]]:
+    """parameter -> its saved state tensors (``STATE_TENSORS`` present) of a validated state
+    dict."""
     out = {}
     for g_saved, group in zip(sd["param_groups"], param_groups):
         for pid, p in zip(g_saved["params"], group["params"]):
-            m = sd["state"].get(pid, {}).get("momentum_buffer")
-            if m is not None:
-                out[p] = m
+            entry = sd["state"].get(pid, {})
+            tensors = {k: entry[k] for k in STATE_TENSORS if entry.get(k) is not None}
+            if tensors:
+                out[p] = tensors
     return out
+
+
+def load(opt, state_dict: Dict[str, Any]) -> None:
+    """``opt.load_state_dict(state_dict)``, as torch.optim's: the load_state_dict pre hooks run
+    first and what they return is loaded — after validating all of it (shapes, dtypes,
+    scheme, seed, step, finite values): a bad state dict raises ValueError and changes
+    nothing — then the post hooks, once the whole state is in place."""
+    state_dict = state_dict.copy() if isinstance(state_dict, dict) else state_dict
+    pre_hooks = opt._optimizer_load_state_dict_pre_hooks
+    post_hooks = opt._optimizer_load_state_dict_post_hooks
+    for pre_hook in pre_hooks.values():
+        result = pre_hook(opt, state_dict)
+        if result is not None:
+            state_dict = result
+    state_dict = with_optional_keys(state_dict)
+    validate(opt.param_groups, state_dict)
+    saved_moms = saved_momenta(opt.param_groups, state_dict)
+    # torch's load runs the hooks itself: the pre hooks ran above, the post hooks run once the
+    # whole state (our momenta included) is in place.
+    opt._optimizer_load_state_dict_pre_hooks = type(pre_hooks)()
+    opt._optimizer_load_state_dict_post_hooks = type(post_hooks)()
+    try:
+        Optimizer.load_state_dict(opt, state_dict)
+    finally:
+        opt._optimizer_load_state_dict_pre_hooks = pre_hooks
+        opt._optimizer_load_state_dict_post_hooks = post_hooks
+    opt._cache.invalidate()
+    for p, tensors in saved_moms.items():
+        # Our own copies (torch would alias the saved tensors, and cast the float32 momenta of
+        # bf16/fp16 parameters to the parameter dtype).
+        for key, t in tensors.items():
+            opt.state[p][key] = t.detach().to(device=p.device, dtype=momentum_dtype(p),
+                                              copy=True)
+    for group in opt.param_groups:
+        device = group["params"][0].device if group["params"] else torch.device("cpu")
+        if isinstance(group.get("xi"), torch.Tensor):
+            group["xi"] = group["xi"].detach().to(device=device, dtype=torch.float64, copy=True)
+        if isinstance(group.get("step"), torch.Tensor):
+            group["step"] = group["step"].detach().to(device=device, copy=True)
+    for post_hook in post_hooks.values():
+        post_hook(opt)

@@ -693,23 +693,35 @@ def _cuda_version(value) -> str:
 
 
 def cuda_status(info: Dict) -> List[str]:
-    """Plain lines: whether the CUDA engine was compiled, whether it can run here, and why not."""
+    """Plain lines: which CUDA engine library serves this torch (and why), whether the engine can
+    run here, and why not."""
     import torch
 
     compiled = bool(info.get("cuda"))
+    chosen = info.get("cuda_library_why")
     if not compiled:
-        built = "no (built without CUDA: THERMO_EXT_CUDA=OFF or no CUDA toolkit at build time)"
+        built = f"no ({chosen or 'no CUDA engine library is installed'})"
     elif info.get("cuda_archs"):
         built = f"yes (architectures {info['cuda_archs']})"
     else:
         built = "yes"
-    lines = [f"CUDA engine compiled: {built}"]
+    lines = [f"CUDA engine library for this torch: {built}"]
+    if "cuda_libraries" in info:
+        lines.append(f"  installed: {', '.join(info['cuda_libraries']) or 'none'}")
+    if compiled and chosen:
+        lines.append(f"  chosen: {chosen}")
+    if info.get("cuda_library"):
+        floor = f" (needs a driver >= {info['cuda_min_driver']})" \
+            if info.get("cuda_min_driver") else ""
+        lines.append(f"  loaded: {info['cuda_library']}{floor}")
     if not compiled:
-        why = "the engine was built without CUDA"
+        why = "no engine library for this torch: CUDA tensors step with the torch-op fallback"
     elif torch.version.cuda is None:
         why = f"this torch ({torch.__version__}) is built without CUDA"
     elif not torch.cuda.is_available():
         why = "no CUDA device visible (torch.cuda.is_available() is False)"
+    elif info.get("cuda_fallback"):
+        why = f"CUDA tensors step with the torch-op fallback: {info['cuda_fallback']}"
     else:
         why = ""
     if info.get("cuda_available") and not why:
@@ -720,7 +732,8 @@ def cuda_status(info: Dict) -> List[str]:
         why = why or "build_info() reports it unavailable"
         lines.append(f"CUDA engine usable here: no ({why})")
     # The versions, where this build reports them (keys named after the driver and the runtime).
-    versions = [(k, v) for k, v in info.items() if "driver" in k or "runtime" in k]
+    versions = [(k, v) for k, v in info.items()
+                if ("driver" in k or "runtime" in k) and k != "cuda_min_driver"]
     if versions:
         lines.append("CUDA versions: " + ", ".join(f"{k.replace('_', ' ')} {_cuda_version(v)}"
                                                    for k, v in versions))
@@ -730,8 +743,15 @@ def cuda_status(info: Dict) -> List[str]:
 def cmd_info(args) -> int:
     import torch
 
-    from . import build_info
+    from . import build_info, cuda_library
 
+    # A diagnostic: load the library this torch would use (and ask whether it runs on device 0
+    # where there is one), so that the table says what a CUDA step would find.
+    if cuda_library.choose().path is not None:
+        if torch.cuda.is_available():
+            cuda_library.verdict(torch.cuda.current_device())
+        else:
+            cuda_library.load()
     info = build_info()
     for line in cuda_status(info):
         print(line)

@@ -20,6 +20,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 from ._compat import compute_local_shape_and_global_offset, dtensor_type
+from .refusal import Refusal
 
 __all__ = ["is_dtensor", "is_sharded", "local", "like_param", "shard_runs", "sum_key",
            "sum_groups", "mesh_sum_hook", "broadcast_seed", "all_reduce_sum", "Agreement"]
@@ -194,16 +195,17 @@ class Agreement:
     def rank(self) -> int:
         return _dist().get_rank(self.group) if self.group is not None else _dist().get_rank()
 
-    def verdict(self, local_bad: Optional[tuple], flag: Optional[torch.Tensor] = None,
-                host: bool = True) -> Optional[tuple]:
-        """Agrees on the step. On the CPU ``local_bad`` is this rank's first failure (or None);
-        with a device ``flag`` (int32, its first entry the engine's code + 1, 0 when clean) the
-        flags are combined on the device (MAX), and read on the host only when ``host``
-        (capturable steps skip on the device everywhere instead).
+    def verdict(self, local: Optional[Refusal], flag: Optional[torch.Tensor] = None,
+                host: bool = True) -> Optional[Refusal]:
+        """Agrees on the step. On the CPU ``local`` is this rank's refusal (or None); with a
+        device ``flag`` (int32, its first entry the engine's code + 1, 0 when clean) the flags
+        are combined on the device (MAX), and read on the host only when ``host`` (capturable
+        steps skip on the device everywhere instead).
 
-        Returns None when every rank's check passed, else (rank, local failure) of the lowest
-        failing rank, which every rank then raises."""
+        Returns None when every rank's check passed, else the refusal of the lowest failing
+        rank (its ``rank`` set when that is not this one), which every rank then raises."""
         dist = _dist()
+        me = self.rank()
         if flag is not None:
             mine = flag.clone()
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
@@ -211,16 +213,19 @@ class Agreement:
                 return None
             codes = self._gather(mine)
             rank = next(r for r, c in enumerate(codes) if int(c[0]) != 0)
-            return rank, int(codes[rank][0]) - 1
-        mine = torch.tensor([0 if local_bad is None else 1], dtype=torch.int64,
-                            device=_collective_device())
-        dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=self.group)
-        if int(mine.item()) == 0:
+            return Refusal.from_code(int(codes[rank][0]) - 1, rank=None if rank == me else rank)
+        failed = torch.tensor([0 if local is None else 1], dtype=torch.int64,
+                              device=_collective_device())
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=self.group)
+        if int(failed.item()) == 0:
             return None
-        everyone: List[Optional[tuple]] = [None] * dist.get_world_size(self.group)
-        dist.all_gather_object(everyone, local_bad, group=self.group)
+        everyone: List[Optional[Refusal]] = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(everyone, local, group=self.group)
         rank = next(r for r, b in enumerate(everyone) if b is not None)
-        return rank, everyone[rank]
+        refusal = everyone[rank]
+        if rank != me:
+            refusal.rank = rank
+        return refusal
 
     def _gather(self, t: torch.Tensor) -> List[torch.Tensor]:
         dist = _dist()

@@ -7,18 +7,20 @@ the same signature as :func:`thermo_ext.reference.thermo_step`, its pure-PyTorch
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import _C
+from . import _C, cuda_library
+from .refusal import Refusal
 from .schemes import FoldedScheme
 
 __all__ = ["thermo_step", "fill_normal", "philox_words", "build_program", "coefficients",
            "check_hyper", "check_tensors", "momentum_dtype", "uid", "EnginePlan", "run_plans",
-           "DTYPES", "LETTER_CODES", "BAD_KINDS", "MODES", "HYPER_FIELDS"]
+           "Hyper", "DTYPES", "LETTER_CODES", "BAD_KINDS", "MODES", "HYPER_FIELDS"]
 
 # The engine's constants, defined once in C++ (csrc/engine.h, substeps.h) and read from _C.
 DTYPES = {getattr(torch, name): code for name, code in _C.DTYPE_CODES.items()}
@@ -27,6 +29,11 @@ BAD_KINDS = tuple(_C.BAD_KINDS)           # by code % 4 of a refused step
 MODES = dict(_C.MODES)                    # run_plans / thermo_step mode -> engine code
 HYPER_FIELDS = tuple(_C.HYPER_FIELDS)     # the order of a device hyperparameter tensor
 U64 = 2**64
+
+#: A group's hyperparameters as numbers: the engine's fields (``HYPER_FIELDS``, csrc/substeps.h
+#: Hyper, in that order) and ``maximize`` (B and V see −g). A program is built from one.
+#: ``mass_freeze`` None (never frozen) is the engine's 0.
+Hyper = collections.namedtuple("Hyper", (*HYPER_FIELDS, "maximize"))
 
 
 def check_int(name: str, value, lo: int, hi: int) -> int:
@@ -121,31 +128,37 @@ def coefficients(letter: str, delta: float, *, lr: float, gamma: float, tau: flo
         raise ValueError(f"letter: unknown letter {letter!r}; expected one of "
                          f"{''.join(LETTER_CODES)}")
     return _C.letter_coefficients(LETTER_CODES[letter], delta,
-                                  (lr, gamma, tau, sigma, eps, weight_decay), maximize)
+                                  [lr, gamma, tau, sigma, eps, weight_decay], maximize)
 
 
 @functools.lru_cache(maxsize=256)
-def build_program(scheme: FoldedScheme, first: bool, lr: float, gamma: float, tau: float,
-                  sigma: float, eps: float, weight_decay: float,
-                  maximize: bool = False) -> "_C.Program":
+def build_program(scheme: FoldedScheme, first: bool, hyper: Hyper,
+                  mass: bool = False) -> "_C.Program":
     """The engine program of one step of ``scheme``: its letters with their factors, draws and
-    xi versions, and the coefficients the engine computes from the hyperparameters."""
+    xi versions, the coefficients the engine computes from the hyperparameters, and (``mass``)
+    the adaptive mass's settings."""
     letters = [(LETTER_CODES[x.letter], x.factor, x.draw or 0, x.xi_version)
                for x in scheme.program(first)]
-    return _C.Program(letters, (lr, gamma, tau, sigma, eps, weight_decay), maximize)
+    values = [0.0 if v is None else v for v in hyper[:len(HYPER_FIELDS)]]  # mass_freeze None: 0
+    return _C.Program(letters, values, hyper.maximize, mass)
 
 
 def _device_index(t: torch.Tensor) -> int:
     if t.device.type == "cpu":
         return -1
     if t.device.type == "cuda":
-        if not _C.cuda_compiled():
-            raise RuntimeError(
-                "thermo_ext was built without CUDA, so it cannot step CUDA tensors: reinstall "
-                "where nvcc is on PATH with `pip install --no-build-isolation "
-                "-C cmake.define.THERMO_EXT_CUDA=ON .`")
         return t.device.index if t.device.index is not None else torch.cuda.current_device()
     raise ValueError(f"device {t.device}: thermo_ext runs on cpu and cuda tensors only")
+
+
+def _engine_index(t: torch.Tensor) -> int:
+    """``_device_index`` of a tensor the engine is about to run on: on a CUDA device, the CUDA
+    engine library is loaded (the first time) and must be able to run there, else RuntimeError
+    saying why and what fixes it (thermo_ext.cuda_library)."""
+    dev = _device_index(t)
+    if dev >= 0 and t.device.type == "cuda":
+        cuda_library.require(dev)
+    return dev
 
 
 def on_device(t: torch.Tensor) -> bool:
@@ -178,7 +191,7 @@ def fill_normal(out: torch.Tensor, *, seed: int, uid: int, step: int, draw: int,
     offset = check_int("offset", offset, 0, 2**62)
     if out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError("out: expected a contiguous float32 tensor")
-    dev = _device_index(out)
+    dev = _engine_index(out)
     _C.fill_normal(dev, _stream(dev), out.data_ptr(), out.numel(), seed, uid, step, draw, offset)
     return out
 
@@ -246,7 +259,7 @@ class EnginePlan:
 
     __slots__ = ("plan", "scheme", "device", "params", "momenta", "xi", "workspace", "scratch",
                  "step_tensor", "n_seg", "seg_numel", "sum_hook", "hyper", "_sum_views",
-                 "program", "program_key", "grad_map")
+                 "program", "program_key", "grad_map", "mass", "masses")
 
     def __init__(self, params: Sequence[torch.Tensor], momenta: Sequence[Optional[torch.Tensor]],
                  *, scheme: FoldedScheme, xi: Optional[torch.Tensor], segments: Sequence[int],
@@ -254,10 +267,19 @@ class EnginePlan:
                  offsets: Optional[Sequence[int]] = None,
                  runs: Optional[Sequence[Optional[Tuple[int, int]]]] = None,
                  step_tensor: Optional[torch.Tensor] = None,
-                 workspace: Optional[torch.Tensor] = None):
+                 workspace: Optional[torch.Tensor] = None,
+                 masses: Optional[Sequence[torch.Tensor]] = None,
+                 mass_starts: Optional[Sequence[int]] = None):
         n = len(params)
         p0 = params[0]
-        dev = _device_index(p0)
+        dev = _engine_index(p0)
+        if masses is not None:  # the adaptive mass: v of each parameter, in the momenta's dtype
+            if len(masses) != n or mass_starts is None or len(mass_starts) != n:
+                raise ValueError(f"masses, mass_starts: expected {n} of each (one per parameter)")
+            for i, (v, p) in enumerate(zip(masses, params)):
+                check_buffer(f"masses[{i}]", v, dtype=momentum_dtype(p.dtype), device=p.device,
+                             numel=p.numel())
+                check_int(f"mass_starts[{i}]", mass_starts[i], 0, 2**63)
         if scheme.uses_thermostat:
             if not isinstance(xi, torch.Tensor):
                 raise TypeError(f"xi: scheme {scheme.written!r} has a thermostat; expected a "
@@ -304,17 +326,25 @@ class EnginePlan:
         thetas = [params[i].data_ptr() + lo * size for i, lo, _, _ in pieces]
         moms = [0 if momenta[i] is None else momenta[i].data_ptr() + lo * momenta[i].element_size()
                 for i, lo, _, _ in pieces]
+        mass_ptrs, starts = [], []
+        if masses is not None:
+            mass_ptrs = [masses[i].data_ptr() + lo * masses[i].element_size()
+                         for i, lo, _, _ in pieces]
+            starts = [int(mass_starts[i]) for i, _, _, _ in pieces]
         #: Per engine tensor (its parameter, byte offset of its gradient); None: one per parameter.
         self.grad_map = None if len(pieces) == n else [(i, lo * size) for i, lo, _, _ in pieces]
         self.plan = _C.Plan(dev, DTYPES[p0.dtype], thetas, moms, numels,
                             [o for _, _, _, o in pieces], [uids[i] for i, _, _, _ in pieces],
                             [segments[i] for i, _, _, _ in pieces], int(seed),
                             _ptr(step_tensor), _ptr(xi), n_seg, [float(x) for x in seg_numel],
-                            _ptr(workspace) if n_e else 0, _ptr(scratch), scratch_len)
+                            _ptr(workspace) if n_e else 0, _ptr(scratch), scratch_len,
+                            mass_ptrs, starts)
         self.scheme = scheme
         self.device = dev
         self.params = list(params)
         self.momenta = list(momenta)
+        self.mass = masses is not None
+        self.masses = None if masses is None else list(masses)
         self.xi = xi
         self.workspace = workspace
         self.scratch = scratch
@@ -328,40 +358,40 @@ class EnginePlan:
         self.program, self.program_key = None, None  # the last program set_fast built
 
     def set(self, grads: Sequence[torch.Tensor], *, lr, gamma, tau, sigma, eps, weight_decay,
-            step: int, first: bool, stochastic_rounding: bool = True,
-            maximize: bool = False) -> None:
+            step: int, first: bool, stochastic_rounding: bool = True, maximize: bool = False,
+            mass_beta: float = 0.999, mass_eps: float = 1e-8, mass_freeze: int = 0) -> None:
         """Gradients, hyperparameters and step counter of the next step; the gradients are
-        checked against the parameters (dtype, device, size, contiguity)."""
+        checked against the parameters (dtype, device, size, contiguity). The mass settings
+        matter to a plan made with masses (mass_freeze 0: never frozen)."""
         if len(grads) != len(self.params):
             raise ValueError(f"grads: expected {len(self.params)} tensors (one per parameter), "
                              f"got {len(grads)}")
         for i, (g, p) in enumerate(zip(grads, self.params)):
             check_buffer(f"grads[{i}]", g, dtype=p.dtype, device=p.device, numel=p.numel())
-        prog = build_program(self.scheme, first, lr, gamma, tau, sigma, eps, weight_decay,
-                             maximize)
-        self.plan.set(self._grad_ptrs(grads), prog, step % 2**32, stochastic_rounding)
+        prog = build_program(self.scheme, first,
+                             Hyper(lr, gamma, tau, sigma, eps, weight_decay, mass_beta, mass_eps,
+                                   mass_freeze, maximize), self.mass)
+        self.plan.set(self._grad_ptrs(grads), prog, step, stochastic_rounding)
 
     def _grad_ptrs(self, grads: Sequence[torch.Tensor]) -> List[int]:
         ptrs = [g.data_ptr() for g in grads]
         return ptrs if self.grad_map is None else [ptrs[i] + b for i, b in self.grad_map]
 
-    def set_fast(self, grads: Sequence[torch.Tensor], hyper: tuple, step: int, first: bool,
+    def set_fast(self, grads: Sequence[torch.Tensor], hyper: Hyper, step: int, first: bool,
                  stochastic_rounding: bool) -> None:
-        """``set`` for callers that validated ``hyper`` = (lr, gamma, tau, sigma, eps,
-        weight_decay[, maximize]) and the gradients already (the optimizer's hot path: torch's
-        ``.grad`` setter guarantees dtype, device and shape, and the optimizer makes them
-        contiguous)."""
+        """``set`` for callers that validated ``hyper`` and the gradients already (the
+        optimizer's hot path: torch's ``.grad`` setter guarantees dtype, device and shape, and
+        the optimizer makes them contiguous)."""
         key = (hyper, first)
         if key != self.program_key:  # a step's program changes when its settings do
-            self.program = build_program(self.scheme, first, *hyper)
+            self.program = build_program(self.scheme, first, hyper, self.mass)
             self.program_key = key
-        self.plan.set(self._grad_ptrs(grads), self.program, step % 2**32, stochastic_rounding)
+        self.plan.set(self._grad_ptrs(grads), self.program, step, stochastic_rounding)
 
     def set_device_hyper(self, hyper: Optional[torch.Tensor]) -> None:
-        """Reads the coefficients' hyperparameters from ``hyper`` (float64, 6 elements in
-        ``HYPER_FIELDS`` order: lr, gamma, tau, sigma, eps, weight_decay, on the plan's CUDA
-        device) at the start of every CUDA call, instead of from the host values given to
-        ``set``. A CUDA graph captured over this plan then follows in-place changes of the
+        """Reads the coefficients' hyperparameters from ``hyper`` (float64, one element per
+        ``HYPER_FIELDS``, in that order, on the plan's CUDA device) at the start of every CUDA
+        call, instead of from the host values given to ``set``. A CUDA graph captured over this plan then follows in-place changes of the
         tensor (schedulers). The host values still choose the program (first step or not).
         ``None`` goes back to the host values. The device's exp/expm1/sqrt may differ from the
         host's by an ulp, so the coefficients (and the step) may too."""
@@ -402,30 +432,38 @@ def _check_flag(flag, plans: Sequence[EnginePlan]) -> None:
 
 
 def run_plans(plans: Sequence[EnginePlan], *, check: bool, flag: Optional[torch.Tensor] = None,
-              mode: str = "all") -> Optional[Tuple[int, int, str]]:
-    """One step over several plans (set beforehand), in one engine call. With a check and
-    several plans, every plan's checks and sum phases run before any plan writes (the engine's
-    staging protocol, csrc/bindings.cpp run_plans). A plan with a ``sum_hook`` runs its sum
-    phases one by one with the hook between them, and still runs them (without writing) after
-    another plan was refused, so that the collectives in the hooks match across ranks. Returns
-    None or (plan index, tensor or segment index, kind). ``flag``: the CUDA plans' non-finite
-    flag (int32, on their device)."""
-    if mode not in MODES:
-        raise ValueError(f"mode: expected one of {tuple(MODES)}, got {mode!r}")
+              mode: str = "all", modes: Optional[Sequence[str]] = None) -> Optional[Refusal]:
+    """Runs ``mode`` (or ``modes[i]``) of each plan (set beforehand; a plan may appear more
+    than once) in order, in one engine call, up to the first refusal; returns it (its ``plan``
+    the entry's position) or None. One plan's ``"all"`` is all or nothing; a step over several
+    plans is ordered by :func:`thermo_ext.backends.run_step` (every ``"pre"`` before any
+    ``"finish"``). A plan with a ``sum_hook`` runs its sum phases one by one with the hook
+    between them (with zero sums after its own refusal, so that the collectives in the hooks
+    match across ranks). ``flag``: the CUDA plans' non-finite flag (int32, on their device):
+    there a refusal is recorded in the flag instead of returned."""
+    if modes is None:
+        modes = [mode] * len(plans)
+    elif len(modes) != len(plans):
+        raise ValueError(f"modes: expected one per plan ({len(plans)}), got {len(modes)}")
+    try:
+        codes = [MODES[m] for m in modes]
+    except (KeyError, TypeError):
+        raise ValueError(f"mode: expected one of {tuple(MODES)}, got "
+                         f"{next(m for m in modes if m not in MODES)!r}") from None
     if flag is not None:
         _check_flag(flag, plans)
     streams = [pl.stream() if pl.device >= 0 else 0 for pl in plans]
-    args = ([pl.plan for pl in plans], streams, bool(check), _ptr(flag), MODES[mode])
+    args = ([pl.plan for pl in plans], streams, bool(check), _ptr(flag), codes)
     if any(pl.sum_hook is not None for pl in plans):
-        i, bad = _C.run_plans(*args, [pl._hook() for pl in plans])
+        i, code = _C.run_plans(*args, [pl._hook() for pl in plans])
     else:  # the usual step: no per-plan hooks to convert
-        i, bad = _C.run_plans(*args)
+        i, code = _C.run_plans(*args)
     if i < 0:
         return None
-    index, kind = bad // 4, BAD_KINDS[bad % 4]
-    if kind != "thermostat" and plans[i].grad_map is not None:  # a run: its parameter
-        index = plans[i].grad_map[index][0]
-    return i, index, kind
+    refusal = Refusal.from_code(code, plan=i)
+    if refusal.kind != "thermostat" and plans[i].grad_map is not None:  # a run: its parameter
+        refusal.index = plans[i].grad_map[refusal.index][0]
+    return refusal
 
 
 def thermo_step(params: List[torch.Tensor], momenta: List[Optional[torch.Tensor]],
@@ -441,10 +479,12 @@ def thermo_step(params: List[torch.Tensor], momenta: List[Optional[torch.Tensor]
                 step_tensor: Optional[torch.Tensor] = None,
                 flag: Optional[torch.Tensor] = None,
                 validate: bool = True, mode: str = "all",
-                maximize: bool = False) -> Optional[Tuple[int, str]]:
-    """One step of ``scheme`` on the tensors, in place. Returns None, or (index, kind) of the
-    first non-finite value found by the check (kind in BAD_KINDS; for "thermostat" the index is
-    the segment), in which case nothing was modified.
+                maximize: bool = False, masses: Optional[List[torch.Tensor]] = None,
+                mass_starts: Optional[Sequence[int]] = None, mass_beta: float = 0.999,
+                mass_eps: float = 1e-8, mass_freeze: int = 0) -> Optional[Refusal]:
+    """One step of ``scheme`` on the tensors, in place. Returns None, or the :class:`Refusal`
+    of the first non-finite value found by the check (its ``index`` a tensor, or for kind
+    "thermostat" a segment; its ``plan`` None), in which case nothing was modified.
 
     ``xi`` is a float64 tensor of one thermostat variable per segment; ``segments[i]`` is tensor
     i's segment; ``seg_numel`` the elements per segment (defaults to the local tensors');
@@ -452,6 +492,9 @@ def thermo_step(params: List[torch.Tensor], momenta: List[Optional[torch.Tensor]
     ``runs[i]`` = (run, stride), when given, makes element l's global index
     ``offsets[i] + (l // run) * stride + l % run`` (a shard on another dim than 0);
     ``sum_hook(sums)``, when given, may reduce the segment sums of each E in place (distributed).
+    ``masses`` (the adaptive mass of docs/DESIGN.md, Mass), when given: each tensor's second
+    moment v (the momenta's dtype), updated in place, ``mass_starts[i]`` the step whose gradient
+    was v's first; ``mass_beta``, ``mass_eps``, ``mass_freeze`` (0: never) its settings.
     On CUDA nothing is returned: a non-finite value sets ``flag`` (int32, device, zeroed by the
     caller) and skips the step.
 
@@ -486,10 +529,15 @@ def thermo_step(params: List[torch.Tensor], momenta: List[Optional[torch.Tensor]
         raise ValueError("workspace: mode 'pre'/'finish' needs the caller's workspace")
     plan = EnginePlan(params, momenta, scheme=scheme, xi=xi, segments=segments,
                       seg_numel=seg_numel, seed=seed, uids=uids, offsets=offsets, runs=runs,
-                      step_tensor=step_tensor, workspace=workspace)
+                      step_tensor=step_tensor, workspace=workspace, masses=masses,
+                      mass_starts=mass_starts)
     plan.set(grads, lr=float(lr), gamma=float(gamma), tau=float(tau), sigma=float(sigma),
              eps=float(eps), weight_decay=float(weight_decay), step=int(step), first=bool(first),
-             stochastic_rounding=stochastic_rounding, maximize=bool(maximize))
+             stochastic_rounding=stochastic_rounding, maximize=bool(maximize),
+             mass_beta=float(mass_beta), mass_eps=float(mass_eps),
+             mass_freeze=float(mass_freeze))
     plan.sum_hook = sum_hook
-    bad = run_plans([plan], check=bool(check_finite), flag=flag, mode=mode)
-    return None if bad is None else bad[1:]
+    refusal = run_plans([plan], check=bool(check_finite), flag=flag, mode=mode)
+    if refusal is not None:
+        refusal.plan = None
+    return refusal

@@ -22,7 +22,7 @@ from typing import List
 
 import torch
 
-__all__ = ["register", "STEP_SCHEMA"]
+__all__ = ["register", "tensor_lists", "STEP_SCHEMA"]
 
 STEP_SCHEMA = ("step(int optimizer, Tensor(a!)[] params, Tensor(b!)[] state, Tensor[] grads) "
                "-> ()")
@@ -36,6 +36,22 @@ def register(optimizer) -> int:
     handle = next(_NEXT)
     _OPTIMIZERS[handle] = optimizer
     return handle
+
+
+def tensor_lists(opt) -> tuple:
+    """(params, state): the tensors a compiled step of ``opt`` hands its op: every parameter,
+    and every state tensor the step writes (momenta, second moments, ξ, device step counters,
+    the device flag and skip counter). Made anew whenever they change (``opt`` keeps them as plain
+    attributes), so that a graph compiled before sees the change: its guards fail and it
+    recompiles once."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    state = [st[key] for p in params if (st := opt.state.get(p)) is not None
+             for key in ("momentum_buffer", "exp_avg_sq") if key in st]
+    for g in opt.param_groups:
+        state.extend(t for t in (g["xi"], g["step"]) if isinstance(t, torch.Tensor))
+    state.extend(opt._cache.flags.values())
+    state.extend(opt._skipped.values())
+    return params, state
 
 
 def _step(optimizer: int, params: List[torch.Tensor], state: List[torch.Tensor],

@@ -1,11 +1,11 @@
 """The torch.optim surface of thermo_ext: :class:`Thermo` (docs/DESIGN.md, "The optimizer").
 
 Every param group (partition) runs its own scheme with its own hyperparameters, ``lr`` being the
-step size h. Like torch.optim's optimizers, ``step()`` gathers each group's tensors
-(:mod:`thermo_ext.groups`) and hands them to a functional core: a backend
-(:mod:`thermo_ext.backends`: the compiled engine, or the plain-torch reference) run in the order
-:func:`~thermo_ext.backends.run_step` fixes. Under ``torch.compile`` the same core runs as one
-torch.library op (:mod:`thermo_ext.ops`), so the compiled step has no graph break.
+step size h. Like torch.optim's optimizers, the class gathers; a functional core steps:
+:class:`~thermo_ext.stepping.StepCache` turns the groups into engine calls and hands them to a
+backend (:mod:`thermo_ext.backends`: the compiled engine, or the plain-torch reference) in the
+order :func:`~thermo_ext.backends.run_step` fixes. Under ``torch.compile`` the same core runs as
+one torch.library op (:mod:`thermo_ext.ops`), so the compiled step has no graph break.
 """
 
 from __future__ import annotations
@@ -16,99 +16,26 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch.optim import Optimizer
 
-from . import checkpoint, kernels, ops
+from . import checkpoint, ops, reference
 from . import distributed as dist_glue
-from ._compat import (GLOBAL_STEP_POST_HOOKS, GLOBAL_STEP_PRE_HOOKS, dtensor_type,
-                      profiler_enabled, set_grad_enabled)
-from .backends import BACKENDS, Refusal, run_step
-from .distributed import Agreement
-from .groups import (HYPER_KEYS, MAX_GROUPS, STRUCTURE_KEYS, EngineCall, GroupRecord,
-                     build_calls, check_group, group_xi, hyper_values, momentum_buffers,
-                     param_label, where)
+from . import random as te_random
+from ._compat import (GLOBAL_STEP_POST_HOOKS, GLOBAL_STEP_PRE_HOOKS, profiler_enabled,
+                      set_grad_enabled)
+from .backends import BACKENDS
+from .calls import group_xi
+from .groups import MAX_GROUPS, check_group, check_torch_keywords
+from .naming import where
 from .schemes import FoldedScheme, fold
 from .stability import StabilityMonitor
+from .stepping import StepCache
 
 __all__ = ["Thermo"]
 
-_HYPER = operator.itemgetter(*HYPER_KEYS)
-_STRUCTURE = operator.itemgetter(*STRUCTURE_KEYS)
 
-
-def _GRAD(p: torch.Tensor) -> Optional[torch.Tensor]:
-    return p.grad
-
-
-def _addresses(params) -> tuple:
-    """Where the engine finds each parameter (a DTensor: its local shard)."""
-    dtensor = dtensor_type()
-    return tuple([p.data_ptr() if type(p) is not dtensor else p.to_local().data_ptr()
-                  for p in params])
-
-
-class _Steady:
-    """What :meth:`Thermo._steady_step` repeats: per group its record and, per engine call, the
-    plan and the positions of its parameters; the calls and plans in step order."""
-
-    __slots__ = ("groups", "calls", "plans")
-
-    @staticmethod
-    def of(opt, calls) -> "Optional[_Steady]":
-        """For a step of ``calls`` that the steady path can repeat: every group moves all its
-        parameters (real, plain tensors on the CPU, each one engine call of its own), with
-        host step counters and float hyperparameters; otherwise None."""
-        groups = []
-        for gi, group in enumerate(opt.param_groups):
-            rec = opt._records.get(gi)
-            if (rec is None or rec.dtensor or rec.on_device or rec.tensor_hyper
-                    or rec.device_hyper is not None or type(group["step"]) is not int
-                    or rec.active != tuple(range(len(group["params"])))):
-                return None
-            places = []
-            for c in rec.calls:
-                if (c.chain is not None or c.staged or c.xi_index is not None or c.plan is None
-                        or c.sum_hook is not None
-                        or any(p is not q for p, q in zip(c.params, c.sources))):
-                    return None
-                places.append((c.plan, list(c.positions)))
-            groups.append((rec, places))
-        steady = _Steady()
-        steady.groups, steady.calls = groups, list(calls)
-        steady.plans = [c.plan for c in calls]
-        return steady
-
-
-def _draw_seed() -> int:
-    """A uint64 from torch's default generator, so torch.manual_seed makes runs reproducible."""
-    hi, lo = torch.randint(0, 2**32, (2,), dtype=torch.int64).tolist()
-    return (hi << 32) | lo
-
-
-def _check_torch_keywords(foreach, fused, differentiable) -> None:
-    """torch.optim's implementation keywords, with what they can honestly mean here: the engine
-    is a fused multi-tensor kernel, and a step is not differentiable."""
-    if foreach not in (None, False):
-        raise ValueError(f"foreach: expected None or False, got {foreach!r}: thermo_ext's step is "
-                         f"a fused kernel over all of a group's tensors, which is what "
-                         f"foreach=True asks of torch's optimizers (leave it None)")
-    if fused not in (None, True):
-        raise ValueError(f"fused: expected None or True (the engine is fused), got {fused!r}; "
-                         f"for the unfused plain-torch implementation pass backend='reference'")
-    if differentiable is not False:
-        raise ValueError(f"differentiable: expected False, got {differentiable!r}: a thermo_ext "
-                         f"step draws noise and updates in place, it cannot be differentiated "
-                         f"through")
-
-
-#: What the refusal message of each kind of non-finite value suggests (docs/GUIDE.md §5).
-_LIKELY_CAUSE = {
-    "gradient": ("A loss that overflows within a few steps means a step too large for this "
-                 "model: lower lr (the step h, now {lr:g}); later in training, look for "
-                 "inf/NaN in the batch or the loss."),
-    "parameter": ("It was set outside the optimizer, or written by an earlier step that "
-                  "overflowed or ran with check_finite=False."),
-    "momentum": ("It was set outside the optimizer (opt.state), or written by an earlier step "
-                 "that overflowed or ran with check_finite=False."),
-}
+def _real_local(t: torch.Tensor) -> torch.Tensor:
+    """A state tensor's local shard, complex ones as real views."""
+    t = dist_glue.local(t)
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 class Thermo(Optimizer):
@@ -135,6 +62,12 @@ class Thermo(Optimizer):
             ``te.random.chain_seed(seed, k)``) and its own thermostats, ``thermostat="chain"``
             (or "tensor") giving one ξ per chain per tensor and "group" one per chain.
         maximize: run the dynamics of −L (B sees −g), i.e. sample exp(+L/τ) or ascend L.
+        mass: ``"unit"`` (the paper's H = L + |p|²/2) or ``"adaptive"``: a diagonal mass
+            m = √v̂ + ``mass_eps`` from the gradients' second moment v (an EMA with decay
+            ``mass_beta`` and Adam's bias correction), so that every coordinate moves on its own
+            scale as with Adam (docs/DESIGN.md, Mass). ``mass_freeze``: hold m after that many
+            steps of each tensor (then the dynamics sample exp(−L/τ) exactly); None: adapt at
+            every step.
         foreach, fused, differentiable: torch.optim's keywords, accepted where they hold (the
             engine is fused and multi-tensor; a step is not differentiable): ``foreach`` None or
             False, ``fused`` None or True, ``differentiable`` False; others raise ValueError.
@@ -151,7 +84,10 @@ class Thermo(Optimizer):
             (its parameters' RMS growing by large factors) and warn once per group with an
             :class:`thermo_ext.InstabilityWarning` (see :mod:`thermo_ext.stability`).
         stochastic_rounding: bf16 parameters are rounded stochastically from float32 results.
-        backend: ``"engine"`` (compiled) or ``"reference"`` (plain torch, slow; the oracle).
+        backend: None (the default: the compiled engine, and on a CUDA device where no fused
+            engine can run the torch-op fallback, with one warning; :mod:`thermo_ext.fallback`),
+            ``"engine"`` (the compiled engine only: raises where it cannot run) or
+            ``"reference"`` (plain torch, slow; the oracle).
 
     Complex parameters are stepped as their real views (``torch.view_as_real``): every real
     component gets its own noise, and a thermostat counts real components.
@@ -162,28 +98,29 @@ class Thermo(Optimizer):
                  weight_decay: float = 0.0, thermostat: str = "tensor",
                  momentum_init: str = "zero", seed: Optional[int] = None,
                  capturable: bool = False, *, chains: int = 0, maximize: bool = False,
+                 mass: str = "unit", mass_beta: float = 0.999, mass_eps: float = 1e-8,
+                 mass_freeze: Optional[int] = None,
                  foreach: Optional[bool] = None, fused: Optional[bool] = None,
                  differentiable: bool = False, check_finite: bool = True,
                  check_stability: bool = True, stochastic_rounding: bool = True,
-                 backend: str = "engine"):
-        if backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {tuple(BACKENDS)}, got {backend!r}")
-        if not isinstance(check_finite, bool):
-            raise TypeError(f"check_finite: expected a bool, got {check_finite!r}")
-        _check_torch_keywords(foreach, fused, differentiable)
-        if seed is None:
-            seed = _draw_seed()
-        kernels.check_int("seed", seed, 0, kernels.U64)
-        seed = dist_glue.broadcast_seed(seed)
+                 backend: Optional[str] = None):
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"backend: expected None or one of {tuple(BACKENDS)}, got "
+                             f"{backend!r}")
+        for name, flag in (("check_finite", check_finite), ("check_stability", check_stability)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name}: expected a bool, got {flag!r}")
+        check_torch_keywords(foreach, fused, differentiable)
+        seed = dist_glue.broadcast_seed(te_random.draw_seed() if seed is None else
+                                        te_random.check_seed(seed))
         defaults = dict(lr=lr, scheme=scheme, gamma=gamma, tau=tau, sigma=sigma, eps=eps,
                         xi0=xi0, weight_decay=weight_decay, thermostat=thermostat,
                         momentum_init=momentum_init, seed=seed, capturable=capturable,
-                        chains=chains, maximize=maximize, foreach=foreach, fused=fused,
+                        chains=chains, maximize=maximize, mass=mass, mass_beta=mass_beta,
+                        mass_eps=mass_eps, mass_freeze=mass_freeze, foreach=foreach, fused=fused,
                         differentiable=differentiable)
         check_group(defaults, "")
         self.check_finite = check_finite
-        if not isinstance(check_stability, bool):
-            raise TypeError(f"check_stability: expected a bool, got {check_stability!r}")
         self.check_stability = check_stability
         self.stochastic_rounding = bool(stochastic_rounding)
         self.backend = backend
@@ -192,29 +129,22 @@ class Thermo(Optimizer):
         self._skipped: Dict[torch.device, torch.Tensor] = {}  # capturable steps skipped on device
         self._reset_runtime()
         super().__init__(params, defaults)
-        self._refresh_compiled_lists()
+        self._refresh_lists()
 
     def _reset_runtime(self) -> None:
         """What a step keeps for the next one and a copy rebuilds (never copied or pickled: the
         engine's plans hold raw addresses)."""
-        self._records: Dict[int, GroupRecord] = {}
-        self._steady: Optional[_Steady] = None  # what the next step may repeat as it is
-        self._host_steps: Dict[int, int] = {}
-        self._flags: Dict[torch.device, torch.Tensor] = {}
-        self._created: list = []  # state created by the running step (undone if it fails)
-        self._version = 0  # bumped whenever state is replaced wholesale
+        self._cache = StepCache()
         self._handle = ops.register(self)
         self._stability = StabilityMonitor()  # a copy watches its own run afresh
         self._params: List[torch.Tensor] = []  # what a compiled step hands its op
         self._state_tensors: List[torch.Tensor] = []
-        self._lists_dirty = True
 
     # ----------------------------------------------------------------------------- copies
-    #: What a copy or unpickled optimizer rebuilds instead of carrying: the step's caches (the
+    #: What a copy or unpickled optimizer rebuilds instead of carrying: the step's cache (the
     #: engine's plans hold raw addresses of the original's tensors) and, as torch.optim does,
     #: the hooks.
-    _NOT_COPIED = ("_records", "_steady", "_host_steps", "_created", "_handle", "_params",
-                   "_state_tensors", "_lists_dirty", "_stability",
+    _NOT_COPIED = ("_cache", "_handle", "_params", "_state_tensors", "_stability",
                    "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
                    "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
                    "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
@@ -224,11 +154,11 @@ class Thermo(Optimizer):
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)  # also load_state_dict's way of installing a state
-        if "_records" not in self.__dict__:  # a copy or an unpickled optimizer
+        if "_cache" not in self.__dict__:  # a copy or an unpickled optimizer
             self.__dict__.setdefault("sum_hook", None)
             self.__dict__.setdefault("_skipped", {})
             self._reset_runtime()
-            self._refresh_compiled_lists()
+            self._refresh_lists()
 
     # ----------------------------------------------------------------------------- groups
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
@@ -240,7 +170,7 @@ class Thermo(Optimizer):
             raise ValueError(f"{wh}at most {MAX_GROUPS} param groups")
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         check_group(merged, wh)
-        _check_torch_keywords(merged["foreach"], merged["fused"], merged["differentiable"])
+        check_torch_keywords(merged["foreach"], merged["fused"], merged["differentiable"])
         params = param_group["params"]
         # A list now: a generator would be used up here and reach torch empty.
         params = [params] if isinstance(params, torch.Tensor) else list(params)
@@ -260,8 +190,7 @@ class Thermo(Optimizer):
             # group or on none, so a group added without them gets names that say where.
             param_group["param_names"] = [f"param_groups.{gi}.{k}" for k in range(len(params))]
         super().add_param_group(param_group)
-        self._version += 1
-        self._lists_dirty = True
+        self._cache.invalidate(counters=False)
         group = self.param_groups[-1]
         group["step"] = 0
         group["xi"] = None  # created on the group's device at its first step
@@ -271,105 +200,6 @@ class Thermo(Optimizer):
         return fold(group["scheme"])  # cached by schemes.fold
 
     # ----------------------------------------------------------------------------- step
-    def _record(self, gi: int, group: Dict[str, Any], grad_of) -> Optional[GroupRecord]:
-        """The group's calls for this step, rebuilt only when its tensors, buffers or
-        structural settings change; hyperparameters are revalidated whenever they change.
-        None when no parameter of the group has a gradient. (The hot path of a small model's
-        step: what did not change is recognised by identity.)"""
-        params = group["params"]
-        active = tuple([k for k, p in enumerate(params) if grad_of(p) is not None])
-        if not active:
-            return None
-        rec = self._records.get(gi)
-        raw = _HYPER(group)
-        structure = _STRUCTURE(group)
-        if (rec is not None and not rec.tensor_hyper and all(map(operator.is_, raw, rec.raw))
-                and all(map(operator.is_, structure, rec.structure))):
-            hyper, scheme = rec.hyper, rec.scheme
-        else:  # users and schedulers edit groups: validate what changed before using it
-            wh = where(gi, group)
-            hyper = hyper_values(wh, group)
-            if rec is not None and hyper == rec.hyper and structure == rec.structure:
-                scheme = rec.scheme
-            else:
-                scheme = check_group(group, wh)
-        moving = [params[k] for k in active]
-        if (rec is None or active != rec.active or structure != rec.structure
-                or not self._fits(rec, group, moving)):
-            calls = build_calls(gi, group, scheme, active, self.state, self._created,
-                                dist_glue.mesh_sum_hook)
-            # ξ, momenta and the step counter are made while building: key those made
-            rec = GroupRecord(active=active, addresses=_addresses(moving),
-                              momenta=momentum_buffers(self.state, moving),
-                              buffers=self._buffers_id(group), version=self._version,
-                              structure=structure, raw=raw, hyper=hyper, scheme=scheme,
-                              calls=calls, capturable=group["capturable"])
-            self._records[gi] = rec
-            self._lists_dirty = True
-        else:
-            rec.raw, rec.hyper = raw, hyper
-        return rec
-
-    def _fits(self, rec: GroupRecord, group: Dict[str, Any], moving: list) -> bool:
-        """Whether ``rec``'s engine calls still fit the tensors ``moving``: what a record keys
-        on besides the group's settings (the optimizer's state version, the group's ξ and
-        counter, the tensors' addresses and their momentum buffers)."""
-        s = group["step"]  # _buffers_id written out: the shortcut runs this every step
-        return (self._version == rec.version
-                and rec.buffers == (id(group["xi"]),
-                                    id(s) if isinstance(s, torch.Tensor) else None)
-                and rec.addresses == _addresses(moving)
-                and all(map(operator.is_, momentum_buffers(self.state, moving), rec.momenta)))
-
-    @staticmethod
-    def _buffers_id(group):
-        s = group["step"]
-        return id(group["xi"]), id(s) if isinstance(s, torch.Tensor) else None
-
-    def _host_step(self, gi, group) -> int:
-        s = group["step"]
-        if isinstance(s, torch.Tensor):
-            if gi not in self._host_steps:
-                self._host_steps[gi] = int(s)
-            return self._host_steps[gi]
-        return s
-
-    def _flag(self, device: torch.device) -> torch.Tensor:
-        f = self._flags.get(device)
-        if f is None:
-            # Made together and outside any graph capture (an eager step precedes it), so that
-            # a captured step only ever updates them.
-            f = self._flags[device] = torch.zeros(1, dtype=torch.int32, device=device)
-            self._skipped.setdefault(device, torch.zeros((), dtype=torch.int64, device=device))
-            self._lists_dirty = True
-        return f
-
-    def _raise(self, refusal: Refusal, calls: List[EngineCall], device=None,
-               agreed: bool = False):
-        anywhere = " on any rank" if agreed else ""
-        found = "" if refusal.rank is None else f" on rank {refusal.rank}"
-        if refusal.task is None:  # only the device flag knows
-            raise FloatingPointError(
-                f"a non-finite {refusal.kind} was found on {device}{found} (entry "
-                f"{refusal.index} of a call); the step was skipped and nothing was "
-                f"updated{anywhere}")
-        call = calls[refusal.task]
-        group = self.param_groups[call.group_index]
-        wh = where(call.group_index, group)
-        if refusal.kind == "thermostat":
-            what = ("the group's thermostat" if group["thermostat"] == "group" else
-                    f"the thermostat of {param_label(group, call.positions[refusal.index])}")
-            raise FloatingPointError(
-                f"{wh}{what} overflowed{found} (xi or exp(-xi delta) is not finite); nothing "
-                f"was updated{anywhere}. Lower eps or lr, or check the loss scale")
-        pos = call.positions[refusal.index]
-        shape = tuple(group["params"][pos].shape)
-        raise FloatingPointError(
-            f"{wh}{param_label(group, pos)} of shape {shape} has a non-finite "
-            f"{refusal.kind}{found} at step {int(group['step'])} of its group; nothing was "
-            f"updated{anywhere}. {_LIKELY_CAUSE[refusal.kind].format(lr=float(group['lr']))} "
-            f"(check_finite=False skips this check)")
-
     def _patch_step_function(self) -> None:
         # torch wraps step() in a profiler record_function on every call, which costs more
         # than a small model's whole update; step() below runs the same hooks itself and
@@ -422,216 +252,39 @@ class Thermo(Optimizer):
         self._step_undoable()
         return loss
 
-    def _step_undoable(self, grad_of=_GRAD) -> None:
-        self._created = []
+    def _step_undoable(self, grad_of: Optional[Callable] = None) -> None:
+        """The step (the functional core both ``step()`` and the compiled op run), with the
+        gradients ``grad_of(parameter)`` (None: ``.grad``); what a failed step created is
+        forgotten."""
+        cache = self._cache
+        cache.created = []
         grad_mode = torch.is_grad_enabled()
         set_grad_enabled(False)  # torch.no_grad, without its context manager's cost
         try:
-            self._step(grad_of)
+            cache.run(self, grad_of)
         except BaseException:
-            self._rollback()
+            cache.rollback(self.state)
             raise
         finally:
             set_grad_enabled(grad_mode)
-            self._created = []
-            if self._lists_dirty:
-                self._refresh_compiled_lists()
+            cache.created = []
+            if cache.dirty:
+                self._refresh_lists()
         # After the step is complete (a warning turned into an error must not undo it).
         if self.check_stability:
             self._stability.observe(self)
 
-    def _rollback(self) -> None:
-        """Forgets the momenta and ξ a failed step created (a retry starts afresh)."""
-        for kind, obj, old in reversed(self._created):
-            if kind == "momentum":
-                st = self.state.get(obj)
-                if st is not None:
-                    st.pop("momentum_buffer", None)
-                    if not st:
-                        del self.state[obj]
-            else:
-                obj["xi"] = old
-        if self._created:
-            self._records.clear()
-            self._lists_dirty = True
-
-    def _check_capture(self, grad_of) -> None:
-        """Inside CUDA graph capture only device work is recorded: every group must keep its
-        counter on the device, and the first step (a different program) must run eagerly."""
-        # (A capture needs CUDA initialised: asking that first is cheaper than is_available.)
-        if not (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()):
-            return
-        if self.backend != "engine":
-            raise RuntimeError("step() is being captured into a CUDA graph, but "
-                               "backend='reference' reads its step counter on the host; "
-                               "use backend='engine' with capturable=True")
-        for gi, group in enumerate(self.param_groups):
-            wh = where(gi, group)
-            p = next((p for p in group["params"] if grad_of(p) is not None), None)
-            if p is None:
-                continue
-            s = group["step"]
-            known = not isinstance(s, torch.Tensor) or gi in self._host_steps
-            if not known or self._host_step(gi, group) == 0:
-                raise RuntimeError(
-                    f"{wh}the first step of a scheme runs a different program and cannot be "
-                    f"captured: take at least one eager step (warm-up, as torch.cuda.graphs "
-                    f"recommends) before capturing")
-            if dist_glue.local(p).device.type != "cuda" or not group["capturable"]:
-                raise RuntimeError(
-                    f"{wh}step() is being captured into a CUDA graph; that needs CUDA "
-                    f"parameters and capturable=True (the step counter then lives on the "
-                    f"device), got capturable={group['capturable']} on "
-                    f"{dist_glue.local(p).device}")
-
-    def _step(self, grad_of) -> None:
-        """The step (the functional core both ``step()`` and the compiled op run), with the
-        gradients ``grad_of(parameter)`` (None: the parameter does not move)."""
-        self._check_capture(grad_of)
-        if grad_of is _GRAD and self._steady is not None and self._steady_step():
-            return
-        self._steady = None
-        calls, hyper, steps, groups, device_hyper = [], [], [], [], []
-        on_device = dtensor = capturable = False
-        for gi, group in enumerate(self.param_groups):
-            rec = self._record(gi, group, grad_of)
-            if rec is None:
-                continue
-            host_step = self._host_step(gi, group)
-            n = len(rec.calls)
-            calls += rec.calls
-            hyper += [rec.hyper] * n
-            steps += [host_step] * n
-            groups += [group] * n
-            on_device |= rec.on_device
-            dtensor |= rec.dtensor
-            if rec.device_hyper is not None:
-                device_hyper.append(rec)
-            # The first step runs eagerly (it is never captured): there a capturable group
-            # raises like any other instead of skipping on the device.
-            capturable |= group["capturable"] and host_step > 0
-        if not calls:
-            self._advance(None)
-            return
-        grads = [c.grads(g, grad_of) for c, g in zip(calls, groups)]
-        for c in calls:
-            if c.xi_index is not None:
-                torch.index_select(c.xi_full, 0, c.xi_index, out=c.xi)
-            for src, buf in c.staged:  # parameters of any other layout: a contiguous copy
-                buf.copy_(src)
-        check = self.check_finite
-        backend = BACKENDS[self.backend]
-        flag = None
-        if check and on_device and backend.name == "engine":
-            devices = {c.params[0].device for c in calls}
-            if len(devices) > 1:  # one flag per step: keep the fast path to one device
-                raise ValueError("check_finite with CUDA needs all groups on one device")
-            flag = self._flag(devices.pop())
-            flag.zero_()
-        tasks = backend.tasks(calls, grads, hyper, steps, self.stochastic_rounding, self.sum_hook)
-        if backend.name == "engine":
-            for rec in device_hyper:
-                rec.fill_device_hyper()
-                for c in rec.calls:
-                    if c.plan.hyper is None:
-                        c.plan.set_device_hyper(rec.device_hyper)
-        agreement = None
-        if check and (dtensor or self.sum_hook is not None):
-            agreement = Agreement.for_tensors([c.sources[0] for c in calls if c.dtensor],
-                                              self.sum_hook is not None)
-        refusal = run_step(backend, tasks, check=check, flag=flag, agreement=agreement,
-                           capturable=capturable)
-        if refusal is not None:
-            self._raise(refusal, calls, None if flag is None else flag.device,
-                        agreed=agreement is not None)
-        if flag is not None and capturable:
-            # No host read (it would break graph capture): the step was skipped on the device
-            # if flagged; count it there.
-            self._skipped[flag.device].add_(flag[0].ne(0))
-        elif flag is not None and agreement is None:
-            code = int(flag.item()) - 1  # one device-to-host read: the documented cost
-            if code >= 0:  # the kernels skipped the step on the device
-                self._raise(Refusal.from_flag(code), calls, flag.device)
-        for c in calls:
-            if c.xi_index is not None:
-                c.xi_full.index_copy_(0, c.xi_index, c.xi)
-            for src, buf in c.staged:
-                src.copy_(buf)
-        self._advance(flag if capturable else None)
-        if grad_of is _GRAD and flag is None and agreement is None and backend.name == "engine":
-            self._steady = _Steady.of(self, calls)
-
-    def _steady_step(self) -> bool:
-        """The step of an optimizer whose groups, tensors and settings are those of its last
-        step (a training loop's usual step): the checks of ``_record`` by identity, then the
-        plans' gradients and counters, then one engine call. False, with nothing done, when
-        anything differs: ``_step`` then takes its general path. (On a small model the
-        general path's bookkeeping costs more than the update itself.)"""
-        steady, groups = self._steady, self.param_groups
-        if len(groups) != len(steady.groups) or self.sum_hook is not None:
-            return False
-        settings = []
-        for gi, ((rec, places), group) in enumerate(zip(steady.groups, groups)):
-            step = group["step"]
-            if (self._records.get(gi) is not rec or type(step) is not int or step == 0
-                    or not all(map(operator.is_, _HYPER(group), rec.raw))
-                    or not all(map(operator.is_, _STRUCTURE(group), rec.structure))):
-                return False
-            params = group["params"]
-            grads = [p.grad for p in params]
-            if (len(grads) != len(rec.active) or any(g is None for g in grads)
-                    or not self._fits(rec, group, params)
-                    or not all(g.layout is torch.strided and g.is_contiguous() for g in grads)):
-                return False
-            for plan, positions in places:
-                settings.append((plan, [grads[k] for k in positions], rec.hyper, step))
-        sr = self.stochastic_rounding
-        for plan, grads, hyper, step in settings:
-            plan.set_fast(grads, hyper, step, False, sr)
-        refusal = run_step(BACKENDS["engine"], steady.plans, check=self.check_finite, flag=None,
-                           agreement=None, capturable=False)
-        if refusal is not None:
-            self._raise(refusal, steady.calls, None, agreed=False)
-        self._advance(None)
-        return True
-
-    def _advance(self, flag: Optional[torch.Tensor]) -> None:
-        """Counts the step. A device counter of a capturable step advances only where the step
-        was not skipped on the device (torch's rule for found_inf), so a skipped step draws the
-        noise again as the eager run that refused it does."""
-        for gi, group in enumerate(self.param_groups):
-            s = group["step"]
-            if isinstance(s, torch.Tensor):
-                if flag is not None and s.device == flag.device:
-                    s += flag[0].eq(0)
-                else:
-                    s += 1
-                self._host_steps[gi] = self._host_step(gi, group) + 1
-            else:
-                group["step"] = s + 1
-
-    # ----------------------------------------------------------------------------- compile
-    def _refresh_compiled_lists(self) -> None:
-        """The tensors a compiled step hands its op: every parameter, and every state tensor
-        the step writes (momenta, ξ, device step counters, the device flag and skip counter).
-        A new list whenever they change, so a compiled graph made before sees the change (its
-        guards fail and it recompiles once)."""
-        params = [p for g in self.param_groups for p in g["params"]]
-        state = [st["momentum_buffer"] for p in params
-                 if (st := self.state.get(p)) is not None and "momentum_buffer" in st]
-        for g in self.param_groups:
-            state.extend(t for t in (g["xi"], g["step"]) if isinstance(t, torch.Tensor))
-        state.extend(self._flags.values())
-        state.extend(self._skipped.values())
-        self._params, self._state_tensors = params, state
-        self._lists_dirty = False
+    def _refresh_lists(self) -> None:
+        self._params, self._state_tensors = ops.tensor_lists(self)
+        self._cache.dirty = False
 
     # ----------------------------------------------------------------------------- diagnostics
     @torch.no_grad()
     def kinetic_temperature(self) -> List[Optional[torch.Tensor]]:
-        """Per group: Σp²/N over its momenta, a 0-dim tensor (shape [chains] for stacked
-        chains); None for overdamped groups. Sharded (DTensor) momenta are summed over ranks;
-        complex momenta count their real components."""
+        """Per group: Σp²/N over its momenta (with an adaptive mass Σp²/m / N, which the
+        dynamics settle at τ), a 0-dim tensor (shape [chains] for stacked chains); None for
+        overdamped groups. Sharded (DTensor) momenta are summed over ranks; complex momenta
+        count their real components."""
         out = []
         for group in self.param_groups:
             if not self._scheme(group).uses_momentum:
@@ -642,11 +295,18 @@ class Thermo(Optimizer):
             for p in group["params"]:
                 device = device or p.device
                 n += p.numel() * (2 if p.is_complex() else 1) // max(chains, 1)
-                m = self.state.get(p, {}).get("momentum_buffer")
+                st = self.state.get(p, {})
+                m = st.get("momentum_buffer")
                 if m is None:
                     continue
-                mm = dist_glue.local(m)
-                sq = (torch.view_as_real(mm) if mm.is_complex() else mm).double().pow(2)
+                sq = _real_local(m).double().pow(2)
+                v = st.get("exp_avg_sq") if group["mass"] == "adaptive" else None
+                if v is not None:  # the mass of the last step: v as it is, its bias correction
+                    step = max(int(group["step"]) - 1, 0)
+                    freeze = group["mass_freeze"] or 0
+                    _, bias = reference.mass_step(float(group["mass_beta"]), freeze, step,
+                                                  st.get("mass_start", 0))
+                    sq = sq / ((_real_local(v).double() * bias).sqrt() + float(group["mass_eps"]))
                 s = sq.reshape(chains, -1).sum(1) if chains else sq.sum()
                 total = dist_glue.all_reduce_sum(s, m) if total is None else (
                     total + dist_glue.all_reduce_sum(s, m))
@@ -685,45 +345,7 @@ class Thermo(Optimizer):
 
     # ----------------------------------------------------------------------------- state dict
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """As torch.optim's: the load_state_dict pre hooks run first and what they return is
-        loaded — after validating all of it (shapes, dtypes, scheme, seed, step, finite
-        values): a bad state dict raises ValueError and changes nothing."""
-        state_dict = state_dict.copy() if isinstance(state_dict, dict) else state_dict
-        pre_hooks = self._optimizer_load_state_dict_pre_hooks
-        post_hooks = self._optimizer_load_state_dict_post_hooks
-        for pre_hook in pre_hooks.values():
-            result = pre_hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        state_dict = checkpoint.with_optional_keys(state_dict)
-        checkpoint.validate(self.param_groups, state_dict)
-        saved_moms = checkpoint.saved_momenta(self.param_groups, state_dict)
-        # torch's load runs the hooks itself: the pre hooks ran above, the post hooks run once
-        # the whole state (our momenta included) is in place.
-        self._optimizer_load_state_dict_pre_hooks = type(pre_hooks)()
-        self._optimizer_load_state_dict_post_hooks = type(post_hooks)()
-        try:
-            super().load_state_dict(state_dict)
-        finally:
-            self._optimizer_load_state_dict_pre_hooks = pre_hooks
-            self._optimizer_load_state_dict_post_hooks = post_hooks
-        self._host_steps.clear()
-        self._records.clear()
-        self._version += 1
-        self._lists_dirty = True
-        for p, m in saved_moms.items():
-            # Our own copy (torch would alias the saved tensor, and cast the float32 momenta of
-            # bf16/fp16 parameters to the parameter dtype).
-            self.state[p]["momentum_buffer"] = m.detach().to(
-                device=p.device, dtype=kernels.momentum_dtype(p.dtype) if not p.is_complex()
-                else p.dtype, copy=True)
-        for group in self.param_groups:
-            device = group["params"][0].device if group["params"] else torch.device("cpu")
-            if isinstance(group.get("xi"), torch.Tensor):
-                group["xi"] = group["xi"].detach().to(device=device, dtype=torch.float64,
-                                                      copy=True)
-            if isinstance(group.get("step"), torch.Tensor):
-                group["step"] = group["step"].detach().to(device=device, copy=True)
-        self._refresh_compiled_lists()
-        for post_hook in post_hooks.values():
-            post_hook(self)
+        """As torch.optim's, hooks included (:func:`thermo_ext.checkpoint.load`): a state dict
+        is validated whole before anything changes, and a bad one raises ValueError."""
+        checkpoint.load(self, state_dict)
+        self._refresh_lists()

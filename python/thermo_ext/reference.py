@@ -13,9 +13,10 @@ import torch
 
 from . import _C
 from . import random as te_random
+from .refusal import Refusal
 from .schemes import FoldedScheme
 
-__all__ = ["thermo_step", "round_bf16_stochastic", "global_index"]
+__all__ = ["thermo_step", "round_bf16_stochastic", "global_index", "mass_step"]
 
 ROUNDING_DRAW = _C.ROUNDING_DRAW  # the draw field of the stochastic-rounding bits
 
@@ -57,14 +58,14 @@ def round_bf16_stochastic(x: torch.Tensor, *, seed: int, uid: int, step: int,
     return out.view(x.shape).to(x.device)
 
 
-def _first_nonfinite(params, momenta, grads, scheme) -> Optional[Tuple[int, str]]:
+def _first_nonfinite(params, momenta, grads, scheme) -> Optional[Refusal]:
     for i, (p, m, g) in enumerate(zip(params, momenta, grads)):
         if not torch.isfinite(g).all():
-            return i, "gradient"
+            return Refusal(None, i, "gradient")
         if not torch.isfinite(p).all():
-            return i, "parameter"
+            return Refusal(None, i, "parameter")
         if m is not None and scheme.n_e and not torch.isfinite(m).all():
-            return i, "momentum"
+            return Refusal(None, i, "momentum")
     return None
 
 
@@ -79,10 +80,13 @@ def thermo_step(params: List[torch.Tensor], momenta: List[Optional[torch.Tensor]
                 stochastic_rounding: bool = True, workspace=None,
                 sum_hook: Optional[Callable[[torch.Tensor], None]] = None,
                 step_tensor=None, flag=None, validate: bool = True, mode: str = "all",
-                maximize: bool = False) -> Optional[Tuple[int, str]]:
+                maximize: bool = False, masses: Optional[List[torch.Tensor]] = None,
+                mass_starts: Optional[Sequence[int]] = None, mass_beta: float = 0.999,
+                mass_eps: float = 1e-8, mass_freeze: float = 0) -> Optional[Refusal]:
     """Letter by letter on copies; commits only when every check passed (and mode != "pre").
     ``maximize`` steps on −g. A refused "pre" with a ``sum_hook`` still calls the hook once per
-    E (with zeros), as the engine does, so that ranks' collectives match."""
+    E (with zeros), as the engine does, so that ranks' collectives match. ``masses``: the
+    adaptive mass (docs/DESIGN.md, Mass), as :func:`thermo_ext.kernels.thermo_step` takes it."""
     n = len(params)
     if n == 0:
         return None
@@ -114,11 +118,32 @@ def thermo_step(params: List[torch.Tensor], momenta: List[Optional[torch.Tensor]
         return _noise(th[i], seed=seed, uid=uids[i], step=step, draw=draw,
                       offset=offsets[i], runs=runs[i]).to(cdt)
 
+    # The adaptive mass: v updated with this step's gradient (unless frozen), then m, and the
+    # factors each letter takes, in the compute type (a unit mass: all ones, the same bits).
+    one = torch.ones((), dtype=cdt)
+    inv = sm = rs = [one] * n
+    v_new = None
+    if masses is not None:
+        beta_t, omb_t = (torch.tensor(x, dtype=cdt) for x in (mass_beta, 1.0 - mass_beta))
+        eps_t = torch.tensor(mass_eps, dtype=cdt)
+        v_new, inv, sm, rs = [], [], [], []
+        for i in range(n):
+            update, bias = mass_step(mass_beta, mass_freeze, step, mass_starts[i])
+            v = masses[i].detach().to(cdt).clone()
+            g = grads[i].detach().to(cdt)
+            if update:
+                v = beta_t * v + omb_t * (g * g)
+            m = torch.sqrt(v * torch.tensor(bias, dtype=cdt)) + eps_t
+            v_new.append(v if update else None)
+            inv.append(1 / m)
+            sm.append(torch.sqrt(m))
+            rs.append(1 / sm[-1])
+
     for x in scheme.program(first):
         d = x.factor * h
         for i in range(n):
             if x.letter == "A":
-                th[i] = th[i] + d * mo[i]
+                th[i] = th[i] + d * (mo[i] * inv[i])
             elif x.letter == "B":
                 mo[i] = mo[i] - d * (gr[i] + weight_decay * th[i])
             elif x.letter == "O":
@@ -127,30 +152,30 @@ def thermo_step(params: List[torch.Tensor], momenta: List[Optional[torch.Tensor]
                 else:
                     a = math.exp(-gamma * d)
                     b = math.sqrt(tau * (1.0 - math.exp(-2.0 * gamma * d)))
-                mo[i] = a * mo[i] + b * R(i, x.draw)
+                mo[i] = a * mo[i] + b * (sm[i] * R(i, x.draw))
             elif x.letter == "C":
                 try:  # math.exp raises instead of returning inf
                     c = math.exp(-float(xi_now[segments[i]]) * d)
                 except OverflowError:
                     c = math.inf
                 if check_finite and not (c <= torch.finfo(cdt).max):  # must fit the compute type
-                    return segments[i], "thermostat"
+                    return Refusal(None, segments[i], "thermostat")
                 mo[i] = c * mo[i]
             elif x.letter == "D":
-                mo[i] = mo[i] + sigma * math.sqrt(d) * R(i, x.draw)
+                mo[i] = mo[i] + sigma * math.sqrt(d) * (sm[i] * R(i, x.draw))
             elif x.letter == "V":
-                th[i] = th[i] - h * (gr[i] + weight_decay * th[i]) + math.sqrt(2 * h * tau) * R(
-                    i, x.draw)
+                th[i] = (th[i] - h * (inv[i] * (gr[i] + weight_decay * th[i]))
+                         + math.sqrt(2 * h * tau) * (rs[i] * R(i, x.draw)))
         if x.letter == "E":
             sums = torch.zeros_like(xi_now)
             for i in range(n):
-                sums[segments[i]] += mo[i].double().pow(2).sum()
+                sums[segments[i]] += (mo[i].double().pow(2) * inv[i].double()).sum()
             if sum_hook is not None:
                 sum_hook(sums)
             for s in range(xi_now.numel()):
                 new = float(xi_now[s]) + d * eps * (float(sums[s]) - seg_numel[s] * tau)
                 if check_finite and not (math.isfinite(float(sums[s])) and math.isfinite(new)):
-                    return s, "thermostat"
+                    return Refusal(None, s, "thermostat")
                 xi_now[s] = new
 
     if mode == "pre":
@@ -163,6 +188,19 @@ def thermo_step(params: List[torch.Tensor], momenta: List[Optional[torch.Tensor]
             p.copy_(th[i])
         if momenta[i] is not None:
             momenta[i].copy_(mo[i])
+        if v_new is not None and v_new[i] is not None:
+            masses[i].copy_(v_new[i])
     if xi is not None:
         xi.copy_(xi_now)
     return None
+
+
+def mass_step(beta: float, freeze: float, step: int, start: int) -> Tuple[bool, float]:
+    """(whether v takes this step's gradient, the bias correction of the v the step uses) of a
+    tensor whose v took its first gradient at step ``start`` (docs/DESIGN.md, Mass; the
+    engine's csrc/substeps.h mass_step): t = step − start + 1 updates, at most ``freeze`` (0:
+    no limit); bias = 1 / (1 − beta^t)."""
+    t = step - start + 1 if step >= start else 1
+    update = not freeze > 0 or t <= freeze
+    n = t if update else freeze
+    return update, 1.0 if beta == 0 else 1.0 / -math.expm1(n * math.log(beta))

@@ -23,8 +23,8 @@ from . import _C
 
 __all__ = ["LETTERS", "NAMED", "Letter", "FoldedScheme", "fold", "is_valid"]
 
-LETTERS = "ABOCDE"
-NOISE_LETTERS = "OD"
+LETTERS = _C.SCHEME_LETTERS  # "ABOCDE": the engine's letters but V, the overdamped scheme's own
+NOISE_LETTERS = _C.NOISE_LETTERS  # the letters that draw noise (O, D and V)
 NAMED = {"langevin": "BAOAB", "adl": "BACDEDCAB", "overdamped": None}
 MAX_LETTERS = _C.MAX_OPS  # the engine's program size
 

@@ -125,7 +125,7 @@ class StabilityMonitor:
         each group's element count. The tensors are kept between checks until the groups
         change, unless a parameter is a DTensor (its local shard is asked for at every check)
         or the monitor is tracing (momenta appear at a group's first step)."""
-        key = (opt._version, tuple(id(g["params"]) for g in opt.param_groups),
+        key = (opt._cache.version, tuple(id(g["params"]) for g in opt.param_groups),
                tuple(len(g["params"]) for g in opt.param_groups))
         if self._layout_kept is None or self._layout_kept[0] != key:
             per_device: Dict[torch.device, Dict[str, list]] = {}

@@ -106,33 +106,64 @@ def from_sgd(lr: float, momentum: float = 0.9, *, method: str = "Langevin",
     return out
 
 
-def from_adam(lr: float = ADAM_LR, *, method: str = "Langevin") -> Dict[str, Any]:
-    """A starting point for ``method`` from an Adam learning rate.
+def from_adam(lr: float = ADAM_LR, betas: Tuple[float, float] = (0.9, 0.999),
+              eps: float = 1e-8, weight_decay: float = 0.0, *, method: str = "Langevin",
+              tau: float = 0.0) -> Dict[str, Any]:
+    """Keyword arguments for ``method`` with the adaptive mass that run torch's Adam setting
+    (lr, betas, eps) at temperature ``tau`` (0: Adam's deterministic dynamics), as exactly as the
+    algebra allows.
 
-    There is no exact map (Adam rescales every coordinate by its gradient's running RMS). This
-    takes the named method's defaults, which were chosen to match ``Adam(lr=1e-3)`` on the model
-    families of docs/GUIDE.md, and scales every method's step as h = h_default · √(lr / 1e-3),
-    keeping the momentum e^(−γh) (γ, and AdL's initial friction ``xi0``, scaled by
-    h_default / h). For the momentum methods the equivalent SGD learning rate (∝ h²) then scales
-    with Adam's. Overdamped's SGD learning rate is h itself and scales only with √lr: the
-    linear scaling (h = 0.9 for Adam's 3e-3) diverged on the MLP and CNN of the guide, the
-    square root trained them (docs/GUIDE.md, "From an Adam setting"). A starting point: tune
-    from there.
+    With M = diag(√v̂ + eps) from Adam's own second moment (``mass_beta`` = β2, ``mass_eps`` =
+    eps), one BAOAB step after the first is p′ = p − h g, θ ← θ − (h²(1 + c)/2) M⁻¹ b with
+    b = c b_prev + g the heavy ball and c = e^(−γh) (:func:`to_sgd`). Adam's m = (1 − β1) b, so
+    with c = β1 and h²(1 + c)/2 = lr (1 − β1) the step is Adam's:
+
+        h = √(2 lr (1 − β1) / (1 + β1)),    γ = −ln(β1) / h.
+
+    What differs: Adam divides its m by 1 − β1^t (its first ~1/(1 − β1) steps are larger: the
+    first by 1/(1 − β1)), and BAOAB's first step counts the first gradient half (B(h/2)); the
+    step is the same from then on. ``weight_decay`` is passed on as λ, which B adds to the
+    gradient (L2, Adam's ``weight_decay``, with v made from the raw gradient), not AdamW's
+    decoupled decay θ ← θ(1 − lr λ). AdL (and AdLaLa's first layer) takes the friction as its
+    initial thermostat ``xi0``; the thermostat then sets it. Overdamped has no momentum: h = lr
+    runs RMSprop's step g/(√v̂ + eps) (Adam with β1 = 0). LOL shares h between its partitions, so
+    its second (BAOAB with γ = ∞, momentum redrawn every step) moves by h²/2 · M⁻¹g, without
+    momentum: there the algebra cannot match Adam.
+
+    >>> from_adam(1e-3)                                  # doctest: +ELLIPSIS
+    {'lr': 0.01025..., 'gamma': 10.26..., 'tau': 0.0, 'mass': 'adaptive', 'mass_beta': 0.999, 'mass_eps': 1e-08}
+    >>> te.Langevin(model, **from_adam(3e-4, tau=1e-8))  # doctest: +SKIP
     """
-    import inspect
-
-    from . import methods
-
     method = _method(method)
     lr = _positive("lr", lr)
-    fn = getattr(methods, "Langevin" if method == "Thermo" else method)
-    defaults = {k: p.default for k, p in inspect.signature(fn).parameters.items()}
-    h0 = defaults["lr"]
-    h = h0 * math.sqrt(lr / ADAM_LR)
-    out: Dict[str, Any] = {"lr": h}
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"betas: expected (beta1, beta2), got {betas!r}")
+    b1 = _positive("betas[0]", betas[0], upper=1.0, closed=True)
+    b2 = _positive("betas[1]", betas[1], upper=1.0, closed=True)
+    eps = _positive("eps", eps)
+    wd = _positive("weight_decay", weight_decay, closed=True)
+    t = _positive("tau", tau, closed=True)
+    out: Dict[str, Any]
     if method == "Overdamped":
-        return out
-    frictions = {"AdL": ("xi0",), "AdLaLa": ("gamma", "xi0")}.get(method, ("gamma",))
-    for key in frictions:
-        out[key] = defaults[key] * h0 / h  # the same γh: the same momentum
+        out = {"lr": lr}
+    else:
+        h = math.sqrt(2.0 * lr * (1.0 - b1) / (1.0 + b1))
+        gamma = math.inf if b1 == 0 else -math.log(b1) / h
+        if method in ("AdL", "AdLaLa") and math.isinf(gamma):
+            raise ValueError(f"betas: {method}'s thermostat needs a finite initial friction; "
+                             f"expected beta1 > 0")
+        out = {"lr": h}
+        if method == "AdL":
+            out["xi0"] = gamma
+        elif method == "AdLaLa":
+            out.update(gamma=gamma, xi0=gamma)
+        else:
+            out["gamma"] = gamma
+    if method in ("AdLaLa", "LOL"):
+        out.update(tau1=t, tau2=t)
+    else:
+        out["tau"] = t
+    out.update(mass="adaptive", mass_beta=b2, mass_eps=eps)
+    if wd:
+        out["weight_decay"] = wd
     return out

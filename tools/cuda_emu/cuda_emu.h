@@ -109,6 +109,16 @@ inline cudaError_t cudaGetDriverEntryPointByVersion(const char* symbol, void** f
   return cudaSuccess;
 }
 
+// The kernels' image lookup of the loader's probe (cuda_probe): the emulation runs every kernel.
+struct cudaFuncAttributes {
+  int numRegs = 0;
+};
+template <class T>
+inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, T*) {
+  *attr = cudaFuncAttributes{};
+  return cudaSuccess;
+}
+
 struct EmuWarp {
   std::barrier<>* bar;
   double slots[32];

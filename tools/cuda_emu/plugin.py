@@ -21,8 +21,15 @@ torch.cuda.is_available = lambda: True  # test_cuda's skip condition
 torch.cuda.is_current_stream_capturing = lambda: False
 
 import thermo_ext  # noqa: E402
-from thermo_ext import kernels  # noqa: E402
+from thermo_ext import cuda_library, kernels  # noqa: E402
 
+# The emulated engine is a library like the real one (libthermo_ext_cuda_emu.so beside the
+# module): loaded through the same loader and C interface, chosen by THERMO_EXT_CUDA_LIB (also
+# for the subprocesses the tests start).
+_LIB = os.path.join(cuda_library.lib_dir(), "libthermo_ext_cuda_emu.so")
+os.environ[cuda_library.ENV_LIB] = _LIB
+if os.path.exists(_LIB):
+    thermo_ext._C.cuda_load(_LIB)
 if "emulated" not in thermo_ext._C.cuda_build_info():
     raise SystemExit(f"{thermo_ext.__file__} is not an emulation build "
                      f"(cuda_build_info: {thermo_ext._C.cuda_build_info()!r})")
