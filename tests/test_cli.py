@@ -21,7 +21,7 @@ import torch
 import thermo_ext
 from thermo_ext import data
 from thermo_ext import methods as named_methods
-from thermo_ext.cli import cuda_status, main
+from thermo_ext.cli import ALL_METHODS, cuda_status, main
 from thermo_ext.experiments import METHODS
 
 pytest.importorskip("matplotlib")
@@ -44,7 +44,8 @@ def test_spiral_writes_results_and_prints_every_method(tmp_path, capsys):
                  "--set", "LaLa.gamma=0.1,0.2"]) == 0
     printed = capsys.readouterr().out
     table = printed[printed.index("method"):]
-    for m in METHODS:
+    default_methods = ALL_METHODS.split(",")  # the default --methods
+    for m in default_methods:
         assert m in table
     for f in _files(out, "spiral"):
         assert os.path.getsize(f) > 0, f
@@ -52,7 +53,7 @@ def test_spiral_writes_results_and_prints_every_method(tmp_path, capsys):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     with open(os.path.join(out, "spiral.json")) as f:
         record = json.load(f)
-    assert len(record["runs"]) == len(METHODS)
+    assert len(record["runs"]) == len(default_methods)
     assert record["hyper"]["AdLaLa"]["lr"] == 0.2  # the override is recorded ...
     assert record["hyper"]["Adam"] == {"lr": 0.005}
     adlala = next(r for r in record["runs"] if r["method"] == "AdLaLa")
@@ -66,7 +67,7 @@ def test_spiral_writes_results_and_prints_every_method(tmp_path, capsys):
     with open(os.path.join(out, "spiral_curves.csv")) as f:
         lines = f.read().splitlines()
     assert lines[0].startswith("method,seed")
-    assert len(lines) == 1 + len(METHODS) * 3
+    assert len(lines) == 1 + len(default_methods) * 3
 
 
 def test_existing_results_are_not_overwritten_silently(tmp_path, capsys):
@@ -537,3 +538,204 @@ def test_experiments_package_keeps_its_public_names():
         assert name in ex.__all__ and getattr(ex, name) is not None, name
     assert 1 <= ex.default_jobs() <= 2
     assert ex.machine_info()["cores"] == ex.available_cores() == len(os.sched_getaffinity(0))
+
+
+# ----------------------------------------------------------------------------- mnist1d
+TINY_MNIST1D = ["--epochs", "2", "--seeds", "2", "--samples", "200", "--jobs", "1", "--quiet",
+                "--ensemble", "2", "--lr-factors", "0.5,1", "--swa-start", "0.5",
+                "--methods", "AdLaLa,Langevin,SGD,Adam,AdamW"]
+
+
+def test_mnist1d_tiny_run_writes_every_table_and_file(tmp_path, capsys, other_defaults):
+    pytest.importorskip("mnist1d")
+    from thermo_ext.experiments.mnist1d import BASELINES
+
+    out = str(tmp_path / "res")
+    assert main(["mnist1d", *TINY_MNIST1D, "--out", out]) == 0
+    printed = capsys.readouterr().out
+    for part in ("(i) faster", "(ii) more accurate, MLP", "(ii) more accurate, CNN",
+                 "(iii) more robust, MLP", "(iv) the sampler's answer, CNN",
+                 "AdLaLa, prediction average", "deep ensemble, 2 Adam × 1 epochs",
+                 "deep ensemble, 2 Adam × 2 epochs", "SWA of SGD (averaged after epoch 1)"):
+        assert part in printed, part
+    files = ["mnist1d.json", "mnist1d_curves.csv", "mnist1d_summary.csv", "mnist1d_table.txt",
+             "mnist1d.png"]
+    for f in files:
+        assert os.path.getsize(os.path.join(out, f)) > 0, f
+    with open(os.path.join(out, "mnist1d.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(os.path.join(out, "mnist1d.json")) as f:
+        record = json.load(f)
+    runs = record["runs"]
+    roles = [r["role"] for r in runs]
+    # main: 2 nets x 5 methods x 2 seeds; grid: 2 nets x 5 methods x the other factor x 1 seed;
+    # per net and seed: 2 short members, 1 more full-length member, 1 SWA run
+    assert (roles.count("main"), roles.count("grid"), roles.count("member"),
+            roles.count("swa")) == (20, 10, 12, 4)
+    # The named methods run with the defaults of their (here patched) signatures, the
+    # baselines with their usual settings.
+    for m in ("AdLaLa", "Langevin"):
+        assert record["hyper"][m] == other_defaults[m], m
+    for m in ("SGD", "Adam", "AdamW"):
+        assert record["hyper"][m] == BASELINES[m], m
+    sgd = next(r for r in runs if r["method"] == "SGD" and r["role"] == "main")
+    assert sgd["optimizer"][0]["momentum"] == 0.9 and sgd["optimizer"][0]["lr"] == 0.05
+    adamw = next(r for r in runs if r["method"] == "AdamW" and r["role"] == "main")
+    assert adamw["optimizer"][0]["weight_decay"] == 0.01
+    grid = next(r for r in runs if r["method"] == "AdLaLa" and r["role"] == "grid")
+    assert grid["lr_factor"] == 0.5 and grid["seed"] == 0
+    assert [g["lr"] for g in grid["optimizer"]] == [0.5 * other_defaults["AdLaLa"]["lr"]] * 2
+    # 160 training signals, batch 32: 5 steps per epoch. The average starts after epoch 1 (half
+    # of 2) and takes max(1, 5 // 4) = every step: 5 samples.
+    main_run = next(r for r in runs if r["method"] == "AdLaLa" and r["role"] == "main")
+    assert main_run["steps"] == 10 and main_run["pp_samples"] == 5
+    assert main_run["curves"]["epoch"] == [0, 1, 2]
+    assert main_run["last"]["acc"] == main_run["final_test_acc"] == \
+        main_run["curves"]["test_acc"][-1]
+    swa = [r for r in runs if r["role"] == "swa"]
+    assert all(r["swa_averaged"] == 1 and r["method"] == "SGD" for r in swa)
+    members = sorted((r["arch"], r["seed"], r["member"], r["epochs"]) for r in runs
+                     if r["role"] == "member")
+    assert members[:3] == [("CNN", 0, 0, 1), ("CNN", 0, 1, 1), ("CNN", 0, 1, 2)]
+    kinds = [(r["arch"], r["kind"], r["epochs"]) for r in record["comparison"]]
+    assert ("MLP", "ensemble", 2) in kinds and ("MLP", "ensemble_long", 4) in kinds
+    assert ("CNN", "swa", 2) in kinds and kinds.count(("MLP", "pp", 2)) == 5
+    robust = next(r for r in record["robust"] if r["arch"] == "CNN" and r["method"] == "Adam")
+    assert robust["factors"] == [0.5, 1.0] and robust["lr"] == 1e-3
+    assert record["settings"]["targets"] == {"MLP": 60.0, "CNN": 85.0}
+    with open(os.path.join(out, "mnist1d_curves.csv")) as f:
+        lines = f.read().splitlines()
+    assert lines[0].startswith("net,method,role") and len(lines) == 1 + 3 * 30 + 2 * 8 + 3 * 8
+
+
+@pytest.mark.parametrize("bad, option", [
+    (["--nets", "MLP,RNN"], "--nets"),
+    (["--lr-factors", "0.5,2"], "--lr-factors"),
+    (["--grid-seeds", "3"], "--grid-seeds"),
+    (["--targets", "MLP=120"], "--targets"),
+    (["--targets", "GRU=50"], "--targets"),
+    (["--methods", "AdLaLa,Adam"], "--comparison"),
+    (["--epochs", "1"], "--epochs"),
+    (["--samples", "50"], "--samples"),
+    (["--set", "SGD.foo=1"], "--set"),
+    (["--set", "AdamW.lr=-1"], "--set"),
+    (["--batch", "1000"], "--batch"),
+    (["--pp-burn-in", "1.5"], "--pp-burn-in"),
+])
+def test_mnist1d_bad_options_exit_nonzero_naming_the_option(tmp_path, capsys, bad, option):
+    out = tmp_path / "res"
+    assert main(["mnist1d", *TINY_MNIST1D, "--out", str(out), *bad]) == 2
+    err = capsys.readouterr().err
+    assert option in err, err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_mnist1d_data_from_the_generator_offline_and_deterministic():
+    pytest.importorskip("mnist1d")
+    import random
+
+    import numpy as np
+    from mnist1d.data import get_dataset_args
+
+    sig = inspect.signature(data.mnist1d)
+    standard = get_dataset_args()
+    assert (sig.parameters["samples"].default, sig.parameters["seed"].default,
+            sig.parameters["train_split"].default) == (standard.num_samples, standard.seed,
+                                                       standard.train_split)
+    np.random.seed(3)
+    random.seed(3)
+    expected = (np.random.rand(), random.random())
+    np.random.seed(3)
+    random.seed(3)
+    (x, y), (xt, yt) = data.mnist1d(200, seed=7)
+    assert (np.random.rand(), random.random()) == expected  # global random states restored
+    assert x.shape == (160, 40) and xt.shape == (40, 40)
+    from thermo_ext.experiments.mnist1d import Mnist1dTask
+
+    assert Mnist1dTask(samples=200).sizes == (160, 40)
+    assert Mnist1dTask(samples=105).sizes == (80, 20)  # the generator makes 10 per class
+    (x105, _), (xt105, _) = data.mnist1d(105, seed=7)
+    assert (len(x105), len(xt105)) == (80, 20)
+    assert Mnist1dTask().sizes == (4000, 1000)
+    assert x.dtype == torch.float32 and y.dtype == torch.int64
+    assert set(y.tolist()) <= set(range(10)) and len(set(y.tolist())) == 10
+    (x2, y2), (xt2, yt2) = data.mnist1d(200, seed=7)
+    assert torch.equal(x, x2) and torch.equal(yt, yt2)
+    (x3, _), _ = data.mnist1d(200, seed=8)
+    assert not torch.equal(x, x3)
+    for bad in (dict(samples=10), dict(samples=200.0), dict(seed=-1), dict(train_split=1.0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            data.mnist1d(**{"samples": 200, **bad})
+
+
+def test_mnist1d_metrics_and_summaries_by_hand():
+    from thermo_ext.experiments.mnist1d import (comparison_rows, expected_calibration_error,
+                                                faster_rows, metrics, robustness_rows)
+
+    probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.45, 0.55]], dtype=torch.float64)
+    labels = torch.tensor([0, 1, 1, 1])
+    # confidences 0.9, 0.6, 0.7, 0.55 (right, wrong, right, right); 15 bins of width 1/15:
+    # 0.9 in bin 13, 0.6 in bin 8, 0.7 in bin 10, 0.55 in bin 8.
+    # bin 8: |(0 - 0.6) + (1 - 0.55)| = 0.15; bin 10: 0.3; bin 13: 0.1 -> 0.55 / 4
+    assert expected_calibration_error(probs, labels) == pytest.approx(100 * 0.55 / 4)
+    m = metrics(probs, labels)
+    assert m["acc"] == 75.0
+    assert m["nll"] == pytest.approx(-(math.log(0.9) + math.log(0.4) + math.log(0.7)
+                                       + math.log(0.55)) / 4)
+    bad = metrics(torch.tensor([[math.nan, 0.5], [0.2, 0.8]], dtype=torch.float64),
+                  torch.tensor([0, 1]))
+    assert bad["acc"] == 50.0 and math.isnan(bad["nll"]) and math.isnan(bad["ece"])
+
+    def run(seed, accs, role="main", method="AdLaLa", f=1.0, **extra):
+        return dict(arch="MLP", method=method, role=role, seed=seed, lr_factor=f, epochs=3,
+                    hyper={"lr": 0.4}, diverged_at=None, curves={"epoch": [0, 1, 2, 3],
+                                                                  "test_acc": accs},
+                    last={"acc": accs[-1], "nll": 1.0 + seed, "ece": 2.0}, **extra)
+
+    results = [run(0, [10, 50, 61, 65], pp={"acc": 70, "nll": 0.5, "ece": 1.0}),
+               run(1, [10, 62, 64, 66], pp={"acc": 72, "nll": 0.7, "ece": 3.0}),
+               run(2, [10, 20, 30, 40], pp={"acc": 74, "nll": 0.9, "ece": 5.0}),
+               run(0, [10, 20, 30, 64], role="grid", f=2.0)]
+    (row,) = faster_rows(results, ["MLP"], ["AdLaLa"], {"MLP": 60.0})
+    assert (row["per_seed"], row["epochs_median"], row["reached"]) == ([2, 1, None], 2, 2)
+    (row,) = robustness_rows(results, ["MLP"], ["AdLaLa"], [1.0, 2.0], grid_seeds=1)
+    assert row["acc"] == [65, 64] and row["within"] == 2 and row["lr"] == 0.4
+    (row,) = robustness_rows(results, ["MLP"], ["AdLaLa"], [1.0, 2.0], grid_seeds=1,
+                             within=0.5)
+    assert row["fraction"] == 0.5
+    # Deep ensembles average the members' probabilities; per seed, then mean +- std over seeds.
+    p = torch.tensor([[0.8, 0.2], [0.3, 0.7]], dtype=torch.float64)
+    q = torch.tensor([[0.4, 0.6], [0.9, 0.1]], dtype=torch.float64)
+    y2 = torch.tensor([0, 1])
+    members = [dict(arch="MLP", method="Adam", role="member", seed=s, member=k, epochs=1,
+                    ensemble="equal", probs=(p if k == 0 else q)) for s in (0, 1)
+               for k in (0, 1)]
+    rows = comparison_rows(results[:3] + members, ["MLP"], ["AdLaLa"], 2, y2)
+    by_kind = {r["kind"]: r for r in rows}
+    assert by_kind["pp"]["acc"] == 72 and by_kind["pp"]["acc_std"] == pytest.approx(2.0)
+    assert by_kind["last"]["nll"] == 2.0 and by_kind["last"]["epochs"] == 3
+    want = metrics((p + q) / 2, y2)
+    assert by_kind["ensemble"]["acc"] == want["acc"] and by_kind["ensemble"]["epochs"] == 2
+    assert by_kind["ensemble"]["nll"] == pytest.approx(want["nll"], rel=1e-15)
+    assert by_kind["ensemble"]["acc_std"] == 0.0 and "ensemble_long" not in by_kind
+
+
+def test_mnist1d_temperature_sets_every_tau_from_the_data_set_size(tmp_path, capsys):
+    pytest.importorskip("mnist1d")
+    out = str(tmp_path / "res")
+    assert main(["mnist1d", "--epochs", "1", "--seeds", "1", "--samples", "100", "--jobs", "1",
+                 "--quiet", "--nets", "MLP", "--methods", "AdLaLa,LaLa,Overdamped,Adam",
+                 "--no-comparison", "--lr-factors", "1", "--temperature", "0.5",
+                 "--set", "LaLa.tau=1e-6", "--out", out]) == 0
+    assert "te.posterior_temperature(80, temperature=0.5) = 0.00625" in capsys.readouterr().out
+    with open(os.path.join(out, "mnist1d.json")) as f:
+        record = json.load(f)
+    tau = thermo_ext.posterior_temperature(80, temperature=0.5)
+    assert tau == 0.5 / 80 and record["settings"]["posterior_tau"] == tau
+    hyper = record["hyper"]
+    assert (hyper["AdLaLa"]["tau1"], hyper["AdLaLa"]["tau2"], hyper["Overdamped"]["tau"]) == \
+        (tau, tau, tau)
+    assert hyper["LaLa"]["tau"] == 1e-6 and "tau" not in hyper["Adam"]  # --set wins
+    adlala = next(r for r in record["runs"] if r["method"] == "AdLaLa")
+    assert [g["tau"] for g in adlala["optimizer"]] == [tau, tau]
+    assert [r["role"] for r in record["runs"]] == ["main"] * 4

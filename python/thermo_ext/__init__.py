@@ -17,14 +17,16 @@ from .fallback import EngineFallbackWarning
 from .kernels import get_num_threads, set_num_threads
 from .methods import LOL, AdL, AdLaLa, LaLa, Langevin, Overdamped
 from .optim import Thermo
+from .posterior import PosteriorPredictive, posterior_temperature, prior_weight_decay
 from .schedulers import TemperatureScheduler
 from .stability import InstabilityWarning
 from .tuning import from_adam, from_sgd
 
 __all__ = ["Chains", "Thermo", "Langevin", "AdL", "Overdamped", "LaLa", "AdLaLa", "LOL",
-           "TemperatureScheduler", "InstabilityWarning", "EngineFallbackWarning", "from_sgd", "from_adam", "build_info",
-           "get_num_threads", "set_num_threads", "cuda_library", "kernels", "partition", "random", "reference",
-           "schemes", "stability", "tuning", "__version__"]
+           "TemperatureScheduler", "InstabilityWarning", "EngineFallbackWarning", "from_sgd",
+           "from_adam", "build_info", "get_num_threads", "set_num_threads", "cuda_library",
+           "kernels", "partition", "random", "reference", "schemes", "stability", "tuning",
+           "PosteriorPredictive", "posterior_temperature", "prior_weight_decay", "__version__"]
 
 
 def build_info() -> dict:

@@ -4,6 +4,9 @@
                              paper's two-spiral problem: table, curves (JSON/CSV) and a figure
     thermo-ext digits        the same methods on scikit-learn's handwritten digits
     thermo-ext robustness    final accuracy over a grid of step sizes and initialisation scales
+    thermo-ext mnist1d       the three claims (faster, more accurate, more robust) on MNIST-1D
+                             with an MLP and a 1-D CNN, and the sampler's own answer: last
+                             iterates, posterior-predictive averages, Adam, a deep ensemble, SWA
     thermo-ext bench         the step-time benchmark (as bench/step.py)
     thermo-ext info          what this build of the engine is and can do
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import shlex
 import sys
@@ -32,6 +36,13 @@ ALL_METHODS = "AdLaLa,LOL,LaLa,Langevin,AdL,Overdamped,SGD,Adam"
 SPIRAL_DEFAULTS = dict(epochs=1000, seeds=3, eval_every=10)
 DIGITS_DEFAULTS = dict(epochs=50, seeds=5, eval_every=1)
 ROBUSTNESS_DEFAULTS = dict(epochs=300, seeds=1, eval_every=50)
+#: ``thermo-ext mnist1d``: the six named methods at their own defaults and the three baselines.
+MNIST1D_METHODS = "AdLaLa,LOL,LaLa,Langevin,AdL,Overdamped,SGD,Adam,AdamW"
+#: The default takes minutes on two cores; the long run (docs/RESULTS.md) is --epochs 48
+#: --grid-seeds 3: 6000 steps of batch 32, the mnist1d benchmark's number of training steps.
+MNIST1D_DEFAULTS = dict(epochs=10, seeds=3, grid_seeds=1)
+#: Test accuracy % that "epochs to target" counts to, per network (--targets).
+MNIST1D_TARGETS = {"MLP": 60.0, "CNN": 85.0}
 
 
 class UsageError(Exception):
@@ -113,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--test-fraction", type=fraction, default=0.25,
                     help="digits: share of each class held out for testing (default 0.25)")
 
+    _add_mnist1d_parser(sub)
+
     from . import benchmark
 
     bn = sub.add_parser("bench", help="step-time benchmark (as bench/step.py)",
@@ -149,7 +162,7 @@ def _methods_epilog() -> str:
                                    + (", where they differ:" if differ else
                                       ": the same values")))
         lines += [f"  {name:<10} {_format_settings(values)}" for name, values in differ]
-    lines.append("SGD and Adam, the baselines, keep their settings under every preset.")
+    lines.append("The baselines (SGD, Adam, AdamW) keep their settings under every preset.")
     return "\n".join(lines)
 
 
@@ -220,6 +233,125 @@ def _add_digits_options(p: argparse.ArgumentParser) -> None:
                    help="share of each class held out for testing (default 0.25)")
 
 
+def targets(text: str) -> Dict[str, float]:
+    """'MLP=60,CNN=85': the test accuracy % each network's 'epochs to target' counts to."""
+    out = dict(MNIST1D_TARGETS)
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, sep, value = item.partition("=")
+        key = {k.lower(): k for k in MNIST1D_TARGETS}.get(name.strip().lower())
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not sep or key is None or not 0 < number <= 100:
+            raise argparse.ArgumentTypeError(
+                f"expected NET=ACC,... with NET in {', '.join(MNIST1D_TARGETS)} and 0 < ACC <= "
+                f"100, got {text!r}")
+        out[key] = number
+    return out
+
+
+def _mnist1d_epilog() -> str:
+    from .experiments import METHODS, describe_preset
+    from .experiments.mnist1d import BASELINES
+
+    lines = [textwrap.fill(f"The named methods run with --preset default "
+                           f"({describe_preset('default')}), read from their signatures when "
+                           f"the command runs:")]
+    for m in METHODS.values():
+        if m.named:
+            lines.append(f"  {m.name:<10} {_format_settings(m.settings('default'))}")
+    lines.append("the baselines at their usual settings (not changed by --preset):")
+    for name, values in BASELINES.items():
+        lines.append(f"  {name:<10} {_format_settings(values)}")
+    lines.append(textwrap.fill("Change any with --set METHOD.KEY=VALUE. The long run of "
+                               "docs/RESULTS.md: --epochs 48 --grid-seeds 3 (6000 steps, the "
+                               "mnist1d benchmark's number)."))
+    return "\n".join(lines)
+
+
+def _add_mnist1d_parser(sub) -> None:
+    from .experiments import preset_names
+
+    d = MNIST1D_DEFAULTS
+    p = sub.add_parser(
+        "mnist1d", help="the three claims and the sampler's answer on MNIST-1D",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_mnist1d_epilog(),
+        description=textwrap.fill(
+            "MNIST-1D (the mnist1d package's procedural generator, built here: 4000 train / "
+            "1000 test signals) with the mnist1d benchmark's MLP and 1-D CNN. Every named "
+            "method at its defaults against SGD with momentum, Adam and AdamW: (i) faster: "
+            "epochs to a target test accuracy; (ii) more accurate: final test accuracy, NLL "
+            "and ECE; (iii) more robust: the same over step sizes x1/4 ... x4 of each "
+            "method's default; and (iv) at equal gradient evaluations, each method's last "
+            "iterate and its posterior-predictive average (te.PosteriorPredictive) against one "
+            "Adam model, a deep ensemble of Adam models and SWA. Prints the tables and writes "
+            "JSON, CSV and a figure."))
+    g = p.add_argument_group("runs")
+    g.add_argument("--nets", default="MLP,CNN", metavar="NET,NET",
+                   help="networks: MLP, CNN or both (default MLP,CNN)")
+    g.add_argument("--methods", default=MNIST1D_METHODS, metavar="M,M,...",
+                   help=f"methods to compare (default {MNIST1D_METHODS})")
+    g.add_argument("--epochs", type=positive_int, default=d["epochs"],
+                   help=f"training epochs per run (default {d['epochs']})")
+    g.add_argument("--seeds", type=positive_int, default=d["seeds"],
+                   help=f"seeds per method and network (default {d['seeds']})")
+    g.add_argument("--first-seed", type=nonnegative_int, default=0,
+                   help="seeds are first-seed, first-seed+1, ... (default 0)")
+    g.add_argument("--batch", type=positive_int, default=32, help="batch size (default 32)")
+    g.add_argument("--preset", choices=preset_names(), default="default",
+                   help="hyperparameters of the named methods: default (their own defaults, "
+                        "the default here) or paper (the paper's two-spiral setting)")
+    g.add_argument("--set", dest="settings", action="append", default=[],
+                   metavar="METHOD.KEY=VALUE",
+                   help="override a method's hyperparameter, e.g. --set SGD.lr=0.1 "
+                        "(repeatable)")
+    g.add_argument("--temperature", type=nonnegative_float, default=None, metavar="T",
+                   help="run the named methods at the tempered posterior of the training set: "
+                        "every tau (tau, tau1, tau2) = te.posterior_temperature(N, "
+                        "temperature=T) = T/N for N training signals and the mean loss (1 = "
+                        "the Bayesian posterior, < 1 cold); a --set of a tau wins (default: "
+                        "each method's own tau)")
+    g.add_argument("--targets", type=targets, default=dict(MNIST1D_TARGETS),
+                   metavar="NET=ACC,...",
+                   help="test accuracy %% for (i), per network (default " +
+                        ",".join(f"{k}={v:g}" for k, v in MNIST1D_TARGETS.items()) + ")")
+    g.add_argument("--lr-factors", type=positive_floats, default=[0.25, 0.5, 1.0, 2.0, 4.0],
+                   metavar="F,F,...",
+                   help="(iii): step size = F x the method's default lr; must include 1 "
+                        "(default 0.25,0.5,1,2,4)")
+    g.add_argument("--grid-seeds", type=positive_int, default=d["grid_seeds"],
+                   help=f"(iii): seeds per step size, the first of --seeds (default "
+                        f"{d['grid_seeds']}; x1 is the main runs')")
+    g.add_argument("--pp-burn-in", type=fraction, default=0.5,
+                   help="the prediction average starts after this fraction of the epochs "
+                        "(default 0.5)")
+    g.add_argument("--pp-per-epoch", type=positive_int, default=4,
+                   help="prediction-average samples per epoch after the burn-in (default 4)")
+    g.add_argument("--comparison", action=argparse.BooleanOptionalAction, default=True,
+                   help="(iv): also train the deep ensembles and SWA (default: yes)")
+    g.add_argument("--ensemble", type=at_least_two, default=4,
+                   help="(iv): Adam models per deep ensemble (default 4)")
+    g.add_argument("--swa-start", type=fraction, default=0.75,
+                   help="(iv): SWA averages the SGD iterates at the end of every epoch after "
+                        "this fraction of the epochs (default 0.75)")
+    g.add_argument("--samples", type=_number(int, lambda v: v >= 100, "an integer >= 100"),
+                   default=5000, help="signals generated, 80%% for training (default 5000, "
+                                      "the standard 4000 / 1000)")
+    g.add_argument("--data-seed", type=nonnegative_int, default=42,
+                   help="the generator's seed (default 42, the standard data set)")
+    o = p.add_argument_group("execution and output")
+    o.add_argument("--out", default=DEFAULT_OUT,
+                   help=f"directory for the results (default ./{DEFAULT_OUT})")
+    o.add_argument("--overwrite", action="store_true",
+                   help="replace this command's earlier results in --out (otherwise refused)")
+    o.add_argument("--jobs", type=positive_int, default=None,
+                   help="worker processes (default: number of cores, at most 2)")
+    o.add_argument("--threads", type=positive_int, default=1,
+                   help="torch/OpenMP threads per worker (default 1)")
+    o.add_argument("--quiet", action="store_true", help="no progress output on stderr")
+
+
 # ============================================================================ commands
 def _task(args, name: str):
     from .experiments import DigitsTask, SpiralTask
@@ -282,7 +414,7 @@ def _header(args, task, methods) -> Dict:
         "task": task,
         "settings": {k: getattr(args, k) for k in
                      ("epochs", "seeds", "first_seed", "eval_every", "batch", "jobs", "threads",
-                      "data_seed", "preset")},
+                      "data_seed", "preset") if hasattr(args, k)},
         "method_sources": {m: METHODS[m].source for m in methods},
     }
 
@@ -399,6 +531,154 @@ def cmd_robustness(args) -> int:
     return 0
 
 
+def _resolve_nets(text: str) -> List[str]:
+    from .experiments.mnist1d import ARCHS
+
+    lookup = {k.lower(): k for k in ARCHS}
+    nets = []
+    for name in filter(None, (t.strip() for t in text.split(","))):
+        key = lookup.get(name.lower())
+        if key is None:
+            raise UsageError(f"--nets: unknown network {name!r}; choose from {', '.join(ARCHS)}")
+        if key not in nets:
+            nets.append(key)
+    if not nets:
+        raise UsageError("--nets: expected at least one network")
+    return nets
+
+
+def cmd_mnist1d(args) -> int:
+    from . import experiments as ex
+    from .experiments import mnist1d as mx
+
+    nets = _resolve_nets(args.nets)
+    methods = ex.resolve_methods(args.methods.split(","))
+    hyper = ex.parse_settings(args.settings, methods, preset=args.preset, base=mx.BASELINES)
+    task = mx.Mnist1dTask(samples=args.samples, data_seed=args.data_seed)
+    n_train = task.sizes[0]
+    tau = None
+    if args.temperature is not None:
+        from .posterior import posterior_temperature
+
+        tau = posterior_temperature(n_train, temperature=args.temperature)
+        given = {tuple(item.partition("=")[0].strip().lower().split(".", 1))
+                 for item in args.settings}
+        for m in methods:
+            if ex.METHODS[m].named:
+                for key in ("tau", "tau1", "tau2"):
+                    if key in hyper[m] and (m.lower(), key) not in given:
+                        hyper[m][key] = tau
+    if 1.0 not in args.lr_factors:
+        raise UsageError(f"--lr-factors: must include 1 (the main runs), got "
+                         f"{','.join(f'{f:g}' for f in args.lr_factors)}")
+    if args.grid_seeds > args.seeds:
+        raise UsageError(f"--grid-seeds: {args.grid_seeds} is more than --seeds {args.seeds}")
+    comparison = args.comparison
+    if comparison and not {"Adam", "SGD"} <= set(methods):
+        raise UsageError("--comparison needs Adam and SGD among --methods (the single model, "
+                         "the ensembles' members and SWA's base); pass --no-comparison")
+    if comparison and args.epochs < args.ensemble:
+        raise UsageError(f"--epochs: {args.epochs} is fewer than --ensemble {args.ensemble} "
+                         f"(each member of the equal-budget ensemble trains epochs/ensemble "
+                         f"epochs); pass --no-comparison or more epochs")
+    if args.batch > n_train:
+        raise UsageError(f"--batch: {args.batch} is larger than the training set ({n_train})")
+    for net in nets:  # every optimizer is built once on each network: bad values fail here
+        model = task.model(net)
+        for m, hp in hyper.items():
+            try:
+                ex.METHODS[m].build(model, hp, seed=0)
+            except (TypeError, ValueError) as e:
+                shown = ", ".join(f"{k}={v}" for k, v in hp.items())
+                raise ex.SettingsError(f"--set {m}: the optimizer rejected {shown}: {e}") \
+                    from None
+    files = ["mnist1d.json", "mnist1d_curves.csv", "mnist1d_summary.csv", "mnist1d_table.txt",
+             "mnist1d.png"]
+    _check_out(args.out, files, args.overwrite)
+    seeds = _seeds(args)
+    jobs = args.jobs or ex.default_jobs()
+    args.jobs = jobs
+    pp_burn_in = int(round(args.pp_burn_in * args.epochs))
+    swa_start = int(round(args.swa_start * args.epochs))
+    runs = mx.plan_runs(task, nets, methods, hyper, seeds, epochs=args.epochs,
+                        batch=args.batch, lr_factors=args.lr_factors,
+                        grid_seeds=args.grid_seeds, pp_burn_in=pp_burn_in,
+                        pp_per_epoch=args.pp_per_epoch, comparison=comparison,
+                        ensemble=args.ensemble, swa_start=swa_start)
+    print(f"thermo-ext mnist1d: {task.describe()}; nets {', '.join(nets)}; batch {args.batch}, "
+          f"{args.epochs} epochs, {len(seeds)} seed(s), {len(methods)} method(s), step sizes "
+          f"x{','.join(f'{f:g}' for f in args.lr_factors)} on {args.grid_seeds} seed(s)"
+          f"{', ensembles and SWA' if comparison else ''}: {len(runs)} runs on {jobs} "
+          f"process(es)", flush=True)
+    tempered = ("" if tau is None else f", tau = te.posterior_temperature({n_train}, "
+                f"temperature={args.temperature:g}) = {tau:g}")
+    print("settings (the named methods: --preset "
+          f"{args.preset}{tempered}; the baselines: their usual settings):")
+    for m, values in hyper.items():
+        print(f"  {m:<10} {_format_settings(values)}")
+    sys.stdout.flush()
+    task.data()  # built once here (and once per worker process)
+    t0 = time.perf_counter()
+    results = ex.run_many(runs, jobs=jobs, threads=args.threads, quiet=args.quiet)
+    wall = time.perf_counter() - t0
+    _, (_, y_test) = task.data()
+
+    faster = mx.faster_rows(results, nets, methods, args.targets)
+    accurate = mx.accuracy_rows(results, nets, methods)
+    robust = mx.robustness_rows(results, nets, methods, args.lr_factors, args.grid_seeds)
+    compared = mx.comparison_rows(results, nets, methods, args.ensemble, y_test)
+    title = (f"{task.describe()}; batch {args.batch}, {args.epochs} epochs, seeds "
+             f"{seeds[0]}..{seeds[-1]}")
+    text = "\n\n".join([title, mx.format_faster(faster, nets, methods),
+                         mx.format_accuracy(accurate, nets), mx.format_robustness(robust, nets),
+                         mx.format_comparison(compared, nets)])
+    print()
+    print(text)
+    print(f"total wall time {wall:.1f} s on {jobs} process(es)")
+
+    out = args.out
+    payload = _header(args, task, methods)
+    payload["settings"] = {k: getattr(args, k) for k in
+                           ("epochs", "seeds", "first_seed", "batch", "jobs", "threads",
+                            "preset", "lr_factors", "grid_seeds", "pp_burn_in", "pp_per_epoch",
+                            "comparison", "ensemble", "swa_start", "samples", "data_seed",
+                            "temperature")}
+    payload["settings"].update(nets=nets, targets=args.targets, pp_burn_in_epochs=pp_burn_in,
+                               swa_start_epoch=swa_start, posterior_tau=tau)
+    payload["method_sources"].update({m: f"the usual setting: torch.optim.{m}("
+                                         f"{_format_settings(hyper[m])})"
+                                      for m in methods if m in mx.BASELINES})
+    payload.update({"hyper": hyper, "wall_s": wall, "faster": faster, "accurate": accurate,
+                    "robust": robust, "comparison": compared, "table": text,
+                    "runs": [{k: v for k, v in r.items() if k != "probs"} for r in results]})
+    ex.write_json(os.path.join(out, "mnist1d.json"), payload)
+    header = ["net", "method", "role", "seed", "member", "lr_factor", "epoch", "train_loss",
+              "train_acc", "test_loss", "test_acc"]
+    rows = []
+    for r in results:
+        c = r["curves"]
+        for k in range(len(c["epoch"])):
+            rows.append([r["arch"], r["method"], r["role"], r["seed"], r["member"],
+                         r["lr_factor"], c["epoch"][k], f"{c['train_loss'][k]:.6g}",
+                         f"{c['train_acc'][k]:.2f}", f"{c['test_loss'][k]:.6g}",
+                         f"{c['test_acc'][k]:.2f}"])
+    ex.write_csv(os.path.join(out, "mnist1d_curves.csv"), header, rows)
+    ex.write_csv(os.path.join(out, "mnist1d_summary.csv"),
+                 ["net", "predictor", "kind", "epochs", "seeds", "acc", "acc_std", "nll",
+                  "nll_std", "ece", "ece_std"],
+                 [[r["arch"], r["predictor"], r["kind"], r["epochs"], r["seeds"],
+                   *(f"{r[k]:.6g}" for k in ("acc", "acc_std", "nll", "nll_std", "ece",
+                                             "ece_std"))] for r in compared])
+    with open(os.path.join(out, "mnist1d_table.txt"), "w") as f:
+        f.write(f"$ {payload['command']}\n{text}\ntotal wall time {wall:.1f} s on {jobs} "
+                f"process(es)\n")
+    mx.plot_mnist1d(os.path.join(out, "mnist1d.png"), results, robust, nets, methods,
+                    f"{task.describe()}\nbatch {args.batch}, {args.epochs} epochs, "
+                    f"{len(seeds)} seed(s); step sizes on {args.grid_seeds} seed(s)", compared)
+    print(f"wrote {', '.join(os.path.join(out, f) for f in files)}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from . import benchmark
 
@@ -500,6 +780,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_compare(args, args.command)
         if args.command == "robustness":
             return cmd_robustness(args)
+        if args.command == "mnist1d":
+            return cmd_mnist1d(args)
         if args.command == "bench":
             return cmd_bench(args)
         return cmd_info(args)
@@ -511,7 +793,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"thermo-ext {args.command}: error: {e}", file=sys.stderr)
         return 2
     except ImportError as e:
-        if (e.name or "").split(".")[0] not in ("matplotlib", "tqdm", "sklearn"):
+        if (e.name or "").split(".")[0] not in ("matplotlib", "tqdm", "sklearn", "mnist1d"):
             raise
         print(f"thermo-ext {args.command}: error: {e}; install the experiments extra: "
               f"pip install 'thermo_ext[experiments]'", file=sys.stderr)

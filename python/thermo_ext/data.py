@@ -2,6 +2,8 @@
 
 * :func:`two_spirals`: the paper's planar two-spiral problem (its notebook ``AdLaLa.ipynb``).
 * :func:`digits`: scikit-learn's 8×8 handwritten digits (shipped with scikit-learn, no download).
+* :func:`mnist1d`: MNIST-1D (Greydanus 2020), built by the ``mnist1d`` package's procedural
+  generator on this machine (never downloaded).
 
 Every random draw comes from a ``torch.Generator`` seeded here, never from a global RNG, so the
 same seed gives the same data in any process, whatever else has drawn random numbers before.
@@ -14,7 +16,7 @@ from typing import Tuple
 
 import torch
 
-__all__ = ["spiral_points", "two_spirals", "digits", "generator"]
+__all__ = ["spiral_points", "two_spirals", "digits", "mnist1d", "generator"]
 
 Split = Tuple[Tuple[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
 
@@ -116,3 +118,40 @@ def digits(test_fraction: float = 0.25, *, seed: int = 0) -> Split:
     std = torch.where(std > 0, std, torch.ones_like(std))
     x = ((x - mean) / std).float()
     return (x[train_idx], y[train_idx]), (x[test_idx], y[test_idx])
+
+
+def mnist1d(samples: int = 5000, *, seed: int = 42, train_split: float = 0.8) -> Split:
+    """MNIST-1D: 1-D signals of length 40 in 10 classes, from the ``mnist1d`` package's
+    procedural generator (``mnist1d.data.make_dataset``), built here, offline.
+
+    The defaults are the package's own (``get_dataset_args()``: 5000 samples, 80 % for
+    training, seed 42), which give the standard 4000 training and 1000 test signals of the
+    published data set; only ``num_samples``, ``seed`` and ``train_split`` are changed when
+    asked. The generator draws from NumPy's and Python's global random states: both are saved
+    and restored, so building the data leaves every other random stream as it was. Returns
+    ``((x, y), (x_test, y_test))``, x float32 of shape (n, 40) (the generator's normalisation:
+    mean 0, standard deviation 1 over the whole set), y int64 class indices.
+    """
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 20:
+        raise ValueError(f"samples: expected an int >= 20 (at least one per class in each "
+                         f"split), got {samples!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed: expected an int in [0, 2**32), got {seed!r}")
+    if not 0.0 < train_split < 1.0:
+        raise ValueError(f"train_split: expected a number in (0, 1), got {train_split!r}")
+    import random
+
+    import numpy as np
+    from mnist1d.data import get_dataset_args, make_dataset  # the generator, not the download
+
+    args = get_dataset_args()
+    args.num_samples, args.seed, args.train_split = samples, seed, train_split
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        d = make_dataset(args)
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    to_x = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
+    to_y = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.int64)  # noqa: E731
+    return (to_x(d["x"]), to_y(d["y"])), (to_x(d["x_test"]), to_y(d["y_test"]))

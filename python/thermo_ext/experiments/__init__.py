@@ -14,7 +14,9 @@ Where to find what:
 * :mod:`.runner`   many runs, in worker processes, with progress on stderr;
 * :mod:`.tables`   summaries and the robustness grid as text;
 * :mod:`.records`  JSON and CSV files; :mod:`.machine` what a result was measured on;
-* :mod:`.figures`  the plots (matplotlib, imported only when drawing).
+* :mod:`.figures`  the plots (matplotlib, imported only when drawing);
+* :mod:`.mnist1d`  ``thermo-ext mnist1d``: its networks, runs, tables and figure (imported by
+  the command).
 """
 
 from __future__ import annotations

@@ -144,6 +144,13 @@ def _adam(model, hyper, seed):
     return torch.optim.Adam(model.parameters(), **hyper)
 
 
+def _adamw(model, hyper, seed):
+    hyper = {"fused": True, **hyper}
+    if "betas" in hyper:
+        hyper["betas"] = tuple(hyper["betas"])
+    return torch.optim.AdamW(model.parameters(), **hyper)
+
+
 def _sgd(model, hyper, seed):
     return torch.optim.SGD(model.parameters(), **{"fused": True, **hyper})
 
@@ -168,6 +175,9 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
     Method("Adam", False, "the paper's notebook (lr 0.005), torch's other defaults", _adam,
            own_defaults=dict(lr=0.005),
            own_extra=("betas", "eps", "weight_decay", "amsgrad", "fused")),
+    Method("AdamW", False, "torch's AdamW at its defaults (lr 1e-3, weight decay 1e-2)", _adamw,
+           own_defaults=dict(lr=1e-3, weight_decay=1e-2),
+           own_extra=("betas", "eps", "amsgrad", "fused")),
 )}
 
 
@@ -204,15 +214,19 @@ def _parse_value(text: str) -> Any:
 
 
 def parse_settings(items: Sequence[str], methods: Sequence[str],
-                   preset: str = DEFAULT_PRESET) -> Dict[str, Dict[str, Any]]:
-    """Each method's hyperparameters: its settings under ``preset`` updated by
+                   preset: str = DEFAULT_PRESET,
+                   base: Optional[Dict[str, Dict[str, Any]]] = None
+                   ) -> Dict[str, Dict[str, Any]]:
+    """Each method's hyperparameters: its settings under ``preset`` (or, for a method in
+    ``base``, those values instead: an experiment's own baseline settings) updated by
     ``Method.key=value`` items.
 
     Only the keys a method has (its defaults and its settable extras) are accepted; a setting
     for a method that is not in ``methods`` is an error too (it would silently do nothing).
     """
     _check_preset(preset)
-    hyper = {m: METHODS[m].settings(preset) for m in methods}
+    base = base or {}
+    hyper = {m: dict(base[m]) if m in base else METHODS[m].settings(preset) for m in methods}
     lookup = {k.lower(): k for k in METHODS}
     for item in items:
         target, sep, value = item.partition("=")

@@ -142,11 +142,18 @@ def _worker_init(threads: int, progress_queue) -> None:
     torch.set_num_threads(threads)
 
 
+def _execute(spec, progress) -> Dict[str, Any]:
+    """A spec with its own ``execute(progress)`` (e.g. an mnist1d run) runs that; a
+    :class:`RunSpec` runs :func:`train_run`."""
+    run = getattr(spec, "execute", None)
+    return run(progress) if run is not None else train_run(spec, progress)
+
+
 def _worker_run(index: int, spec: RunSpec) -> Dict[str, Any]:
     q = _progress_queue
     if q is not None:
         q.put((index, 0))
-    return train_run(spec, None if q is None else (lambda e: q.put((index, e))))
+    return _execute(spec, None if q is None else (lambda e: q.put((index, e))))
 
 
 @contextlib.contextmanager
@@ -170,7 +177,9 @@ def default_jobs() -> int:
 
 def run_many(specs: Sequence[RunSpec], *, jobs: int = 1, threads: int = 1,
              quiet: bool = False) -> List[Dict[str, Any]]:
-    """Runs every spec; returns their records in the order given.
+    """Runs every spec (a :class:`RunSpec`, or any picklable object with ``label``, ``epochs``
+    and ``execute(progress)`` returning a record with ``final_test_acc`` and ``diverged_at``);
+    returns their records in the order given.
 
     ``jobs`` > 1 runs them in that many worker processes (spawned, each with ``threads`` torch
     and OpenMP threads: the tiny matmuls are fastest single-threaded, and two single-threaded
@@ -191,7 +200,7 @@ def run_many(specs: Sequence[RunSpec], *, jobs: int = 1, threads: int = 1,
             try:
                 for i, spec in enumerate(specs):
                     report.started(i)
-                    finish(i, train_run(spec, lambda e, i=i: report.advanced(i, e)))
+                    finish(i, _execute(spec, lambda e, i=i: report.advanced(i, e)))
             finally:
                 torch.set_num_threads(previous)
             return results  # type: ignore[return-value]
