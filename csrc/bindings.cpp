@@ -132,6 +132,7 @@ Program build_program(const std::vector<LetterTuple>& letters, const HyperValues
   p.mass_beta = h.mass_beta;
   p.mass_eps = h.mass_eps;
   p.mass_freeze = h.mass_freeze;
+  p.mass_wd = p.grad_sign * h.weight_decay;
   for (size_t i = 0; i < letters.size(); ++i) {
     Op& op = p.ops[i];
     double factor;
@@ -335,7 +336,7 @@ PYBIND11_MODULE(_C, m) {
           throw std::invalid_argument("plan: expected one gradient per tensor");
         if (prog.mass)
           for (const TensorDesc& d : p.tensors)
-            if (!d.mass)
+            if (!d.mass && d.numel > 0)  // an empty shard's buffers have no address
               throw std::invalid_argument("plan: the program has an adaptive mass, but the plan "
                                           "was made without mass buffers");
         for (size_t i = 0; i < grads.size(); ++i) p.tensors[i].grad = (const void*)grads[i];

@@ -41,8 +41,9 @@ struct Program {
   int32_t mass;
   // -1 when the program runs the dynamics of -L (maximize: B and V see -g), else +1.
   double grad_sign;
-  // The mass's settings (Hyper's mass_beta, mass_eps, mass_freeze).
-  double mass_beta, mass_eps, mass_freeze;
+  // The mass's settings (Hyper's mass_beta, mass_eps, mass_freeze), and mass_wd = grad_sign *
+  // weight_decay: B's and V's force g + mass_wd theta is what v averages the square of.
+  double mass_beta, mass_eps, mass_freeze, mass_wd;
 };
 
 // A group's hyperparameters, in the order of a device hyperparameter tensor. mass_freeze is a
@@ -126,8 +127,8 @@ template <class T>
 TE_HD T letter_V(T theta, T g, T z, T h, T wd, T s) {
   return theta - h * (g + wd * theta) + s * z;
 }
-// The adaptive mass (docs/DESIGN.md, Mass). v is the gradients' second moment, an EMA with
-// decay beta; m = sqrt(v bias) + eps with Adam's bias correction bias = 1 / (1 - beta^t), t the
+// The adaptive mass (docs/DESIGN.md, Mass). v is the second moment of the force (the gradient
+// plus weight decay), an EMA with decay beta; m = sqrt(v bias) + eps with Adam's bias correction bias = 1 / (1 - beta^t), t the
 // number of updates v has had. A moves by p / m, O and D draw sqrt(m) R, E sums p^2 / m, V
 // moves by (g + wd theta) / m with noise R / sqrt(m). Each letter takes inv = 1 / m,
 // sm = sqrt(m) and rs = 1 / sm, each correctly rounded in the compute type (IEEE), so the bits
@@ -136,9 +137,14 @@ TE_HD T letter_V(T theta, T g, T z, T h, T wd, T s) {
 TE_HD float te_sqrt(float x) { return sqrtf(x); }  // correctly rounded in float (IEEE)
 TE_HD double te_sqrt(double x) { return sqrt(x); }
 
+// v takes the square of the force B and V apply, f = g + wd theta (wd = grad_sign * weight
+// decay: the same bits as B's g + wd theta up to sign), as Adam's v takes its L2-decayed
+// gradient: a coordinate whose gradient vanishes then keeps a mass of about wd |theta| instead of
+// eps, and the weight decay's own oscillation, of frequency sqrt(wd / m), stays slow.
 template <class T>
-TE_HD T mass_update(T v, T g, T beta, T one_minus_beta) {
-  return beta * v + one_minus_beta * (g * g);
+TE_HD T mass_update(T v, T g, T theta, T wd, T beta, T one_minus_beta) {
+  const T f = g + wd * theta;
+  return beta * v + one_minus_beta * (f * f);
 }
 template <class T>
 TE_HD T mass_of(T v, T bias, T eps) {

@@ -74,7 +74,8 @@ def make_opt(model, scheme):
     if scheme == "adl":
         return te.AdL(model.parameters(), tau=1e-2, seed=99)
     if scheme == "adlala":
-        return te.AdLaLa(model, tau1=1e-3, tau2=1e-3, seed=99)
+        # (the unit mass: at tau 1e-3 the adaptive mass's floor makes its weights run away)
+        return te.AdLaLa(model, tau1=1e-3, tau2=1e-3, seed=99, mass="unit")
     return te.Langevin(model.parameters(), tau=1e-2, seed=99)
 
 

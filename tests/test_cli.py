@@ -413,7 +413,8 @@ def test_preset_default_runs_the_signature_defaults(tmp_path, capsys, other_defa
     assert record["settings"]["preset"] == "default"
     for m in PRESET_METHODS:
         hyper, groups = _run_settings(record, m)
-        expected = dict(other_defaults[m], **({"gamma": 0.3} if m == "LaLa" else {}))
+        expected = dict(other_defaults[m], mass="adaptive",
+                        **({"gamma": 0.3} if m == "LaLa" else {}))
         assert hyper == expected, m
         wants = _expected_groups(m, expected)
         assert len(groups) == len(wants), m
@@ -424,7 +425,7 @@ def test_preset_default_runs_the_signature_defaults(tmp_path, capsys, other_defa
 def test_help_lists_the_values_each_preset_runs_with(capsys, other_defaults):
     assert main(["digits", "--help"]) == 0
     text = capsys.readouterr().out
-    assert "--preset {default,paper}" in text
+    assert "--preset {default,paper,unit}" in text
     paper_block, default_block = text.split("with --preset default")
     adlala = next(x for x in paper_block.splitlines() if x.strip().startswith("AdLaLa "))
     assert "lr=0.25" in adlala and "gamma=0.1" in adlala
@@ -444,7 +445,8 @@ def test_help_says_when_the_presets_agree(capsys, monkeypatch):
     monkeypatch.setitem(named_methods.PRESETS, "paper", agreeing)
     assert main(["spiral", "--help"]) == 0
     text = capsys.readouterr().out
-    assert "the same values" in text and "where they differ" not in text
+    default_block = text.split("with --preset default")[1].split("with --preset")[0]
+    assert "the same values" in default_block and "where they differ" not in default_block
     monkeypatch.undo()
     assert main(["spiral", "--help"]) == 0
     assert "the same values" not in capsys.readouterr().out  # today's defaults differ
@@ -572,10 +574,12 @@ def test_mnist1d_tiny_run_writes_every_table_and_file(tmp_path, capsys, other_de
     # per net and seed: 2 short members, 1 more full-length member, 1 SWA run
     assert (roles.count("main"), roles.count("grid"), roles.count("member"),
             roles.count("swa")) == (20, 10, 12, 4)
-    # The named methods run with the defaults of their (here patched) signatures, the
-    # baselines with their usual settings.
+    # The named methods run with the unit-mass preset over their (here patched) signatures'
+    # defaults, the baselines with their usual settings.
     for m in ("AdLaLa", "Langevin"):
-        assert record["hyper"][m] == other_defaults[m], m
+        unit = named_methods.PRESETS["unit"][m]
+        assert record["hyper"][m] == {**other_defaults[m], "mass": "adaptive", **unit}, m
+        assert record["hyper"][m]["mass"] == "unit"
     for m in ("SGD", "Adam", "AdamW"):
         assert record["hyper"][m] == BASELINES[m], m
     sgd = next(r for r in runs if r["method"] == "SGD" and r["role"] == "main")
@@ -584,7 +588,8 @@ def test_mnist1d_tiny_run_writes_every_table_and_file(tmp_path, capsys, other_de
     assert adamw["optimizer"][0]["weight_decay"] == 0.01
     grid = next(r for r in runs if r["method"] == "AdLaLa" and r["role"] == "grid")
     assert grid["lr_factor"] == 0.5 and grid["seed"] == 0
-    assert [g["lr"] for g in grid["optimizer"]] == [0.5 * other_defaults["AdLaLa"]["lr"]] * 2
+    assert [g["lr"] for g in grid["optimizer"]] == [0.5 * named_methods.PRESETS["unit"]["AdLaLa"]
+                                                    ["lr"]] * 2
     # 160 training signals, batch 32: 5 steps per epoch. The average starts after epoch 1 (half
     # of 2) and takes max(1, 5 // 4) = every step: 5 samples.
     main_run = next(r for r in runs if r["method"] == "AdLaLa" and r["role"] == "main")

@@ -81,7 +81,7 @@ def test_adlala_first_step_by_hand():
     x, y = H.batch(dtype=torch.float64)
     h, tau, gamma, sigma, eps, xi0, seed = 0.25, 1e-4, 0.1, 0.01, 0.05, 0.1, 99
     opt = te.AdLaLa(m, lr=h, tau1=tau, tau2=tau, gamma=gamma, sigma=sigma, eps=eps, xi0=xi0,
-                    seed=seed)
+                    seed=seed, mass="unit")
     nn.functional.binary_cross_entropy_with_logits(m(x), y).backward()
     theta0 = [p.detach().clone() for p in m.parameters()]
     grads = [p.grad.clone() for p in m.parameters()]
@@ -299,10 +299,10 @@ def test_equipartition_adl():
 
 def test_diagnostics():
     m = H.relu_mlp()
-    opt = te.AdLaLa(m, seed=1)
+    opt = te.AdLaLa(m, seed=1, mass="unit")  # (Σp²/m/N with the mass: test_mass.py)
     assert [float(t) for t in opt.kinetic_temperature()] == [0.0, 0.0]
     assert len(opt.thermostats()[0]) == 2 and opt.thermostats()[1] == []
-    assert all(float(x) == 0.1 for x in opt.thermostats()[0])
+    assert all(float(x) == opt.param_groups[0]["xi0"] for x in opt.thermostats()[0])
     x, y = H.batch()
     H.train(m, opt, 2, x, y)
     kt = opt.kinetic_temperature()

@@ -35,7 +35,7 @@ def quadratic(h, gamma=0.1, steps=200, **kw):
     x = torch.randn(256, 20, generator=g)
     y = x @ torch.randn(20, 1, generator=g)
     model = nn.Linear(20, 1)
-    opt = te.Langevin(model, lr=h, gamma=gamma, tau=0.0, seed=1, **kw)
+    opt = te.Langevin(model, lr=h, gamma=gamma, tau=0.0, seed=1, mass="unit", **kw)
     caught_steps = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -168,7 +168,8 @@ def test_results_not_yet_arrived_are_judged_later_without_waiting():
     x = torch.randn(256, 20, generator=g)
     y = x @ torch.randn(20, 1, generator=g)
     model = nn.Linear(20, 1)
-    opt = te.Langevin(model, lr=1.6, gamma=0.1, tau=0.0, seed=1, check_stability=False)
+    opt = te.Langevin(model, lr=1.6, gamma=0.1, tau=0.0, seed=1, check_stability=False,
+                      mass="unit")
     mon = Deferred(every=4)
     caught_at = []
     with warnings.catch_warnings(record=True) as caught:

@@ -45,14 +45,18 @@ def test_langevin_at_zero_temperature_is_sgd_with_momentum(lr, momentum):
 def test_from_sgd_per_method():
     h = math.sqrt(2 * 0.01 / 1.9)
     g = -math.log(0.9) / h
-    assert te.from_sgd(0.01, 0.9) == pytest.approx({"lr": h, "gamma": g})
-    assert te.from_sgd(0.01, 0.9, method="AdL") == pytest.approx({"lr": h, "xi0": g})
+    assert te.from_sgd(0.01, 0.9) == pytest.approx({"lr": h, "gamma": g, "mass": "unit"})
+    assert te.from_sgd(0.01, 0.9, method="AdL") == pytest.approx({"lr": h, "xi0": g,
+                                                                  "mass": "unit"})
     assert te.from_sgd(0.01, 0.9, method="AdLaLa", tau=1e-5) == pytest.approx(
-        {"lr": h, "gamma": g, "xi0": g, "tau1": 1e-5, "tau2": 1e-5})
+        {"lr": h, "gamma": g, "xi0": g, "tau1": 1e-5, "tau2": 1e-5,
+         "mass": "unit"})
     assert te.from_sgd(0.01, 0.9, method="LaLa", tau=0) == pytest.approx(
-        {"lr": h, "gamma": g, "tau": 0.0})
-    assert te.from_sgd(0.05, 0.0, method="LOL") == {"lr": math.sqrt(0.1), "gamma": math.inf}
-    assert te.from_sgd(0.05, 0.8, method="Overdamped") == pytest.approx({"lr": 0.25})
+        {"lr": h, "gamma": g, "tau": 0.0, "mass": "unit"})
+    assert te.from_sgd(0.05, 0.0, method="LOL") == {"lr": math.sqrt(0.1), "gamma": math.inf,
+                                                       "mass": "unit"}
+    assert te.from_sgd(0.05, 0.8, method="Overdamped") == pytest.approx({"lr": 0.25,
+                                                                         "mass": "unit"})
     # The result is keyword arguments for the method.
     opt = te.AdLaLa(mlp(), **te.from_sgd(0.01, 0.9, method="AdLaLa", tau=1e-6))
     assert opt.param_groups[1]["gamma"] == pytest.approx(g)
@@ -107,6 +111,8 @@ def test_from_adam_values_and_refusals():
     assert te.tuning.to_sgd(kw["lr"], kw["gamma"]) == pytest.approx((1e-4, 0.9))  # lr (1 - β1)
     kw = te.from_adam(1e-3, weight_decay=0.01, method="AdLaLa", tau=1e-7)
     assert kw["xi0"] == kw["gamma"] and kw["tau1"] == kw["tau2"] == 1e-7
+    assert kw["sigma"] == pytest.approx(math.sqrt(2 * 1e-7 * kw["gamma"]))  # ξ* = σ²/(2τ) = γ
+    assert te.from_adam(1e-3, method="AdL")["sigma"] == 0.0  # τ = 0: no thermostat noise
     assert kw["weight_decay"] == 0.01
     assert te.from_adam(2e-3, method="Overdamped")["lr"] == 2e-3
     for bad, match in [(dict(lr=0.0), "lr"), (dict(betas=(0.9,)), "betas"),

@@ -154,13 +154,15 @@ void sum_squares_mass(double* __restrict acc, const T* __restrict p, const T* __
 }
 
 // The mass factors of a block (interpret.h, MassFactors) from its second moments v, updated in
-// place with the block's gradients first when the step updates them.
+// place with the block's forces g + wd theta first when the step updates them (theta: the
+// step's starting values; a sum phase leaves it unread only where wd is 0, sum_reads_theta).
 template <class T>
-void block_mass(T* __restrict v, const T* __restrict g, int len, bool update, T beta,
-                T one_minus_beta, T bias, T eps, bool need_sm, bool need_rs, T* __restrict inv,
-                T* __restrict sm, T* __restrict rs) {
+void block_mass(T* __restrict v, const T* __restrict g, const T* __restrict theta, T wd,
+                int len, bool update, T beta, T one_minus_beta, T bias, T eps, bool need_sm,
+                bool need_rs, T* __restrict inv, T* __restrict sm, T* __restrict rs) {
   if (update)
-    for (int j = 0; j < len; ++j) v[j] = mass_update(v[j], g[j], beta, one_minus_beta);
+    for (int j = 0; j < len; ++j)
+      v[j] = mass_update(v[j], g[j], theta[j], wd, beta, one_minus_beta);
   // One loop per combination, each vectorised; the same per-element operations as
   // interpret.h's mass_factors (the CUDA engine's).
   if (need_rs) {
@@ -271,7 +273,9 @@ int phase_impl(const StepArgs& a, int phase, bool check) {
   const int64_t n_items = (int64_t)items.size();
   const bool sum_phase = !write;
   const bool fused_check = check && sum_phase && phase == 0;
-  const bool skip_theta = sum_phase && !sum_reads_theta(pg.ops, n_ops, fused_check);
+  // (The adaptive mass's force reads theta where there is weight decay, in every phase.)
+  const bool skip_theta = sum_phase && !sum_reads_theta(pg.ops, n_ops, fused_check) &&
+                          !(kMass && pg.mass_wd != 0.0);
   constexpr bool kSameTypes = std::is_same<P, T>::value && std::is_same<M, T>::value;
 
   // The plan's store: phase 0 (re)fills it, the later phases of the same step read it back.
@@ -312,7 +316,7 @@ int phase_impl(const StepArgs& a, int phase, bool check) {
   }
   const MassStep* mass_steps_all = mass_steps.data();
   const T mass_beta = (T)pg.mass_beta, mass_omb = (T)(1.0 - pg.mass_beta);
-  const T mass_eps = (T)pg.mass_eps;
+  const T mass_eps = (T)pg.mass_eps, mass_wd = (T)pg.mass_wd;
 
   for_each_item(n_items, total >= kParallelMin, [&](int64_t it) {
     Item& item = items[it];
@@ -360,8 +364,8 @@ int phase_impl(const StepArgs& a, int phase, bool check) {
           for (int j = 0; j < len; ++j) vloc[j] = (T)mass[lo + j];
       }
       if (kMass)
-        block_mass(vb, grb, len, ms.update, mass_beta, mass_omb, mass_bias, mass_eps, need_sm,
-                   need_rs, inv, sm, rs);
+        block_mass(vb, grb, thb, mass_wd, len, ms.update, mass_beta, mass_omb, mass_bias,
+                   mass_eps, need_sm, need_rs, inv, sm, rs);
       if (fused_check) {
         bad |= nonfinite_any(grb, len) << kBadGrad;
         bad |= nonfinite_any(thb, len) << kBadParam;

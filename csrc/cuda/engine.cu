@@ -86,7 +86,7 @@ constexpr int64_t kMaxBlocksPerLaunch = INT_MAX;
 // Scratch layout: the coefficients of device hyperparameters (3 per op), then the partial sums.
 // Device coefficients: 3 per op, then the mass's beta, eps and freeze (coef_kernel).
 constexpr int kMassCoef = 3 * kMaxOps;
-constexpr int64_t kCoefDoubles = kMassCoef + 3;
+constexpr int64_t kCoefDoubles = kMassCoef + 4;
 
 enum Mode : int { kSum = 0, kWrite = 1, kCheck = 2 };
 enum SegMode : int { kSegFinish = 1, kSegUpdate = 2, kSegCheck = 4 };
@@ -122,7 +122,7 @@ struct KCommon {
   int32_t skip_theta;  // kSum: theta unread and A undone (substeps.h: sum_reads_theta)
   int32_t pad;
   // The adaptive mass's settings (Program; with coef, the device's at coef[kMassCoef]).
-  double mass_beta, mass_eps, mass_freeze;
+  double mass_beta, mass_eps, mass_freeze, mass_wd;
 };
 
 // Two sizes of every kernel's arguments: the 32764-byte parameter space (see the top of this
@@ -374,12 +374,13 @@ __global__ void __launch_bounds__(kThreads)
   // The adaptive mass of this block's tensor at this step (substeps.h, Mass).
   M* __restrict__ mass = kMass ? (M*)d.mass : nullptr;
   MassStep ms{false, 1.0};
-  T mass_beta = (T)0, mass_omb = (T)0, mass_eps = (T)0, mass_bias = (T)1;
+  T mass_beta = (T)0, mass_omb = (T)0, mass_eps = (T)0, mass_bias = (T)1, mass_wd = (T)0;
   bool need_sm = false, need_rs = false;
   if (kMass) {
     const double beta = kDevCoef ? c.coef[kMassCoef] : c.mass_beta;
     const double eps = kDevCoef ? c.coef[kMassCoef + 1] : c.mass_eps;
     const double freeze = kDevCoef ? c.coef[kMassCoef + 2] : c.mass_freeze;
+    mass_wd = (T)(kDevCoef ? c.coef[kMassCoef + 3] : c.mass_wd);
     ms = mass_step(beta, freeze, step, d.mass_start);
     mass_beta = (T)beta;
     mass_omb = (T)(1.0 - beta);
@@ -442,7 +443,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int l = 0; l < 4; ++l) {
         vq[l] = (T)rv[l];
-        if (ms.update) vq[l] = mass_update(vq[l], gr[l], mass_beta, mass_omb);
+        if (ms.update) vq[l] = mass_update(vq[l], gr[l], th[l], mass_wd, mass_beta, mass_omb);
         mass_factors(vq[l], mass_bias, mass_eps, need_sm, need_rs, &inv[l], &sm[l], &rs[l]);
       }
     }
@@ -567,6 +568,7 @@ __global__ void coef_kernel(const __grid_constant__ CoefArgs a) {
     a.out[kMassCoef] = h.mass_beta;
     a.out[kMassCoef + 1] = h.mass_eps;
     a.out[kMassCoef + 2] = h.mass_freeze;
+    a.out[kMassCoef + 3] = a.grad_sign * h.weight_decay;
   }
   if (o >= a.n_ops) return;
   letter_coefficients(a.letter[o], a.factor[o] * h.lr, h, a.out + 3 * o, a.grad_sign);
@@ -810,6 +812,7 @@ KCommon make_common(const StepArgs& a, int n_ops, int32_t* flag) {
   c.mass_beta = a.prog->mass_beta;
   c.mass_eps = a.prog->mass_eps;
   c.mass_freeze = a.prog->mass_freeze;
+  c.mass_wd = a.prog->mass_wd;
   return c;
 }
 
@@ -1001,7 +1004,8 @@ void sum_phase(const StepArgs& a, const ChunkLayout& layout, int k, bool fused, 
       launch_seg(a, &layout, kSegCheck, k, n_ops, flag, st);
     c.early_exit = flag != nullptr;
   }
-  c.skip_theta = !sum_reads_theta(pg.ops, n_ops, c.check_data != 0);
+  c.skip_theta = !sum_reads_theta(pg.ops, n_ops, c.check_data != 0) &&
+                 !(pg.mass && pg.mass_wd != 0.0);  // the mass's force reads theta
   launch_phase<kSum>(a, layout, c, st);
   int mode = kSegFinish, next_ops = 0;
   if (fused) {

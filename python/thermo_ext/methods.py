@@ -1,12 +1,15 @@
 """The paper's named methods: each builds a :class:`~thermo_ext.optim.Thermo` with the partitions
 (param groups) and the schemes of the method (docs/DESIGN.md, The methods).
 
-The defaults in the signatures are for common models: chosen by measurement so that every
-method comes within 3 points of ``Adam(lr=1e-3)`` on an MLP, a CNN, a GRU and a transformer
-encoder in the same number of steps (docs/GUIDE.md, section 1, ``bench/model_families.py``). The
-paper's tuned spiral setting is ``preset="paper"``. The layer methods take a model, named
-parameters or explicit partitions (:mod:`thermo_ext.partition`); the two-partition methods take
-``first=`` to choose the first layer.
+The defaults in the signatures are for common models: an adaptive diagonal mass (``mass=
+"adaptive"``, docs/DESIGN.md, Mass) with the step of ``AdamW(lr=1e-3)`` (``te.from_adam``),
+chosen by measurement so that every method trains what AdamW trains in the same number of steps
+on an MLP, a CNN, a GRU, a transformer encoder, a GPT-2, ResNet-18s from scratch, a frozen
+backbone's head and mnist1d (docs/GUIDE.md, section 1; ``bench/model_families.py``). The
+paper's tuned spiral setting (unit mass) is ``preset="paper"``; the unit-mass defaults of
+earlier releases are ``preset="unit"``. The layer methods take a model, named parameters or
+explicit partitions (:mod:`thermo_ext.partition`); the two-partition methods take ``first=`` to
+choose the first layer.
 """
 
 from __future__ import annotations
@@ -27,19 +30,40 @@ __all__ = ["Langevin", "AdL", "Overdamped", "LaLa", "AdLaLa", "LOL", "PRESETS", 
 
 #: Named settings, one argument away: ``te.AdLaLa(model, preset="paper")``. A preset fills in the
 #: keywords the caller did not pass; anything passed explicitly wins.
-#: "paper": the paper's tuned two-spiral setting (h = 0.25, tau = 1e-4, gamma = 0.1, sigma = 0.01,
-#: eps = 0.05, xi0 = 0.1; Overdamped: this package's spiral setting), used by ``thermo-ext
-#: spiral`` and ``robustness``.
+#: "paper": the paper's tuned two-spiral setting with its unit mass (h = 0.25, tau = 1e-4,
+#: gamma = 0.1, sigma = 0.01, eps = 0.05, xi0 = 0.1; Overdamped: this package's spiral setting),
+#: used by ``thermo-ext spiral`` and ``robustness``.
+#: "unit": the unit-mass defaults of earlier releases (SGD-like steps; docs/GUIDE.md §1.2), which
+#: beat AdamW on some families (mnist1d's CNN) and fail on others (torchvision's ResNet-18).
 PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
     "paper": {
-        "Langevin": dict(lr=0.25, gamma=0.1, tau=1e-4),
-        "AdL": dict(lr=0.25, sigma=0.01, eps=0.05, tau=1e-4, xi0=0.1),
-        "Overdamped": dict(lr=0.05, tau=1e-4),
-        "LaLa": dict(lr=0.25, gamma=0.1, tau=1e-4),
-        "AdLaLa": dict(lr=0.25, tau1=1e-4, tau2=1e-4, gamma=0.1, sigma=0.01, eps=0.05, xi0=0.1),
-        "LOL": dict(lr=0.25, tau1=1e-4, tau2=1e-4, gamma=0.1),
+        "Langevin": dict(lr=0.25, gamma=0.1, tau=1e-4, mass="unit"),
+        "AdL": dict(lr=0.25, sigma=0.01, eps=0.05, tau=1e-4, xi0=0.1, mass="unit"),
+        "Overdamped": dict(lr=0.05, tau=1e-4, mass="unit"),
+        "LaLa": dict(lr=0.25, gamma=0.1, tau=1e-4, mass="unit"),
+        "AdLaLa": dict(lr=0.25, tau1=1e-4, tau2=1e-4, gamma=0.1, sigma=0.01, eps=0.05, xi0=0.1,
+                       mass="unit"),
+        "LOL": dict(lr=0.25, tau1=1e-4, tau2=1e-4, gamma=0.1, mass="unit"),
+    },
+    "unit": {
+        "Langevin": dict(lr=0.45, gamma=3.0, tau=1e-7, mass="unit"),
+        "AdL": dict(lr=0.25, sigma=0.01, eps=0.05, tau=1e-5, xi0=0.1, mass="unit"),
+        "Overdamped": dict(lr=0.3, tau=1e-7, mass="unit"),
+        "LaLa": dict(lr=0.45, gamma=3.0, tau=1e-7, mass="unit"),
+        "AdLaLa": dict(lr=0.45, tau1=1e-5, tau2=1e-7, gamma=3.0, sigma=0.01, eps=0.05, xi0=0.1,
+                       mass="unit"),
+        "LOL": dict(lr=0.55, tau1=1e-7, tau2=1e-7, gamma=3.0, mass="unit"),
     },
 }
+
+# The adaptive-mass defaults (docs/GUIDE.md §1): h and gamma are te.from_adam(1e-3)'s (BAOAB's
+# step is AdamW(1e-3)'s once Adam's bias correction has faded); tau = 1e-10 because with
+# m = sqrt(v) + 1e-8 a coordinate whose gradient vanishes moves at the thermal speed sqrt(tau/m):
+# at tau = 1e-8 the noise alone grew a torchvision ResNet-18's deepest convolutions 5x in 50
+# steps. AdL's sigma = sqrt(2 tau gamma) holds its thermostat's equilibrium friction
+# sigma^2 / (2 tau) at gamma. LOL's overdamped partition moves by h^2/2 M^-1 g, so its h is larger.
+_H, _GAMMA, _TAU = 0.0103, 10.3, 1e-10
+_SIGMA = 4.5e-5  # sqrt(2 * _TAU * _GAMMA)
 
 
 def preset_values(method: str, name: str) -> Dict[str, Any]:
@@ -120,23 +144,28 @@ def _first_and_rest(model, first, kwargs) -> List[Partition]:
 
 
 @_named
-def Langevin(params, lr: float = 0.45, gamma: float = 3.0, tau: float = 1e-7, **kwargs) -> Thermo:
+def Langevin(params, lr: float = _H, gamma: float = _GAMMA, tau: float = _TAU,
+             mass: str = "adaptive", **kwargs) -> Thermo:
     """BAOAB Langevin dynamics on all parameters (one group)."""
-    return Thermo(_params(params, kwargs), lr=lr, scheme="langevin", gamma=gamma, tau=tau, **kwargs)
+    return Thermo(_params(params, kwargs), lr=lr, scheme="langevin", gamma=gamma, tau=tau,
+                  mass=mass, **kwargs)
 
 
 @_named
-def AdL(params, lr: float = 0.25, sigma: float = 0.01, eps: float = 0.05, tau: float = 1e-5,
-        xi0: float = 0.1, **kwargs) -> Thermo:
+def AdL(params, lr: float = _H, sigma: float = _SIGMA, eps: float = 0.05, tau: float = _TAU,
+        xi0: float = _GAMMA, mass: str = "adaptive", **kwargs) -> Thermo:
     """Adaptive Langevin (Nosé–Hoover–Langevin, scheme BACDEDCAB) on all parameters."""
-    return Thermo(_params(params, kwargs), lr=lr, scheme="adl", sigma=sigma, eps=eps, tau=tau, xi0=xi0,
-                  **kwargs)
+    return Thermo(_params(params, kwargs), lr=lr, scheme="adl", sigma=sigma, eps=eps, tau=tau,
+                  xi0=xi0, mass=mass, **kwargs)
 
 
 @_named
-def Overdamped(params, lr: float = 0.3, tau: float = 1e-7, **kwargs) -> Thermo:
-    """Euler–Maruyama overdamped Langevin, θ ← θ − h∇L + √(2hτ) R (no momentum)."""
-    return Thermo(_params(params, kwargs), lr=lr, scheme="overdamped", tau=tau, **kwargs)
+def Overdamped(params, lr: float = 1e-3, tau: float = _TAU, mass: str = "adaptive",
+               **kwargs) -> Thermo:
+    """Euler–Maruyama overdamped Langevin, θ ← θ − h M⁻¹∇L + √(2hτ) M^(−½) R (no momentum; with
+    the adaptive mass RMSprop's step plus noise)."""
+    return Thermo(_params(params, kwargs), lr=lr, scheme="overdamped", tau=tau, mass=mass,
+                  **kwargs)
 
 
 def _per_layer(name: str, value, n: int) -> list:
@@ -150,8 +179,8 @@ def _per_layer(name: str, value, n: int) -> list:
 
 
 @_named
-def LaLa(model: ModelLike, lr: float = 0.45, gamma: Union[float, Sequence[float]] = 3.0,
-         tau: Union[float, Sequence[float]] = 1e-7, **kwargs) -> Thermo:
+def LaLa(model: ModelLike, lr: float = _H, gamma: Union[float, Sequence[float]] = _GAMMA,
+         tau: Union[float, Sequence[float]] = _TAU, mass: str = "adaptive", **kwargs) -> Thermo:
     """Langevin per layer: one BAOAB group per partition (``te.partition.partitions(model)``:
     one per module owning trainable parameters), each with its own γ and τ (a number, or a
     list with one value per partition)."""
@@ -159,25 +188,27 @@ def LaLa(model: ModelLike, lr: float = 0.45, gamma: Union[float, Sequence[float]
     gammas = _per_layer("gamma", gamma, len(parts))
     taus = _per_layer("tau", tau, len(parts))
     groups = [dict(_group(p), gamma=g, tau=t) for p, g, t in zip(parts, gammas, taus)]
-    return Thermo(groups, lr=lr, scheme="langevin", **kwargs)
+    return Thermo(groups, lr=lr, scheme="langevin", mass=mass, **kwargs)
 
 
 @_named
-def AdLaLa(model: ModelLike, lr: float = 0.45, tau1: float = 1e-5, tau2: float = 1e-7,
-           gamma: float = 3.0, sigma: float = 0.01, eps: float = 0.05, xi0: float = 0.1,
-           first: FirstLike = None, **kwargs) -> Thermo:
+def AdLaLa(model: ModelLike, lr: float = _H, tau1: float = _TAU, tau2: float = _TAU,
+           gamma: float = _GAMMA, sigma: float = _SIGMA, eps: float = 0.05, xi0: float = _GAMMA,
+           first: FirstLike = None, mass: str = "adaptive", **kwargs) -> Thermo:
     """Adaptive Langevin on the first layer, Langevin on the rest (the paper's AdLaLa)."""
     head, rest = _first_and_rest(model, first, kwargs)
     groups = [dict(_group(head), scheme="adl", tau=tau1),
               dict(_group(rest), scheme="langevin", tau=tau2)]
-    return Thermo(groups, lr=lr, gamma=gamma, sigma=sigma, eps=eps, xi0=xi0, **kwargs)
+    return Thermo(groups, lr=lr, gamma=gamma, sigma=sigma, eps=eps, xi0=xi0, mass=mass,
+                  **kwargs)
 
 
 @_named
-def LOL(model: ModelLike, lr: float = 0.55, tau1: float = 1e-7, tau2: float = 1e-7,
-        gamma: float = 3.0, first: FirstLike = None, **kwargs) -> Thermo:
+def LOL(model: ModelLike, lr: float = 0.045, tau1: float = _TAU, tau2: float = _TAU,
+        gamma: float = 15.0, first: FirstLike = None, mass: str = "adaptive",
+        **kwargs) -> Thermo:
     """Langevin on the first layer, overdamped Langevin (BAOAB with γ = ∞) on the rest."""
     head, rest = _first_and_rest(model, first, kwargs)
     groups = [dict(_group(head), scheme="langevin", tau=tau1, gamma=gamma),
               dict(_group(rest), scheme="langevin", tau=tau2, gamma=math.inf)]
-    return Thermo(groups, lr=lr, **kwargs)
+    return Thermo(groups, lr=lr, mass=mass, **kwargs)

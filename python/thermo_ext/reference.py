@@ -118,7 +118,7 @@ def thermo_step(params: List[torch.Tensor], momenta: List[Optional[torch.Tensor]
         return _noise(th[i], seed=seed, uid=uids[i], step=step, draw=draw,
                       offset=offsets[i], runs=runs[i]).to(cdt)
 
-    # The adaptive mass: v updated with this step's gradient (unless frozen), then m, and the
+    # The adaptive mass: v updated with this step's force (unless frozen), then m, and the
     # factors each letter takes, in the compute type (a unit mass: all ones, the same bits).
     one = torch.ones((), dtype=cdt)
     inv = sm = rs = [one] * n
@@ -130,9 +130,9 @@ def thermo_step(params: List[torch.Tensor], momenta: List[Optional[torch.Tensor]
         for i in range(n):
             update, bias = mass_step(mass_beta, mass_freeze, step, mass_starts[i])
             v = masses[i].detach().to(cdt).clone()
-            g = grads[i].detach().to(cdt)
-            if update:
-                v = beta_t * v + omb_t * (g * g)
+            if update:  # the force of B and V: the gradient plus weight decay
+                f = gr[i] + weight_decay * th[i]
+                v = beta_t * v + omb_t * (f * f)
             m = torch.sqrt(v * torch.tensor(bias, dtype=cdt)) + eps_t
             v_new.append(v if update else None)
             inv.append(1 / m)

@@ -70,10 +70,11 @@ def from_sgd(lr: float, momentum: float = 0.9, *, method: str = "Langevin",
     (AdLaLa both ``gamma`` and ``xi0``); momentum 0 gives γ = ∞. ``Overdamped`` has no momentum:
     it gets h = lr / (1 − momentum), the heavy ball's steady step size. LOL's second partition
     then runs SGD with lr h²/2 and no momentum (see :mod:`thermo_ext.tuning`). ``tau``, when
-    given, is the temperature (``tau1``/``tau2`` for AdLaLa and LOL).
+    given, is the temperature (``tau1``/``tau2`` for AdLaLa and LOL). ``mass="unit"``: SGD's step is
+    the unit mass's.
 
     >>> from_sgd(0.01, 0.9)                              # doctest: +ELLIPSIS
-    {'lr': 0.1025..., 'gamma': 1.0269...}
+    {'lr': 0.1025..., 'gamma': 1.0269..., 'mass': 'unit'}
     >>> te.Langevin(model, **from_sgd(0.01, 0.9, tau=1e-6))  # doctest: +SKIP
     """
     method = _method(method)
@@ -103,6 +104,7 @@ def from_sgd(lr: float, momentum: float = 0.9, *, method: str = "Langevin",
             out.update(tau1=t, tau2=t)
         else:
             out["tau"] = t
+    out["mass"] = "unit"  # SGD's step is the unit mass's (the named methods' default is adaptive)
     return out
 
 
@@ -123,9 +125,11 @@ def from_adam(lr: float = ADAM_LR, betas: Tuple[float, float] = (0.9, 0.999),
     What differs: Adam divides its m by 1 − β1^t (its first ~1/(1 − β1) steps are larger: the
     first by 1/(1 − β1)), and BAOAB's first step counts the first gradient half (B(h/2)); the
     step is the same from then on. ``weight_decay`` is passed on as λ, which B adds to the
-    gradient (L2, Adam's ``weight_decay``, with v made from the raw gradient), not AdamW's
-    decoupled decay θ ← θ(1 − lr λ). AdL (and AdLaLa's first layer) takes the friction as its
-    initial thermostat ``xi0``; the thermostat then sets it. Overdamped has no momentum: h = lr
+    gradient and v squares with it: L2, Adam's ``weight_decay``, not AdamW's decoupled decay
+    θ ← θ(1 − lr λ). AdL (and AdLaLa's first layer) takes the friction as its
+    initial thermostat ``xi0`` and ``sigma`` = √(2τγ), whose equilibrium friction σ²/(2τ) is γ
+    (at τ = 0 no thermostat noise: ξ then only grows while p ≠ 0); the thermostat sets the
+    friction from there, so AdL is Adam only on average. Overdamped has no momentum: h = lr
     runs RMSprop's step g/(√v̂ + eps) (Adam with β1 = 0). LOL shares h between its partitions, so
     its second (BAOAB with γ = ∞, momentum redrawn every step) moves by h²/2 · M⁻¹g, without
     momentum: there the algebra cannot match Adam.
@@ -153,10 +157,14 @@ def from_adam(lr: float = ADAM_LR, betas: Tuple[float, float] = (0.9, 0.999),
             raise ValueError(f"betas: {method}'s thermostat needs a finite initial friction; "
                              f"expected beta1 > 0")
         out = {"lr": h}
+        # The thermostat's equilibrium friction is sigma^2 / (2 tau) (docs/DESIGN.md, Mass):
+        # sigma = sqrt(2 tau gamma) holds it at Adam's gamma (the package's sigma = 0.01 would
+        # hold it at 5e3 for tau = 1e-8, and its noise would throw every coordinate with a
+        # vanishing gradient, m = eps, about).
         if method == "AdL":
-            out["xi0"] = gamma
+            out.update(xi0=gamma, sigma=math.sqrt(2.0 * t * gamma))
         elif method == "AdLaLa":
-            out.update(gamma=gamma, xi0=gamma)
+            out.update(gamma=gamma, xi0=gamma, sigma=math.sqrt(2.0 * t * gamma))
         else:
             out["gamma"] = gamma
     if method in ("AdLaLa", "LOL"):

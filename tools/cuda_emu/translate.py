@@ -10,7 +10,8 @@ body)``, where ``body`` calls the kernel with copies of the arguments (as a laun
 import re
 import sys
 
-LAUNCH = re.compile(r"([\w:]+(?:<[^;<>]*>)?)<<<(.*?)>>>\((.*?)\);", re.S)
+# (a kernel's template arguments and its launch configuration may be on different lines)
+LAUNCH = re.compile(r"([\w:]+(?:<[^;<>]*>)?)\s*<<<(.*?)>>>\((.*?)\);", re.S)
 
 
 def translate(src: str) -> str:

@@ -36,6 +36,7 @@ PAPER_PRESET = "paper"
 _PRESET_NOTES = {
     DEFAULT_PRESET: "the optimizers' own defaults, as te.AdLaLa(model)",
     PAPER_PRESET: "the paper's tuned two-spiral setting, as te.AdLaLa(model, preset='paper')",
+    "unit": "the unit-mass defaults of earlier releases, as te.AdLaLa(model, preset='unit')",
 }
 
 
@@ -55,16 +56,16 @@ def _check_preset(preset: str) -> None:
 
 
 def signature_defaults(fn: Callable) -> Tuple[Dict[str, Any], Tuple[str, ...]]:
-    """``fn``'s hyperparameters: (its keywords with numeric defaults and their values, its other
-    keywords with defaults). ``preset`` is not a hyperparameter and is left out."""
+    """``fn``'s hyperparameters: (its keywords with numeric or string defaults and their values,
+    its other keywords with defaults). ``preset`` is not a hyperparameter and is left out."""
     numbers: Dict[str, Any] = {}
     others: List[str] = []
     for p in inspect.signature(fn).parameters.values():
         if (p.default is inspect.Parameter.empty or p.name == "preset"
                 or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)):
             continue
-        if isinstance(p.default, (int, float)) and not isinstance(p.default, bool):
-            numbers[p.name] = p.default
+        if isinstance(p.default, (int, float, str)) and not isinstance(p.default, bool):
+            numbers[p.name] = p.default  # numbers, and a choice such as mass="adaptive"
         else:
             others.append(p.name)
     return numbers, tuple(others)
