@@ -63,9 +63,9 @@ class Thermo(Optimizer):
             (or "tensor") giving one ξ per chain per tensor and "group" one per chain.
         maximize: run the dynamics of −L (B sees −g), i.e. sample exp(+L/τ) or ascend L.
         mass: ``"unit"`` (the paper's H = L + |p|²/2) or ``"adaptive"``: a diagonal mass
-            m = √v̂ + ``mass_eps`` from the gradients' second moment v (an EMA with decay
-            ``mass_beta`` and Adam's bias correction), so that every coordinate moves on its own
-            scale as with Adam (docs/DESIGN.md, Mass). ``mass_freeze``: hold m after that many
+            m = √v̂ + ``mass_eps`` from the second moment v of the force g + λθ (an EMA with
+            decay ``mass_beta`` and Adam's bias correction), so that every coordinate moves on
+            its own scale as with Adam (docs/DESIGN.md, Mass); the named methods' default. ``mass_freeze``: hold m after that many
             steps of each tensor (then the dynamics sample exp(−L/τ) exactly); None: adapt at
             every step.
         foreach, fused, differentiable: torch.optim's keywords, accepted where they hold (the
