@@ -45,7 +45,8 @@ cell and below the table; the rest of the table still runs.
     python bench/model_families.py                          # the existing four families
     python bench/model_families.py --families all --seeds 3 # every family importable here
     python bench/model_families.py --families gpt2 --methods AdamW,Langevin --set \\
-        Langevin.mass=adaptive                              # keywords pass through untouched
+        Langevin.tau=1e-8                                   # keywords pass through untouched
+    python bench/model_families.py --preset unit            # the unit-mass defaults (GUIDE §1.2)
     python bench/model_families.py --preset paper           # the paper's spiral setting
     python bench/model_families.py --methods LOL --families cnn --seeds 1 \\
         --grid LOL.lr=0.2,0.3 --grid LOL.gamma=1,3          # a coarse sweep (cartesian)
