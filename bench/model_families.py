@@ -128,6 +128,21 @@ class GRUNet(nn.Module):
         return self.fc(h[-1])
 
 
+def shuffled_batches(x, y, seed: int, batch: int, steps: int, ragged: bool):
+    """``steps`` batches of (x, y), epoch after epoch, each epoch reshuffled by the seed's
+    generator; ``ragged=False`` skips an epoch's short last batch."""
+    g = generator(seed, "shuffle")
+    done = 0
+    while True:
+        for idx in torch.randperm(len(x), generator=g).split(batch):
+            if done == steps:
+                return
+            if len(idx) < batch and not ragged:
+                continue
+            done += 1
+            yield x[idx], y[idx]
+
+
 class Family:
     """A model, its data and its training length (the digits and the sorting task)."""
 
@@ -150,14 +165,7 @@ class Family:
                 yield x, x.sort(1).values
             return
         (x, y), _ = digits(seed=0)
-        g = generator(seed, "shuffle")
-        done = 0
-        while True:
-            for idx in torch.randperm(len(x), generator=g).split(self.batch):
-                if done == self.steps:
-                    return
-                done += 1
-                yield x[idx], y[idx]
+        yield from shuffled_batches(x, y, seed, self.batch, self.steps, ragged=True)
 
     def loss(self, out, y):
         return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
@@ -184,16 +192,8 @@ class DataFamily(Family):
 
     def batches(self, seed: int):
         (x, y), _ = self.data()
-        g = generator(seed, "shuffle")
-        done = 0
-        while True:
-            for idx in torch.randperm(len(x), generator=g).split(self.batch):
-                if done == self.steps:
-                    return
-                if len(idx) < self.batch:  # BatchNorm: no ragged last batch
-                    continue
-                done += 1
-                yield x[idx], y[idx]
+        # (BatchNorm: no ragged last batch)
+        yield from shuffled_batches(x, y, seed, self.batch, self.steps, ragged=False)
 
     @torch.no_grad()
     def accuracy(self, model) -> float:

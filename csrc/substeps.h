@@ -177,13 +177,15 @@ TE_HD double thermostat_E(double xi, double sum_p2, double n, double eps_delta, 
   return xi + eps_delta * (sum_p2 - n * tau);
 }
 
-// Whether a read-only phase of ops [0, n) reads theta: to check it, or because a B with weight
-// decay carries it into p. A moves theta alone, which such a phase discards, so otherwise the
-// phase leaves theta unread (and A undone) and still sums the same p^2 for finite inputs.
-TE_HD bool sum_reads_theta(const Op* ops, int n, bool checked) {
-  if (checked) return true;
+// Whether a read-only phase of the program's ops [0, n) reads theta: to check it, because a B
+// with weight decay carries it into p, or because the adaptive mass's force g + mass_wd theta
+// does (in every phase, so that each forms the same v). A moves theta alone, which such a phase
+// discards, so otherwise the phase leaves theta unread (and A undone) and still sums the same
+// p^2 for finite inputs.
+TE_HD bool sum_reads_theta(const Program& pg, int n, bool checked) {
+  if (checked || (pg.mass && pg.mass_wd != 0.0)) return true;
   for (int i = 0; i < n; ++i)
-    if (ops[i].letter == kB && ops[i].c[1] != 0.0) return true;
+    if (pg.ops[i].letter == kB && pg.ops[i].c[1] != 0.0) return true;
   return false;
 }
 

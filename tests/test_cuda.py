@@ -573,15 +573,22 @@ def _thermo(params, lr=0.05, **kw):
     return Thermo(groups, lr=lr, tau=0.01, sigma=0.02, seed=2024, **kw)
 
 
-def test_optimizer_matches_cpu():
+def _four_steps_on_both(**kw):
+    """The same optimizer on the device and on the CPU, four steps of the same gradients:
+    (device params, CPU params, device optimizer, CPU optimizer)."""
     dev_p, cpu_p = _opt_params(True), _opt_params(False)
-    dev_o, cpu_o = _thermo(dev_p), _thermo(cpu_p)
+    dev_o, cpu_o = _thermo(dev_p, **kw), _thermo(cpu_p, **kw)
     for k in range(4):
         for a, b, g in zip(dev_p, cpu_p, _grads(k)):
             a.grad.copy_(g)
             b.grad.copy_(g)
         dev_o.step()
         cpu_o.step()
+    return dev_p, cpu_p, dev_o, cpu_o
+
+
+def test_optimizer_matches_cpu():
+    dev_p, cpu_p, _, _ = _four_steps_on_both()
     for a, b in zip(dev_p, cpu_p):
         torch.testing.assert_close(host(a.detach()), b.detach(), rtol=1e-5, atol=1e-6)
 
@@ -1064,14 +1071,7 @@ def test_adaptive_mass_with_device_hyperparameters_matches_host_values():
 
 
 def test_optimizer_with_the_mass_matches_cpu():
-    dev_p, cpu_p = _opt_params(True), _opt_params(False)
-    dev_o, cpu_o = _thermo(dev_p, mass="adaptive"), _thermo(cpu_p, mass="adaptive")
-    for k in range(4):
-        for a, b, g in zip(dev_p, cpu_p, _grads(k)):
-            a.grad.copy_(g)
-            b.grad.copy_(g)
-        dev_o.step()
-        cpu_o.step()
+    dev_p, cpu_p, dev_o, cpu_o = _four_steps_on_both(mass="adaptive")
     for a, b in zip(dev_p, cpu_p):
         torch.testing.assert_close(host(a.detach()), b.detach(), rtol=1e-5, atol=1e-6)
         assert torch.equal(host(dev_o.state[a]["exp_avg_sq"]), cpu_o.state[b]["exp_avg_sq"])

@@ -273,9 +273,7 @@ int phase_impl(const StepArgs& a, int phase, bool check) {
   const int64_t n_items = (int64_t)items.size();
   const bool sum_phase = !write;
   const bool fused_check = check && sum_phase && phase == 0;
-  // (The adaptive mass's force reads theta where there is weight decay, in every phase.)
-  const bool skip_theta = sum_phase && !sum_reads_theta(pg.ops, n_ops, fused_check) &&
-                          !(kMass && pg.mass_wd != 0.0);
+  const bool skip_theta = sum_phase && !sum_reads_theta(pg, n_ops, fused_check);
   constexpr bool kSameTypes = std::is_same<P, T>::value && std::is_same<M, T>::value;
 
   // The plan's store: phase 0 (re)fills it, the later phases of the same step read it back.

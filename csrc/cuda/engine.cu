@@ -1004,8 +1004,7 @@ void sum_phase(const StepArgs& a, const ChunkLayout& layout, int k, bool fused, 
       launch_seg(a, &layout, kSegCheck, k, n_ops, flag, st);
     c.early_exit = flag != nullptr;
   }
-  c.skip_theta = !sum_reads_theta(pg.ops, n_ops, c.check_data != 0) &&
-                 !(pg.mass && pg.mass_wd != 0.0);  // the mass's force reads theta
+  c.skip_theta = !sum_reads_theta(pg, n_ops, c.check_data != 0);
   launch_phase<kSum>(a, layout, c, st);
   int mode = kSegFinish, next_ops = 0;
   if (fused) {

@@ -203,6 +203,11 @@ def _add_run_options(p: argparse.ArgumentParser, *, epochs: int, seeds: int,
                         "draws its own data set / split)")
     g.add_argument("--hidden", type=positive_int, default=100,
                    help="hidden units of the net (default 100)")
+    _add_output_options(p, "torch/OpenMP threads per worker (default 1: fastest for tiny nets)")
+
+
+def _add_output_options(p: argparse.ArgumentParser, threads_help: str) -> None:
+    """The experiment commands' "execution and output" options."""
     o = p.add_argument_group("execution and output")
     o.add_argument("--out", default=DEFAULT_OUT,
                    help=f"directory for the results (default ./{DEFAULT_OUT})")
@@ -210,8 +215,7 @@ def _add_run_options(p: argparse.ArgumentParser, *, epochs: int, seeds: int,
                    help="replace this command's earlier results in --out (otherwise refused)")
     o.add_argument("--jobs", type=positive_int, default=None,
                    help="worker processes (default: number of cores, at most 2)")
-    o.add_argument("--threads", type=positive_int, default=1,
-                   help="torch/OpenMP threads per worker (default 1: fastest for tiny nets)")
+    o.add_argument("--threads", type=positive_int, default=1, help=threads_help)
     o.add_argument("--quiet", action="store_true", help="no progress output on stderr")
 
 
@@ -345,16 +349,7 @@ def _add_mnist1d_parser(sub) -> None:
                                       "the standard 4000 / 1000)")
     g.add_argument("--data-seed", type=nonnegative_int, default=42,
                    help="the generator's seed (default 42, the standard data set)")
-    o = p.add_argument_group("execution and output")
-    o.add_argument("--out", default=DEFAULT_OUT,
-                   help=f"directory for the results (default ./{DEFAULT_OUT})")
-    o.add_argument("--overwrite", action="store_true",
-                   help="replace this command's earlier results in --out (otherwise refused)")
-    o.add_argument("--jobs", type=positive_int, default=None,
-                   help="worker processes (default: number of cores, at most 2)")
-    o.add_argument("--threads", type=positive_int, default=1,
-                   help="torch/OpenMP threads per worker (default 1)")
-    o.add_argument("--quiet", action="store_true", help="no progress output on stderr")
+    _add_output_options(p, "torch/OpenMP threads per worker (default 1)")
 
 
 # ============================================================================ commands
