@@ -239,6 +239,171 @@ def rules() -> List[Tuple[str, str, List[List[Cond]]]]:
     return out
 
 
+# ============================================================================ per tensor
+def tensor_series(run: Dict[str, Any], cadence: int = 0, scope: str = "tensor"
+                  ) -> List[Tuple[int, Dict[str, Dict[str, float]]]]:
+    """Per check (multiples of ``cadence`` and step 1 when given), per parameter tensor (scope
+    "tensor") or module (scope "layer": a module's own tensors pooled), the signals:
+
+    * ``rel``: the relative step RMS(Δθ) / max(RMS(θ), its RMS at the first check, RMS of all
+      parameters at the first check) — the step measured against the tensor's own scale,
+      floored by the model's so that a tensor initialised at zero does not read every step as
+      huge (thermo_ext.stability's step rule);
+    * ``rev``: cos(Δθ, Δθ_prev), this step against the one before (−1: thrown back);
+    * ``over``: cos(∇L, Δθ_prev), the gradient this step saw against the step before
+      (> 0: that step went past the valley).
+    """
+    checks = [c for c in run.get("layers") or []
+              if not cadence or c["step"] == 1 or c["step"] % cadence == 0]
+    if not checks:
+        return []
+    first = checks[0]["rows"]
+    floor = math.sqrt(sum(r[1] for r in first.values()) / max(sum(r[0] for r in first.values()),
+                                                              1))
+    nan = float("nan")
+    out = []
+    first_rms: Dict[str, float] = {}  # each key's RMS at the first check, as the monitor's
+    for c in checks:
+        rows: Dict[str, List[float]] = {}
+        for name, vals in c["rows"].items():
+            key = name if scope == "tensor" else name.rsplit(".", 1)[0]
+            acc = rows.setdefault(key, [0.0] * 7)
+            for i, v in enumerate(vals):
+                acc[i] += v
+        sig = {}
+        for k, (n, t2, d2, g2, ddp, dp2, gdp) in rows.items():
+            n = max(n, 1)
+            ref = first_rms.setdefault(k, math.sqrt(t2 / n))
+            rel = math.sqrt(d2 / n) / max(math.sqrt(t2 / n), ref, floor, 1e-30)
+            rev = ddp / math.sqrt(d2 * dp2) if d2 > 0 and dp2 > 0 else nan
+            over = gdp / math.sqrt(g2 * dp2) if g2 > 0 and dp2 > 0 else nan
+            sig[k] = dict(rel=rel, rev=rev, over=over)
+        out.append((c["step"], sig))
+    return out
+
+
+def tensor_flag(series, conds: Sequence[Tuple[str, float]], checks: int = 1
+                ) -> Optional[Tuple[int, str]]:
+    """(step, tensor) of the first check after the reference where a tensor has met every
+    condition (signal ≥ threshold; ``rev`` ≤ −threshold) at ``checks`` consecutive checks."""
+    def meets(sig):
+        if sig is None:
+            return False
+        for k, t in conds:
+            v = sig[k]
+            if not (v <= -t if k == "rev" else v >= t):
+                return False
+        return True
+    for i in range(max(1, checks), len(series)):
+        window = series[i - checks + 1: i + 1]
+        if window[0][0] == series[0][0]:  # the reference check never counts
+            continue
+        for key in series[i][1]:
+            if all(meets(c[1].get(key)) for c in window):
+                return series[i][0], key
+    return None
+
+
+TENSOR_RULES: List[Tuple[str, List[List[Tuple[str, float]]]]] = [
+    ("rel ≥ T", [[("rel", t)] for t in (0.05, 0.07, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)]),
+    ("rel ≥ T and cos(Δθ, Δθ_prev) ≤ −C",
+     [[("rel", t), ("rev", c)] for t in (0.03, 0.05, 0.1, 0.15, 0.2)
+      for c in (0.0, 0.2, 0.4, 0.6)]),
+    ("rel ≥ T and cos(∇L, Δθ_prev) ≥ C",
+     [[("rel", t), ("over", c)] for t in (0.03, 0.05, 0.1, 0.15, 0.2)
+      for c in (0.0, 0.2, 0.4, 0.6)]),
+]
+
+
+def score_tensors(runs: List[Dict[str, Any]], cadence: int, show_all: bool = False
+                  ) -> List[str]:
+    """The per-tensor / per-module rules: for each rule, scope and number of consecutive checks,
+    the setting with no false alarm that flags the most failing runs, and the best flagged −
+    3 × false alarms (``show_all``: every setting)."""
+    cands = [r for r in runs if r["label"] in ("failing", "healthy", "slow") and r.get("layers")]
+    fail = [r for r in cands if r["label"] == "failing"]
+    healthy = [r for r in cands if r["label"] == "healthy"]
+    slow = [r for r in cands if r["label"] == "slow"]
+    out = [f"Per tensor / module, checks every {cadence or 'recorded'} steps: {len(fail)} "
+           f"failing, {len(healthy)} healthy, {len(slow)} slow runs", "",
+           "| rule | scope | checks in a row | thresholds | failing flagged (steps; ≤ onset) | "
+           "false alarms (healthy) | slow flagged |", "|---|---|---|---|---|---|---|"]
+    for scope in ("tensor", "layer"):
+        series = {id(r): tensor_series(r, cadence, scope) for r in cands}
+        for name, grid in TENSOR_RULES:
+            for checks in (1, 2):
+                rows = []
+                for conds in grid:
+                    got = {id(r): tensor_flag(series[id(r)], conds, checks) for r in cands}
+                    rows.append((conds, got, [r for r in fail if got[id(r)]],
+                                 [r for r in healthy if got[id(r)]],
+                                 [r for r in slow if got[id(r)]]))
+                zero = [x for x in rows if not x[3]]
+                pick = rows if show_all else []
+                if not show_all:
+                    if zero:
+                        pick.append(max(zero, key=lambda x: (len(x[2]), [-t for _, t in x[0]])))
+                    pick.append(max(rows, key=lambda x: (len(x[2]) - 3 * len(x[3]),
+                                                         [-t for _, t in x[0]])))
+                seen = set()
+                for conds, got, fl, fa, sl in pick:
+                    if tuple(conds) in seen:
+                        continue
+                    seen.add(tuple(conds))
+                    steps = sorted(got[id(r)][0] for r in fl)
+                    early = sum(1 for r in fl if r["onset"] is None or got[id(r)][0] <= r["onset"])
+                    txt = f" ({steps[0]}–{steps[-1]}; {early} ≤ onset)" if steps else ""
+                    missed = [r for r in fail if not got[id(r)]]
+                    miss = f"; missed: {_names(missed, 4)}" if missed else ""
+                    far = (": " + ", ".join(f"{_run_name(r)} [{got[id(r)][1]}@{got[id(r)][0]}]"
+                                            for r in fa[:3]) + (" …" if len(fa) > 3 else "")
+                           ) if fa else ""
+                    thr = ", ".join(f"{k} {t:g}" for k, t in conds)
+                    out.append(f"| {name} | {scope} | {checks} | {thr} | {len(fl)}/{len(fail)}"
+                               f"{txt}{miss} | {len(fa)}/{len(healthy)}{far} | "
+                               f"{len(sl)}/{len(slow)} |")
+    return out
+
+
+def rule_table(runs: List[Dict[str, Any]], scope: str, threshold: float, checks: int,
+               cadence: int) -> List[str]:
+    """One rule (relative step ≥ ``threshold`` at ``checks`` measurements in a row, one every
+    ``cadence`` steps) per dump and family: failing runs flagged (first step), false alarms
+    on healthy runs, slow runs flagged."""
+    out = [f"Rule: a {scope}'s relative step ≥ {threshold:g} at {checks} measurements in a row, "
+           f"one every {cadence} steps", "",
+           "| dump | family | failing flagged (step) | false alarms / healthy | slow flagged |",
+           "|---|---|---|---|---|"]
+    cells: Dict[Tuple[str, str], List[Dict[str, Any]]] = defaultdict(list)
+    for r in runs:
+        if r["label"] in ("failing", "healthy", "slow") and r.get("layers"):
+            cells[(r.get("_dump", "?"), r["family"])].append(r)
+    total = defaultdict(int)
+    for (dump, family), rs in sorted(cells.items()):
+        got = {id(r): tensor_flag(tensor_series(r, cadence, scope), [("rel", threshold)], checks)
+               for r in rs}
+        fail = [r for r in rs if r["label"] == "failing"]
+        healthy = [r for r in rs if r["label"] == "healthy"]
+        slow = [r for r in rs if r["label"] == "slow"]
+        fl = [r for r in fail if got[id(r)]]
+        fa = [r for r in healthy if got[id(r)]]
+        sl = [r for r in slow if got[id(r)]]
+        for k, v in (("fail", len(fail)), ("fl", len(fl)), ("healthy", len(healthy)),
+                     ("fa", len(fa)), ("slow", len(slow)), ("sl", len(sl))):
+            total[k] += v
+        steps = ", ".join(f"{r['method']}/s{r['seed']}@{got[id(r)][0]}" for r in fl)
+        missed = ", ".join(f"{r['method']}/s{r['seed']}" for r in fail if not got[id(r)])
+        fa_txt = ", ".join(f"{r['method']}/s{r['seed']} [{got[id(r)][1]}@{got[id(r)][0]}]"
+                           for r in fa)
+        out.append(f"| {dump} | {family} | {len(fl)}/{len(fail)}"
+                   f"{' (' + steps + ')' if steps else ''}"
+                   f"{'; missed ' + missed if missed else ''} | {len(fa)}/{len(healthy)}"
+                   f"{' (' + fa_txt + ')' if fa_txt else ''} | {len(sl)}/{len(slow)} |")
+    out.append(f"| all | | {total['fl']}/{total['fail']} | {total['fa']}/{total['healthy']} | "
+               f"{total['sl']}/{total['slow']} |")
+    return out
+
+
 def _run_name(r: Dict[str, Any]) -> str:
     return f"{r['family']}/{r['method']}/s{r['seed']}"
 
@@ -262,7 +427,7 @@ def score(runs: List[Dict[str, Any]], cadence: int, only_best: bool = False) -> 
     out.append("|---|---|---|---|---|---|---|---|")
 
     def warned(r):
-        return any("running away" in w for w in r["warnings"])
+        return any("while still finite" in w for w in r["warnings"])
 
     out.append("| weights (today's monitor) | group | 5x scale & 2x in 128 steps | "
                f"{sum(map(warned, fail))}/{len(fail)} | "
@@ -339,7 +504,7 @@ def describe(runs: List[Dict[str, Any]]) -> List[str]:
     for r in runs:
         if r["label"] not in ("failing", "slow"):
             continue
-        warned = "yes" if any("running away" in w for w in r["warnings"]) else "no"
+        warned = "yes" if any("while still finite" in w for w in r["warnings"]) else "no"
         out.append(f"| {_run_name(r)} | {r['label']} | {r['loss_first']:.2f} → {r['loss']:.2f} | "
                    f"{r['peak5']:.2f} | {r['acc']:.1f} | {r['onset'] or '–'} | {warned} |")
     return out
@@ -423,6 +588,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--every", type=int, default=16)
     ap.add_argument("--peaks", action="store_true", help="print every run's peak signals")
+    ap.add_argument("--rule", default=None, metavar="SCOPE:T:CHECKS:CADENCE",
+                    help="only the per-family table of one step rule, e.g. layer:0.2:2:8 "
+                    "(thermo_ext.stability's)")
     args = ap.parse_args(argv)
     if args.cost:
         print("\n".join(bench_cost(args.numel, args.tensors, args.rounds, args.every)))
@@ -433,6 +601,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with open(path) as fh:
             data = json.load(fh)
         print(f"# {path}: {data.get('command', '?')}")
+        for r in data["runs"]:
+            r["_dump"] = os.path.basename(path).rsplit(".", 1)[0]
         runs.extend(data["runs"])
     from model_families import dedupe
     runs = dedupe(runs)
@@ -442,10 +612,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         counts[r["label"]] += 1
     print(f"# {len(runs)} runs: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     print()
+    if args.rule:
+        scope, t, checks, cadence = args.rule.split(":")
+        print("\n".join(rule_table(runs, scope, float(t), int(checks), int(cadence))))
+        return 0
     print("\n".join(describe(runs)))
     for cadence in sorted(set(args.cadence or [0])):
         print()
         print("\n".join(score(runs, cadence)))
+        print()
+        print("\n".join(score_tensors(runs, cadence)))
     if args.peaks:
         print()
         for scope in ("group", "model"):

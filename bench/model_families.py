@@ -518,10 +518,16 @@ class Signals:
         self.every = every
         self.trace: list = []
         self.probes: list = []
+        # Per parameter tensor (named by model.named_parameters; set ``names`` to id(param) ->
+        # name), one dict per check: step, loss and {name: [n, Σθ², ΣΔθ², Σg², ΣΔθ·Δθ_prev,
+        # ΣΔθ_prev², Σg·Δθ_prev]} (Δθ_prev: the step before; nan where it was not kept).
+        self.layers: list = []
+        self.names: Dict[int, str] = {}
         self._before: Optional[List[List[torch.Tensor]]] = None  # θ before a check's step
         self._lead: Optional[List[List[torch.Tensor]]] = None  # θ before the step ahead of it
         self._prev: Optional[List[List[torch.Tensor]]] = None  # Δθ of the step ahead of it
         self._pre: Optional[List[Tuple[float, float, float]]] = None
+        self._prev_kept: Optional[List[List[torch.Tensor]]] = None
 
     def __enter__(self):
         from thermo_ext.stability import StabilityMonitor
@@ -563,6 +569,7 @@ class Signals:
                     dp2 = gdp = float("nan")
                 pre.append((gdp, dp2, gpp, pp2))
             self._pre = pre
+        self._prev_kept = self._prev
         self._prev = None
         self._before = self._theta(opt) if self._due(step) else None
         self._lead = self._theta(opt) if self._due(step + 1) else None
@@ -575,6 +582,21 @@ class Signals:
             self._lead = None
         if self._before is None:
             return
+        rows: Dict[str, List[float]] = {}
+        nan = float("nan")
+        for gi, (group, old) in enumerate(zip(opt.param_groups, self._before)):
+            for pi, (p, o) in enumerate(zip(group["params"], old)):
+                name = self.names.get(id(p), "?")
+                t = p.detach().double()
+                d = t - o.double()
+                g = p.grad.double() if p.grad is not None else torch.zeros_like(t)
+                prev = self._prev_kept[gi][pi].double() if self._prev_kept is not None else None
+                rows[name] = [p.numel(), float(t.pow(2).sum()), float(d.pow(2).sum()),
+                              float(g.pow(2).sum()),
+                              float((d * prev).sum()) if prev is not None else nan,
+                              float(prev.pow(2).sum()) if prev is not None else nan,
+                              float((g * prev).sum()) if prev is not None else nan]
+        self.layers.append(dict(step=step, loss=loss, rows=rows))
         for gi, (group, old) in enumerate(zip(opt.param_groups, self._before)):
             ps = [p.detach() for p in group["params"]]
             grads = [p.grad for p in group["params"]]
@@ -659,7 +681,7 @@ def run(family: Family, method: str, seed: int, hyper: Dict[str, Any], preset: O
     res: Dict[str, Any] = dict(family=family.name, method=method, seed=seed, hyper=hyper,
                                acc=float("nan"), loss=float("nan"), loss_first=float("nan"),
                                time=0.0, warnings=[], error=None, losses=[], signals=None,
-                               series=None, probes=None, taus=None, groups=None)
+                               series=None, probes=None, layers=None, taus=None, groups=None)
     sig = Signals(signals_every) if signals_every and named else None
     try:
         if isinstance(family, DataFamily):
@@ -667,6 +689,8 @@ def run(family: Family, method: str, seed: int, hyper: Dict[str, Any], preset: O
         t0 = time.perf_counter()
         torch.manual_seed(seed)
         model = family.make()
+        if sig is not None:
+            sig.names = {id(p): n for n, p in model.named_parameters()}
     except MissingPackage as e:
         res["error"] = f"MissingPackage: {e}"
         return res
@@ -708,7 +732,8 @@ def run(family: Family, method: str, seed: int, hyper: Dict[str, Any], preset: O
                loss_first=sum(losses[:3]) / max(1, len(losses[:3])), losses=losses,
                warnings=warned, signals=None if sig is None else sig.maxima(),
                series=None if sig is None else sig.series,
-               probes=None if sig is None else sig.probes)
+               probes=None if sig is None else sig.probes,
+               layers=None if sig is None else sig.layers)
     if named:
         res["taus"] = [_num(g.get("tau")) for g in opt.param_groups]
         res["groups"] = [str(g.get("name", i)) for i, g in enumerate(opt.param_groups)]

@@ -1,8 +1,10 @@
 """The instability monitor (thermo_ext.stability): what it costs, and what it sees on the paper's
 spiral runs.
 
-    python bench/stability.py --cost            # 10 M float32 parameters: step with and without
-                                                # check_stability, side by side, interleaved
+    python bench/stability.py --cost            # 10 M float32 parameters: step without the
+                                                # monitor, with the weights' rule, with both
+                                                # rules; side by side, interleaved
+    python bench/stability.py --cost --numel 20000 --tensors 6   # a spiral-sized model
     python bench/stability.py --spiral          # the paper's spiral runs (thermo-ext spiral's
                                                 # code path, preset "paper"): warnings and the
                                                 # largest signals per method
@@ -31,23 +33,29 @@ from model_families import closest_approach  # noqa: E402
 
 
 def bench_cost(numel: int, tensors: int, steps: int, rounds: int, threads: Optional[int]) -> None:
+    """Step time with the monitor off, with the weights' rule only (``step_checks = 0``) and
+    with both rules (the default), side by side in interleaved rounds."""
     if threads:
         torch.set_num_threads(threads)
         te.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
     size = numel // tensors
+    modes = ("off", "weights", "both")
     contenders = {}
     for method in ("Langevin", "AdLaLa"):
-        for check in (False, True):
+        for mode in modes:
             params = [torch.nn.Parameter(0.05 * torch.randn(size, generator=g))
                       for _ in range(tensors)]
             for p in params:
                 p.grad = 1e-3 * torch.randn(size, generator=g)
             parts = [params[: tensors // 2], params[tensors // 2:]]
+            check = mode != "off"
             opt = (te.Langevin(params, lr=0.1, gamma=1.0, tau=1e-6, seed=1,
                                check_stability=check) if method == "Langevin" else
                    te.AdLaLa(parts, seed=1, check_stability=check))
-            contenders[(method, check)] = opt
+            if mode == "weights":
+                opt._stability.step_checks = 0
+            contenders[(method, mode)] = opt
     for opt in contenders.values():  # warm-up: state, plans, caches
         for _ in range(StabilityMonitor.every + 1):
             opt.step()
@@ -60,16 +68,20 @@ def bench_cost(numel: int, tensors: int, steps: int, rounds: int, threads: Optio
             times[key].append((time.perf_counter() - t0) / steps)
     print(f"# {numel / 1e6:g} M float32 parameters in {tensors} tensors, "
           f"{te.get_num_threads()} thread(s), {rounds} interleaved rounds of {steps} steps "
-          f"(a check every {StabilityMonitor.every} steps); torch {torch.__version__}")
-    print("method    check_stability=True / False (median)   spread of the rounds (min..max)")
+          f"(the weights' rule every {StabilityMonitor.every} steps, the step rule every "
+          f"{StabilityMonitor.step_every}); torch {torch.__version__}")
+    print("method    monitor / off (median; spread of the rounds min..max)")
     for method in ("Langevin", "AdLaLa"):
-        on, off = times[(method, True)], times[(method, False)]
-        ratio = statistics.median(on) / statistics.median(off)
-        ratios = sorted(a / b for a, b in zip(on, off))
-        print(f"{method:9s} {ratio:8.3f}                                 "
-              f"{ratios[0]:.3f}..{ratios[-1]:.3f}")
+        off = times[(method, "off")]
+        cells = []
+        for mode in ("weights", "both"):
+            on = times[(method, mode)]
+            ratios = sorted(a / b for a, b in zip(on, off))
+            cells.append(f"{mode}: {statistics.median(on) / statistics.median(off):.3f} "
+                         f"({ratios[0]:.3f}..{ratios[-1]:.3f})")
+        print(f"{method:9s} " + "   ".join(cells))
     # One check alone against one step: what every-step checking would cost.
-    opt = contenders[("Langevin", True)]
+    opt = contenders[("Langevin", "both")]
     mon = StabilityMonitor(every=1)
     check_t, step_t = [], []
     for _ in range(rounds):

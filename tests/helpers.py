@@ -262,3 +262,24 @@ def train_digits(model, opt, x, y, steps: int, seed: int, batch: int = 32) -> No
             opt.step()
             done += 1
 
+
+def frozen_head_losses(make, steps: int = 200):
+    """A linear head on frozen features with a large common mean (a random backbone's: the top
+    eigenvalue of FᵀF/n far above the rest), as GUIDE §1's frozen_head: (first 5, last 20)
+    mean batch losses."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 10, generator=g)
+    x = torch.relu(torch.randn(1024, 64, generator=g)) + 3.0
+    y = ((x - x.mean(0)) @ w).argmax(1)
+    torch.manual_seed(0)
+    head = nn.Linear(64, 10)
+    opt = make(head)
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(0, 1024, (32,), generator=g)
+        loss = nn.functional.cross_entropy(head(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return sum(losses[:5]) / 5, sum(losses[-20:]) / 20

@@ -470,39 +470,17 @@ def test_frozen_mass_samples_an_anisotropic_gaussian_in_a_fifth_of_the_steps():
     assert ((got - 1).abs() < 0.1).all(), got
 
 
-def _frozen_head_losses(make, steps=200):
-    """A linear head on frozen features with a large common mean (a random backbone's: the top
-    eigenvalue of FᵀF/n far above the rest), as GUIDE §1's frozen_head: (first 5, last 20)
-    mean batch losses."""
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(64, 10, generator=g)
-    x = torch.relu(torch.randn(1024, 64, generator=g)) + 3.0
-    y = ((x - x.mean(0)) @ w).argmax(1)
-    torch.manual_seed(0)
-    head = nn.Linear(64, 10)
-    opt = make(head)
-    losses = []
-    for _ in range(steps):
-        idx = torch.randint(0, 1024, (32,), generator=g)
-        loss = nn.functional.cross_entropy(head(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return sum(losses[:5]) / 5, sum(losses[-20:]) / 20
-
-
 def test_the_defaults_train_a_frozen_backbones_head_like_adamw():
     """The named methods' defaults (the adaptive mass at AdamW(1e-3)'s step) train the head as
     AdamW does, without a warning; the unit mass's defaults (preset="unit") make its loss climb,
     the failure the adaptive defaults were chosen to remove."""
-    _, adamw = _frozen_head_losses(lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3))
+    _, adamw = H.frozen_head_losses(lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3))
     for name in ("Langevin", "AdL", "Overdamped"):
         with warnings.catch_warnings():
             warnings.simplefilter("error", te.InstabilityWarning)
-            first, last = _frozen_head_losses(lambda m: getattr(te, name)(m, seed=1))
+            first, last = H.frozen_head_losses(lambda m: getattr(te, name)(m, seed=1))
         assert last < first and last <= 1.1 * adamw, (name, first, last, adamw)
-    first, last = _frozen_head_losses(lambda m: te.Langevin(m, seed=1, preset="unit",
+    first, last = H.frozen_head_losses(lambda m: te.Langevin(m, seed=1, preset="unit",
                                                             check_stability=False))
     assert last > first
 

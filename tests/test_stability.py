@@ -160,9 +160,9 @@ def test_results_not_yet_arrived_are_judged_later_without_waiting():
     events = []
 
     class Deferred(StabilityMonitor):
-        def _part(self, device, d, groups):  # the device path, its event still pending
+        def _part(self, device, d, groups, full=True):  # the device path, event pending
             events.append(_Pending())
-            return events[-1], self._device_sums(device, d, groups)
+            return events[-1], self._device_sums(device, d, groups, full)
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 20, generator=g)
@@ -214,3 +214,110 @@ def test_cuda_check_adds_no_host_synchronisation():
             opt.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# ---------------------------------------------------------------------------- the step rule
+def _pushed(amplitude, steps=48, decay=1.0, model=None):
+    """Overdamped (unit mass, tau 0: theta <- theta - h g) on a two-layer model whose second
+    layer is pushed back and forth: its gradient flips sign every step with a fixed random
+    pattern, ``amplitude`` times ``decay`` ** step in units of its RMS, so its weights oscillate
+    between two points and never grow. The first layer gets a small steady gradient.
+    Returns the InstabilityWarnings' messages with the step each came at, and the parameters'
+    largest RMS over the run."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = model or nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = te.Overdamped(model, lr=1.0, tau=0.0, seed=1, mass="unit")
+    signs = [torch.randn(p.shape, generator=g).sign() for p in model[2].parameters()]
+    scale = [p.detach().pow(2).mean().sqrt().item() for p in model[2].parameters()]
+    out, largest = [], 0.0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(1, steps + 1):
+            for p in model[0].parameters():
+                p.grad = torch.full_like(p, 1e-3)
+            flip = amplitude * decay ** step * (-1) ** step
+            for p, s, r in zip(model[2].parameters(), signs, scale):
+                p.grad = flip * r * s
+            opt.step()
+            largest = max(largest, max(p.detach().abs().max().item() for p in model.parameters()))
+            out += [(step, str(w.message)) for w in caught[len(out):]
+                    if issubclass(w.category, te.InstabilityWarning)]
+    return out, largest
+
+
+def test_a_layer_thrown_back_and_forth_is_flagged_though_its_weights_do_not_grow():
+    """Steps of half the layer's RMS, flipping each step: the weights stay put (the weights'
+    rule sees nothing), the step rule names the layer at its second measurement (step 16)."""
+    caught, largest = _pushed(0.5)
+    assert largest < 2.0  # bounded: no weight grows
+    assert len(caught) == 1 and caught[0][0] == 2 * StabilityMonitor.step_every
+    msg = caught[0][1]
+    assert "param group 0 ('all') is oscillating while still finite" in msg
+    assert "its layer '2'" in msg and "lower lr" in msg and "mass='adaptive'" in msg
+
+
+def test_steps_that_shrink_or_stay_small_are_not_flagged():
+    """The same push shrinking (a descent settling), or a tenth of the limit throughout: no
+    warning; nor for a layer started at zero that moves steadily (its first steps are measured
+    against the model's scale, not its own ~0)."""
+    assert _pushed(0.5, decay=0.7)[0] == []
+    assert _pushed(0.1 * StabilityMonitor.step_limit)[0] == []
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+    with torch.no_grad():
+        model[2].weight.zero_()
+        model[2].bias.zero_()
+    caught, _ = _pushed(0.0, model=model)  # layer 2: zero gradient at 0; layer 0 steady
+    assert caught == []
+
+
+def test_the_step_rule_flags_a_frozen_backbones_head_whose_loss_climbs():
+    """The unit-mass defaults on a frozen backbone's head (test_mass: the loss climbs from 21 to
+    45 while no weight grows 5x): flagged at step 16; the adaptive defaults stay quiet."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first, last = H.frozen_head_losses(lambda m: te.Langevin(m, seed=1, preset="unit"))
+    flagged = [str(w.message) for w in caught if issubclass(w.category, te.InstabilityWarning)]
+    assert last > first and len(flagged) == 1
+    assert "is oscillating" in flagged[0] and "at step 16 of this optimizer" in flagged[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", te.InstabilityWarning)
+        H.frozen_head_losses(lambda m: te.Langevin(m, seed=1))
+
+
+def test_the_relative_step_is_what_it_says():
+    """rel_step: per layer RMS(Δθ) of the step just taken over max(its RMS, its RMS at its first
+    measurement, all parameters' RMS at the first check, √τ) — exact where a tensor is within
+    the sample (1024 elements), an estimate from a strided sample of a larger one."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    big = nn.Sequential(nn.Linear(400, 250), nn.ReLU(), nn.Linear(250, 2))  # 100 000 weights
+    for m in (model, big):
+        opt = te.Langevin(m, seed=1, mass="unit", lr=0.3, tau=1e-4, check_stability=False)
+        x = torch.randn(8, m[0].in_features)
+        mon = StabilityMonitor(every=1)
+        mon.step_every, mon.trace = 1, []
+
+        def step():
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+            mon.observe(opt)
+        step()
+        first = {k: p.detach().clone() for k, p in m.named_parameters()}
+        before = {k: p.detach().clone() for k, p in m.named_parameters()}
+        step()
+        step_ = {}
+        for layer in ("0", "2"):
+            names = [k for k in first if k.startswith(layer + ".")]
+            n = sum(first[k].numel() for k in names)
+            rms = lambda d: math.sqrt(sum(d[k].double().pow(2).sum().item() for k in names) / n)
+            now = dict(m.named_parameters())
+            delta = {k: now[k].detach() - before[k] for k in names}
+            model_rms = math.sqrt(sum(t.double().pow(2).sum().item() for t in first.values())
+                                  / sum(t.numel() for t in first.values()))
+            step_[layer] = rms(delta) / max(rms({k: now[k].detach() for k in names}), rms(first),
+                                            model_rms, math.sqrt(1e-4))
+        row = mon.trace[-1]
+        want = max(step_.values())
+        assert row["rel_step_layer"] == max(step_, key=step_.get)
+        assert row["rel_step"] == pytest.approx(want, rel=1e-5 if m is model else 0.05)

@@ -81,8 +81,10 @@ class Thermo(Optimizer):
             flagged step is skipped on the device instead of raising (its step counter does
             not advance) and counted by :meth:`skipped_steps`.
         check_stability: every 16 steps, look for a group running away while still finite
-            (its parameters' RMS growing by large factors) and warn once per group with an
-            :class:`thermo_ext.InstabilityWarning` (see :mod:`thermo_ext.stability`).
+            (its parameters' RMS growing by large factors), and every 8 steps for a layer
+            thrown back and forth (steps of a fifth of its size, twice in a row), and warn
+            once per group with an :class:`thermo_ext.InstabilityWarning` (see
+            :mod:`thermo_ext.stability`).
         stochastic_rounding: bf16 parameters are rounded stochastically from float32 results.
         backend: None (the default: the compiled engine, and on a CUDA device where no fused
             engine can run the torch-op fallback, with one warning; :mod:`thermo_ext.fallback`),
