@@ -247,11 +247,15 @@ class StabilityMonitor:
         parameter's storage moved (``p.data = ...``)."""
         ptrs = [t.data_ptr() for t in d["theta"]]
         if ptrs != d["ptrs"]:
-            d["sample"] = [t.reshape(-1)[::max(1, -(-t.numel() // self.sample))]
-                           for t in d["theta"]]
+            d["sample"] = [t.reshape(-1)[::self._stride(t.numel())] for t in d["theta"]]
             d["ptrs"] = ptrs if all(t.is_contiguous() for t in d["theta"]) else []
         sizes = [v.numel() for v in d["sample"]]
         return (torch.cat(d["sample"]) if d["sample"] else None), sizes
+
+    def _stride(self, numel: int) -> int:
+        """The stride of a tensor's sample: every element of a small tensor, at most
+        ``sample`` of a larger one."""
+        return max(1, -(-numel // self.sample))
 
     def _step_lists(self, d: Dict[str, list]):
         """θ's samples now and their change since the step before's (None when that sample was
@@ -337,7 +341,7 @@ class StabilityMonitor:
                     if gi >= groups:
                         continue
                     # each tensor's sample stands for all its elements: weight it by n / size
-                    size = -(-n // max(1, -(-n // self.sample))) if n else 0
+                    size = -(-n // self._stride(n))  # the sample's size
                     w = n / size if size else 0.0
                     acc = layers[gi].setdefault(layer, [0, 0.0, 0.0])
                     acc[0] += n
