@@ -413,7 +413,10 @@ def test_preset_default_runs_the_signature_defaults(tmp_path, capsys, other_defa
     assert record["settings"]["preset"] == "default"
     for m in PRESET_METHODS:
         hyper, groups = _run_settings(record, m)
-        expected = dict(other_defaults[m], mass="adaptive",
+        starts = {} if m == "Overdamped" else {  # the signature's momentum start
+            "momentum_init": inspect.signature(getattr(named_methods, m))
+            .parameters["momentum_init"].default}
+        expected = dict(other_defaults[m], mass="adaptive", **starts,
                         **({"gamma": 0.3} if m == "LaLa" else {}))
         assert hyper == expected, m
         wants = _expected_groups(m, expected)

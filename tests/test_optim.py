@@ -14,6 +14,7 @@ import helpers as H
 import thermo_ext as te
 from thermo_ext import random as te_random
 from thermo_ext.calls import init_momentum
+from thermo_ext.schemes import fold
 
 METHODS = {
     "AdLaLa": lambda m, **k: te.AdLaLa(m, **k),
@@ -81,7 +82,7 @@ def test_adlala_first_step_by_hand():
     x, y = H.batch(dtype=torch.float64)
     h, tau, gamma, sigma, eps, xi0, seed = 0.25, 1e-4, 0.1, 0.01, 0.05, 0.1, 99
     opt = te.AdLaLa(m, lr=h, tau1=tau, tau2=tau, gamma=gamma, sigma=sigma, eps=eps, xi0=xi0,
-                    seed=seed, mass="unit")
+                    seed=seed, mass="unit", momentum_init="zero")
     nn.functional.binary_cross_entropy_with_logits(m(x), y).backward()
     theta0 = [p.detach().clone() for p in m.parameters()]
     grads = [p.grad.clone() for p in m.parameters()]
@@ -338,7 +339,62 @@ def test_thermal_momentum_init():
     m2 = H.relu_mlp()
     opt2 = te.Langevin(m2, tau=0.04, momentum_init="thermal", seed=3)
     z = te_random.normal(p0.numel(), seed=3, uid=0, step=te_random.THERMAL_STEP, draw=0)
-    torch.testing.assert_close(init_momentum(p0, 0, 0, opt2.param_groups[0]).flatten(), 0.2 * z)
+    torch.testing.assert_close(init_momentum(p0, 0, 0, opt2.param_groups[0], fold("langevin"))
+                               .flatten(), 0.2 * z)
+
+
+@pytest.mark.parametrize("scheme,maximize,wd", [("langevin", False, 0.0), ("OBABO", True, 0.1),
+                                                ("adl", False, 0.1)])
+def test_terminal_momentum_init(scheme, maximize, wd):
+    """p0 = k F, F = ±g + λθ, k the fixed point of the cycle's letters under a constant force
+    (BAOAB: −(h/2)(1 + c)/(1 − c)), so that at τ = 0 with a force that stays the same, every step
+    moves θ by the same amount, the first included; at h = 0 the limit −1/γ."""
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(5, dtype=torch.float64))
+    g = torch.randn(5, dtype=torch.float64)
+    h, gamma, xi0 = 0.2, 2.0, 3.0
+    opt = te.Thermo([p], lr=h, scheme=scheme, gamma=gamma, xi0=xi0, tau=0.0, sigma=0.0, eps=0.0,
+                    weight_decay=wd, maximize=maximize, momentum_init="terminal", seed=1)
+    force = (-g if maximize else g) + wd * p.detach()
+    c = math.exp(-gamma * h)
+    k = fold(scheme).terminal(h, gamma, xi0)
+    if scheme == "langevin":
+        assert k == pytest.approx(-(h / 2) * (1 + c) / (1 - c), rel=1e-15)
+    if scheme == "adl":  # C(h/2) twice, at xi0 (E has eps = 0)
+        assert k == pytest.approx(-(h / 2) * (1 + math.exp(-xi0 * h)) / (1 - math.exp(-xi0 * h)))
+    assert fold(scheme).terminal(0.0, gamma, xi0) == -1.0 / (xi0 if scheme == "adl" else gamma)
+    p.grad = g.clone()
+    p0 = init_momentum(p, 0, 0, opt.param_groups[0], fold(scheme))
+    torch.testing.assert_close(p0, k * force, rtol=0, atol=0)
+    # Without weight decay the force stays g: every step moves theta by the same amount.
+    if wd == 0:
+        moves = []
+        for _ in range(4):
+            before = p.detach().clone()
+            p.grad = g.clone()
+            opt.step()
+            moves.append(p.detach() - before)
+        for mv in moves[1:]:
+            torch.testing.assert_close(mv, moves[0], rtol=1e-12, atol=0)
+
+
+def test_terminal_momentum_init_needs_friction():
+    p = nn.Parameter(torch.randn(3))
+    for kw in (dict(scheme="BAB"), dict(gamma=0.0), dict(scheme="adl", xi0=0.0)):
+        with pytest.raises(ValueError, match="momentum_init='terminal' needs a friction"):
+            te.Thermo([p], momentum_init="terminal", **kw)
+    te.Thermo([p], scheme="overdamped", momentum_init="terminal")  # no momentum: nothing to do
+    # A friction made zero after construction: the first step refuses and changes nothing.
+    opt = te.Thermo([p], momentum_init="terminal", gamma=1.0)
+    opt.param_groups[0]["gamma"] = 0.0
+    before = p.detach().clone()
+    p.grad = torch.ones(3)
+    with pytest.raises(ValueError, match="momentum_init='terminal'"):
+        opt.step()
+    assert torch.equal(p.detach(), before) and not opt.state[p]
+    opt.param_groups[0]["gamma"] = 1.0
+    opt.step()
+    assert opt.state[p]["momentum_buffer"].abs().sum() > 0
 
 
 @pytest.mark.parametrize("key,value", [("lr", -0.1), ("gamma", -1.0), ("tau", -1e-4),

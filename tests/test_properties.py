@@ -69,7 +69,7 @@ finite_hyper = dict(
     xi0=st.floats(-1.0, 1.0),
     weight_decay=st.one_of(st.just(0.0), st.floats(0.0, 0.1)),
     thermostat=st.sampled_from(["tensor", "group"]),
-    momentum_init=st.sampled_from(["zero", "thermal"]),
+    momentum_init=st.sampled_from(["zero", "thermal", "terminal"]),
 )
 
 
@@ -80,6 +80,9 @@ def groups(draw):
     for _ in range(draw(st.integers(1, 3))):
         hyper = {k: draw(v) for k, v in finite_hyper.items()}
         hyper["scheme"] = draw(schemes)
+        if hyper["momentum_init"] == "terminal" and te.schemes.fold(hyper["scheme"]).terminal(
+                1.0, hyper["gamma"], hyper["xi0"]) is None:
+            hyper["momentum_init"] = "zero"  # no friction, no terminal momentum (refused)
         params = draw(st.lists(st.tuples(shapes, kinds), min_size=1, max_size=4))
         out.append((hyper, params))
     if draw(st.integers(0, 5)) == 0:  # now and then one big tensor (OpenMP path)
@@ -270,9 +273,9 @@ invalid = st.one_of(
         "thermostat": st.one_of(st.text(max_size=8).filter(
             lambda s: s not in ("tensor", "group", "chain")), st.just(None)),
         "momentum_init": st.one_of(st.text(max_size=8).filter(
-            lambda s: s not in ("zero", "thermal")), st.just(None)),
+            lambda s: s not in ("zero", "thermal", "terminal")), st.just(None)),
         "seed": st.one_of(st.integers(max_value=-1), st.integers(min_value=2**64),
-                          st.sampled_from([1.5, "7", None, True])),
+                          st.sampled_from([1.5, "7", True])),  # None: the default, drawn
         "scheme": st.one_of(
             st.text(alphabet="ABOCDEXYZ abo", max_size=40).filter(lambda s: not is_valid(s)),
             st.sampled_from(["BABA", "AOA", "BOB", "", "BAOAB" * 7, None, 3, ["BAOAB"]])),

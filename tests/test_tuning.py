@@ -1,5 +1,6 @@
 """Hyperparameters in the user's terms (SGD/Adam settings to h, gamma) and schedulers."""
 
+import copy
 import math
 
 import pytest
@@ -45,16 +46,15 @@ def test_langevin_at_zero_temperature_is_sgd_with_momentum(lr, momentum):
 def test_from_sgd_per_method():
     h = math.sqrt(2 * 0.01 / 1.9)
     g = -math.log(0.9) / h
-    assert te.from_sgd(0.01, 0.9) == pytest.approx({"lr": h, "gamma": g, "mass": "unit"})
-    assert te.from_sgd(0.01, 0.9, method="AdL") == pytest.approx({"lr": h, "xi0": g,
-                                                                  "mass": "unit"})
+    z = dict(mass="unit", momentum_init="zero")  # from rest, as SGD's buffer
+    assert te.from_sgd(0.01, 0.9) == pytest.approx({"lr": h, "gamma": g, **z})
+    assert te.from_sgd(0.01, 0.9, method="AdL") == pytest.approx({"lr": h, "xi0": g, **z})
     assert te.from_sgd(0.01, 0.9, method="AdLaLa", tau=1e-5) == pytest.approx(
-        {"lr": h, "gamma": g, "xi0": g, "tau1": 1e-5, "tau2": 1e-5,
-         "mass": "unit"})
+        {"lr": h, "gamma": g, "xi0": g, "tau1": 1e-5, "tau2": 1e-5, **z})
     assert te.from_sgd(0.01, 0.9, method="LaLa", tau=0) == pytest.approx(
-        {"lr": h, "gamma": g, "tau": 0.0, "mass": "unit"})
+        {"lr": h, "gamma": g, "tau": 0.0, **z})
     assert te.from_sgd(0.05, 0.0, method="LOL") == {"lr": math.sqrt(0.1), "gamma": math.inf,
-                                                       "mass": "unit"}
+                                                       **z}
     assert te.from_sgd(0.05, 0.8, method="Overdamped") == pytest.approx({"lr": 0.25,
                                                                          "mass": "unit"})
     # The result is keyword arguments for the method.
@@ -103,11 +103,58 @@ def test_from_adam_runs_adams_step_once_its_bias_correction_has_faded(method):
         torch.testing.assert_close(p.detach() - p0, q.detach() - q0, rtol=1e-3, atol=1e-9)
 
 
+@pytest.mark.parametrize("method", ["Langevin", "LaLa"])
+def test_from_adam_first_steps_are_adams(method):
+    """momentum_init="terminal" (from_adam's): p starts at the momentum the first gradient would
+    hold, so the first step is Adam's bias-corrected one, lr times the gradient's sign, where
+    p = 0 gives (1 − β1)/2 = 0.05 of it (B(h/2), then half of A's two moves). After it, step t
+    is −lr m̃/(√v̂ + eps) with Adam's v̂ and m̃ = β1^(t−1) g1 + Σ_{s≥2} β1^(t−s) (1 − β1) g_s: the
+    first gradient weighed by β1^(t−1) where Adam's m̂ weighs it by β1^(t−1)(1 − β1)/(1 − β1^t)
+    (docs/DESIGN.md, Initial momentum). Checked to rounding over 10 fresh gradients. (AdL's
+    thermostat moves ξ within the first step already: it starts near Adam, not at it.)"""
+    lr, (b1, b2), eps = 1e-3, (0.9, 0.999), 1e-8
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    kw = te.from_adam(lr, (b1, b2), eps, method=method)
+    assert kw["momentum_init"] == "terminal"
+    g = torch.Generator().manual_seed(1)
+    grads = [[torch.randn(p.shape, generator=g, dtype=torch.float64) for p in model.parameters()]
+             for _ in range(10)]
+    flat = [torch.cat([x.flatten() for x in gs]) for gs in grads]
+
+    def steps(make):
+        m = copy.deepcopy(model)
+        opt = make(m)
+        moves = []
+        for gs in grads:
+            before = [p.detach().clone() for p in m.parameters()]
+            for p, gr in zip(m.parameters(), gs):
+                p.grad = gr.clone()
+            opt.step()
+            moves.append(torch.cat([(p.detach() - b).flatten()
+                                    for p, b in zip(m.parameters(), before)]))
+        return moves
+
+    ours = steps(lambda m: getattr(te, method)(m, seed=0, **kw))
+    adam = steps(lambda m: torch.optim.Adam(m.parameters(), lr=lr, betas=(b1, b2), eps=eps))
+    zero = steps(lambda m: getattr(te, method)(m, seed=0, **dict(kw, momentum_init="zero")))
+    torch.testing.assert_close(ours[0], adam[0], rtol=1e-9, atol=0)
+    torch.testing.assert_close(ours[0], -lr * flat[0].sign(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(zero[0], 0.05 * adam[0], rtol=1e-9, atol=0)
+    m_t, v = flat[0].clone(), torch.zeros_like(flat[0])
+    for t, gt in enumerate(flat, start=1):
+        if t > 1:
+            m_t = b1 * m_t + (1 - b1) * gt
+        v = b2 * v + (1 - b2) * gt * gt
+        expected = -lr * m_t / ((v / (1 - b2 ** t)).sqrt() + eps)
+        torch.testing.assert_close(ours[t - 1], expected, rtol=1e-9, atol=1e-15)
+
+
 def test_from_adam_values_and_refusals():
     kw = te.from_adam(1e-3)
     h = math.sqrt(2 * 1e-3 * 0.1 / 1.9)
     assert kw == pytest.approx(dict(lr=h, gamma=-math.log(0.9) / h, tau=0.0, mass="adaptive",
-                                    mass_beta=0.999, mass_eps=1e-8))
+                                    mass_beta=0.999, mass_eps=1e-8, momentum_init="terminal"))
     assert te.tuning.to_sgd(kw["lr"], kw["gamma"]) == pytest.approx((1e-4, 0.9))  # lr (1 - β1)
     kw = te.from_adam(1e-3, weight_decay=0.01, method="AdLaLa", tau=1e-7)
     assert kw["xi0"] == kw["gamma"] and kw["tau1"] == kw["tau2"] == 1e-7
@@ -115,6 +162,7 @@ def test_from_adam_values_and_refusals():
     assert te.from_adam(1e-3, method="AdL")["sigma"] == 0.0  # τ = 0: no thermostat noise
     assert kw["weight_decay"] == 0.01
     assert te.from_adam(2e-3, method="Overdamped")["lr"] == 2e-3
+    assert "momentum_init" not in te.from_adam(2e-3, method="Overdamped")  # no momentum
     for bad, match in [(dict(lr=0.0), "lr"), (dict(betas=(0.9,)), "betas"),
                        (dict(betas=(1.0, 0.9)), r"betas\[0\]"), (dict(eps=0), "eps"),
                        (dict(betas=(0.0, 0.9), method="AdL"), "betas"),

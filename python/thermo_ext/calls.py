@@ -246,12 +246,28 @@ def real_runs(p: torch.Tensor) -> Tuple[int, Optional[Tuple[int, int]]]:
     return offset * c, None if runs is None else (runs[0] * c, runs[1] * c)
 
 
-def init_momentum(p: torch.Tensor, gi: int, pos: int, group: Dict[str, Any]) -> torch.Tensor:
-    """Zero, or thermal: √τ R with R from the counter's step field 2³²−1, draw 0 (for each
+def init_momentum(p: torch.Tensor, gi: int, pos: int, group: Dict[str, Any],
+                  scheme: FoldedScheme, grad: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Zero; thermal: √τ R with R from the counter's step field 2³²−1, draw 0 (for each
     chain with its own seed; for a shard, the shard's global offsets; for a complex parameter,
-    per real component)."""
+    per real component); or terminal: k F with F the force of ``p``'s first gradient ``grad``
+    (B's, with weight decay and ``maximize``) and k from ``scheme.terminal`` (docs/DESIGN.md,
+    Initial momentum)."""
     m = torch.zeros_like(p, dtype=momentum_dtype(p), memory_format=torch.contiguous_format)
-    if group["momentum_init"] == "thermal":
+    if group["momentum_init"] == "terminal":
+        h = float(group["lr"])
+        k = scheme.terminal(h, float(group["gamma"]), float(group["xi0"]))
+        if k is None:
+            raise ValueError(f"{where(gi, group)}momentum_init='terminal': nothing damps the "
+                             f"momentum (scheme {scheme.written} with gamma={float(group['gamma'])}"
+                             f"), so there is no terminal velocity; use 'zero'")
+        force = (p.grad if grad is None else grad).to(m.dtype)
+        force = -force if group["maximize"] else force.clone()
+        wd = float(group["weight_decay"])
+        if wd:
+            force.add_(p.detach().to(m.dtype), alpha=wd)
+        m.copy_(force.mul_(k))
+    elif group["momentum_init"] == "thermal":
         chains = group["chains"]
         real = engine_view(dist_glue.local(m))
         views = [real[k] for k in range(chains)] if chains else [real]
@@ -302,11 +318,12 @@ def momentum_buffers(state, params: Sequence[torch.Tensor], key: str = "momentum
 
 def build_calls(gi: int, group: Dict[str, Any], scheme: FoldedScheme, active: tuple,
                 state, created: list, sum_hook_for: Callable,
-                host_step: int = 0) -> List[EngineCall]:
+                host_step: int = 0, grads: Optional[Sequence] = None) -> List[EngineCall]:
     """The engine calls of group ``gi`` for the tensors at positions ``active`` (those with
-    gradients), at the group's step ``host_step``. Creates the state they need (momenta and,
-    with an adaptive mass, second moments in ``state``, ξ in the group), logging it in
-    ``created`` so that a failed step can forget it."""
+    gradients ``grads``, one per parameter; None: ``.grad``), at the group's step
+    ``host_step``. Creates the state they need (momenta and, with an adaptive mass, second
+    moments in ``state``, ξ in the group), logging it in ``created`` so that a failed step can
+    forget it."""
     wh = where(gi, group)
     chains = group["chains"]
     device = group["params"][active[0]].device
@@ -353,7 +370,8 @@ def build_calls(gi: int, group: Dict[str, Any], scheme: FoldedScheme, active: tu
                 st = state[p]
                 m = st.get("momentum_buffer")
                 if m is None:
-                    m = st["momentum_buffer"] = init_momentum(p, gi, pos, group)
+                    m = st["momentum_buffer"] = init_momentum(
+                        p, gi, pos, group, scheme, p.grad if grads is None else grads[pos])
                     created.append(("momentum", p, None))
             momenta.append(m)
             if adaptive:

@@ -19,7 +19,7 @@ __all__ = ["THERMOSTATS", "MOMENTUM_INITS", "MASSES", "GROUP_KEYS", "HYPER_KEYS"
            "hyper_values", "raw_hyper", "raw_structure"]
 
 THERMOSTATS = ("tensor", "group", "chain")
-MOMENTUM_INITS = ("zero", "thermal")
+MOMENTUM_INITS = ("zero", "thermal", "terminal")
 MASSES = ("unit", "adaptive")
 #: The hyperparameters that only change a step's coefficients (a scheduler may change them):
 #: the fields of :class:`~thermo_ext.kernels.Hyper`, read from the engine.
@@ -94,6 +94,12 @@ def check_group(group: Dict[str, Any], where: str) -> FoldedScheme:
     if group["momentum_init"] not in MOMENTUM_INITS:
         raise ValueError(f"{where}momentum_init: expected one of {MOMENTUM_INITS}, got "
                          f"{group['momentum_init']!r}")
+    if (group["momentum_init"] == "terminal" and scheme.uses_momentum
+            and scheme.terminal(1.0, hyper.gamma, xi0) is None):
+        raise ValueError(f"{where}momentum_init='terminal' needs a friction on the momentum (O "
+                         f"with gamma > 0, or a thermostat's C with xi0 > 0); scheme "
+                         f"{scheme.written} with gamma={hyper.gamma!r}, xi0={xi0!r} has none: "
+                         f"use 'zero'")
     if not isinstance(group["capturable"], bool):
         raise TypeError(f"{where}capturable: expected a bool, got {group['capturable']!r}")
     kernels.check_int(f"{where}seed", group["seed"], 0, kernels.U64)

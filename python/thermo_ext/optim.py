@@ -53,7 +53,9 @@ class Thermo(Optimizer):
         sigma: noise amplitude of D. eps: thermostat coupling of E. xi0: initial thermostat ξ.
         weight_decay: λ, added to the gradient in B as λθ.
         thermostat: ``"tensor"`` (one ξ per tensor) or ``"group"`` (one ξ per group).
-        momentum_init: ``"zero"`` (the paper's code) or ``"thermal"`` (p ~ N(0, τ)).
+        momentum_init: ``"zero"`` (the paper's code), ``"thermal"`` (p ~ N(0, τ)) or ``"terminal"``
+            (the steady momentum of the first gradient: the first step is a full step, as Adam's
+            bias-corrected first step; docs/DESIGN.md, Initial momentum).
         seed: uint64 key of the noise; drawn from torch's default generator when None (and taken
             from rank 0 under an initialised process group).
         capturable: keep the step counter on the device so CUDA graphs can capture ``step()``.

@@ -71,10 +71,11 @@ def from_sgd(lr: float, momentum: float = 0.9, *, method: str = "Langevin",
     it gets h = lr / (1 − momentum), the heavy ball's steady step size. LOL's second partition
     then runs SGD with lr h²/2 and no momentum (see :mod:`thermo_ext.tuning`). ``tau``, when
     given, is the temperature (``tau1``/``tau2`` for AdLaLa and LOL). ``mass="unit"``: SGD's step is
-    the unit mass's.
+    the unit mass's; ``momentum_init="zero"``: from rest, as SGD's buffer (the named methods
+    start at the terminal momentum).
 
     >>> from_sgd(0.01, 0.9)                              # doctest: +ELLIPSIS
-    {'lr': 0.1025..., 'gamma': 1.0269..., 'mass': 'unit'}
+    {'lr': 0.1025..., 'gamma': 1.0269..., 'mass': 'unit', 'momentum_init': 'zero'}
     >>> te.Langevin(model, **from_sgd(0.01, 0.9, tau=1e-6))  # doctest: +SKIP
     """
     method = _method(method)
@@ -105,6 +106,10 @@ def from_sgd(lr: float, momentum: float = 0.9, *, method: str = "Langevin",
         else:
             out["tau"] = t
     out["mass"] = "unit"  # SGD's step is the unit mass's (the named methods' default is adaptive)
+    if method != "Overdamped":
+        # torch's SGD starts its buffer at the first gradient (first step lr g); from p = 0
+        # BAOAB's first step is lr g / 2, from the terminal momentum lr g / (1 - momentum).
+        out["momentum_init"] = "zero"
     return out
 
 
@@ -122,9 +127,12 @@ def from_adam(lr: float = ADAM_LR, betas: Tuple[float, float] = (0.9, 0.999),
 
         h = √(2 lr (1 − β1) / (1 + β1)),    γ = −ln(β1) / h.
 
-    What differs: Adam divides its m by 1 − β1^t (its first ~1/(1 − β1) steps are larger: the
-    first by 1/(1 − β1)), and BAOAB's first step counts the first gradient half (B(h/2)); the
-    step is the same from then on. ``weight_decay`` is passed on as λ, which B adds to the
+    The first step: Adam divides its m by 1 − β1^t, so its first step is a whole one, lr times
+    the first gradient's sign; ``momentum_init="terminal"`` (returned for the momentum methods)
+    starts p at the momentum a constant first gradient would hold (docs/DESIGN.md, Initial
+    momentum), so BAOAB's first step is Adam's too. What differs: for the next ~1/(1 − β1) steps
+    that start weighs the first gradient by β1^(t−1) where Adam's correction weighs it by
+    β1^(t−1) (1 − β1) / (1 − β1^t); the step is the same once both have faded. ``weight_decay`` is passed on as λ, which B adds to the
     gradient and v squares with it: L2, Adam's ``weight_decay``, not AdamW's decoupled decay
     θ ← θ(1 − lr λ). AdL (and AdLaLa's first layer) takes the friction as its
     initial thermostat ``xi0`` and ``sigma`` = √(2τγ), whose equilibrium friction σ²/(2τ) is γ
@@ -135,7 +143,7 @@ def from_adam(lr: float = ADAM_LR, betas: Tuple[float, float] = (0.9, 0.999),
     momentum: there the algebra cannot match Adam.
 
     >>> from_adam(1e-3)                                  # doctest: +ELLIPSIS
-    {'lr': 0.01025..., 'gamma': 10.26..., 'tau': 0.0, 'mass': 'adaptive', 'mass_beta': 0.999, 'mass_eps': 1e-08}
+    {'lr': 0.01025..., 'gamma': 10.26..., 'tau': 0.0, 'mass': 'adaptive', 'mass_beta': 0.999, 'mass_eps': 1e-08, 'momentum_init': 'terminal'}
     >>> te.Langevin(model, **from_adam(3e-4, tau=1e-8))  # doctest: +SKIP
     """
     method = _method(method)
@@ -172,6 +180,8 @@ def from_adam(lr: float = ADAM_LR, betas: Tuple[float, float] = (0.9, 0.999),
     else:
         out["tau"] = t
     out.update(mass="adaptive", mass_beta=b2, mass_eps=eps)
+    if method != "Overdamped":
+        out["momentum_init"] = "terminal"
     if wd:
         out["weight_decay"] = wd
     return out
