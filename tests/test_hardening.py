@@ -182,18 +182,19 @@ def test_overflow_inside_a_step_is_reported_by_the_next_step(backend):
         opt.step()
 
 
+@pytest.mark.parametrize("init", ["thermal", "terminal"])
 @pytest.mark.parametrize("change", ["tau", "xi0"])
-def test_failed_first_step_leaves_no_trace(change):
+def test_failed_first_step_leaves_no_trace(change, init):
     """BUG (today: the failed first step's lazily created state survives). A first step that
     raises (a NaN gradient) has already created the momenta (drawn from N(0, tau) with
-    momentum_init="thermal") and xi (= xi0). If tau or xi0 then change before the retried first
+    momentum_init="thermal", made from the NaN gradient with "terminal") and xi (= xi0). If tau or xi0 then change before the retried first
     step (a TemperatureScheduler, a user fixing the config), the retried step starts from the
     stale momenta/xi, unlike a fresh optimizer. Expected: a rejected step changes nothing, lazily
     created state included (docs/DESIGN.md, Failure model)."""
     def run(fail_first):
         torch.manual_seed(0)
         p = nn.Parameter(torch.randn(6))
-        opt = te.Thermo([p], scheme="adl", momentum_init="thermal", tau=1e-2, xi0=0.1, seed=4)
+        opt = te.Thermo([p], scheme="adl", momentum_init=init, tau=1e-2, xi0=0.1, seed=4)
         if fail_first:
             p.grad = torch.full_like(p, math.nan)
             with pytest.raises(FloatingPointError):
