@@ -491,9 +491,12 @@ def test_defaults_are_the_adaptive_mass_and_the_presets_the_unit_mass():
     for name in ("Langevin", "LaLa", "AdL", "AdLaLa", "LOL", "Overdamped"):
         fn = getattr(te, name)
         assert all(g["mass"] == "adaptive" for g in fn(m).param_groups), name
+        start = "zero" if name in ("LOL", "Overdamped") else "terminal"
+        assert all(g["momentum_init"] == start for g in fn(m).param_groups), name
         for preset in ("paper", "unit"):
             groups = fn(m, preset=preset).param_groups
             assert all(g["mass"] == "unit" for g in groups), (name, preset)
+            assert all(g["momentum_init"] == "zero" for g in groups), (name, preset)
         assert fn(m, preset="unit").param_groups[0]["lr"] == te.methods.PRESETS["unit"][name]["lr"]
     lang = te.Langevin(m).param_groups[0]
     assert lang["lr"] == pytest.approx(adam["lr"], rel=5e-3)
