@@ -255,12 +255,8 @@ def init_momentum(p: torch.Tensor, gi: int, pos: int, group: Dict[str, Any],
     Initial momentum)."""
     m = torch.zeros_like(p, dtype=momentum_dtype(p), memory_format=torch.contiguous_format)
     if group["momentum_init"] == "terminal":
-        h = float(group["lr"])
-        k = scheme.terminal(h, float(group["gamma"]), float(group["xi0"]))
-        if k is None:
-            raise ValueError(f"{where(gi, group)}momentum_init='terminal': nothing damps the "
-                             f"momentum (scheme {scheme.written} with gamma={float(group['gamma'])}"
-                             f"), so there is no terminal velocity; use 'zero'")
+        # (not None: groups.check_group refuses a terminal start without friction)
+        k = scheme.terminal(float(group["lr"]), float(group["gamma"]), float(group["xi0"]))
         force = (p.grad if grad is None else grad).to(m.dtype)
         force = -force if group["maximize"] else force.clone()
         wd = float(group["weight_decay"])
@@ -317,11 +313,10 @@ def momentum_buffers(state, params: Sequence[torch.Tensor], key: str = "momentum
 
 
 def build_calls(gi: int, group: Dict[str, Any], scheme: FoldedScheme, active: tuple,
-                state, created: list, sum_hook_for: Callable,
-                host_step: int = 0, grads: Optional[Sequence] = None) -> List[EngineCall]:
+                grads: Sequence[Optional[torch.Tensor]], state, created: list,
+                sum_hook_for: Callable, host_step: int = 0) -> List[EngineCall]:
     """The engine calls of group ``gi`` for the tensors at positions ``active`` (those with
-    gradients ``grads``, one per parameter; None: ``.grad``), at the group's step
-    ``host_step``. Creates the state they need (momenta and, with an adaptive mass, second
+    gradients: ``grads``, one per parameter), at the group's step ``host_step``. Creates the state they need (momenta and, with an adaptive mass, second
     moments in ``state``, ξ in the group), logging it in ``created`` so that a failed step can
     forget it."""
     wh = where(gi, group)
@@ -370,8 +365,8 @@ def build_calls(gi: int, group: Dict[str, Any], scheme: FoldedScheme, active: tu
                 st = state[p]
                 m = st.get("momentum_buffer")
                 if m is None:
-                    m = st["momentum_buffer"] = init_momentum(
-                        p, gi, pos, group, scheme, p.grad if grads is None else grads[pos])
+                    m = st["momentum_buffer"] = init_momentum(p, gi, pos, group, scheme,
+                                                              grads[pos])
                     created.append(("momentum", p, None))
             momenta.append(m)
             if adaptive:

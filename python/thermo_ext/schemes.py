@@ -120,26 +120,24 @@ class FoldedScheme:
     def terminal(self, h: float, gamma: float, xi: float) -> Optional[float]:
         """k with the terminal momentum p0 = k F: the fixed point of one step under a constant
         force F at tau = 0 with the thermostat held at ``xi``, as the first step starts (tail
-        included: the first step from p0 moves theta exactly as a step of the steady state); at
-        h = 0 its limit -1 / (the letters' mean friction), the continuous terminal velocity. None
-        where nothing damps p (no O or C letter, or no positive friction). docs/DESIGN.md,
-        Initial momentum."""
+        included: the first step from p0 moves theta exactly as a step of the steady state); where
+        h is so small that the damping rounds to 1 (h = 0 included) its limit -1 / (the letters'
+        mean friction), the continuous terminal velocity. None where nothing damps p (no O or C
+        letter, or no positive friction). docs/DESIGN.md, Initial momentum."""
         if self.overdamped:
             return None
-        friction = sum(x.factor * (gamma if x.letter == "O" else xi)
-                       for x in self.letters if x.letter in "OC")
+        rate = {"O": gamma, "C": xi}  # each damping letter's friction
+        friction = sum(x.factor * rate[x.letter] for x in self.letters if x.letter in rate)
         if not friction > 0:
             return None
-        if h == 0:
-            return -1.0 / friction  # B's factors sum to 1
         a, b = 1.0, 0.0  # p -> a p + b F over the cycle
         for x in [x for x in self.letters if not x.tail] + [x for x in self.letters if x.tail]:
             if x.letter == "B":
                 b -= x.factor * h
-            elif x.letter in "OC":
-                c = math.exp(-(gamma if x.letter == "O" else xi) * x.factor * h)
+            elif x.letter in rate:
+                c = math.exp(-rate[x.letter] * x.factor * h)
                 a, b = c * a, c * b
-        return b / (1.0 - a) if a < 1.0 else None
+        return b / (1.0 - a) if a < 1.0 else -1.0 / friction  # B's factors sum to 1
 
     def __str__(self) -> str:
         if self.overdamped:

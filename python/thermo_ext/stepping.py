@@ -104,8 +104,8 @@ class StepCache:
         moving = params if len(active) == len(params) else [params[k] for k in active]
         if (rec is None or active != rec.active or structure != rec.structure
                 or not rec.fits(group, moving, state, self.version)):
-            calls = build_calls(gi, group, scheme, active, state, self.created,
-                                dist_glue.mesh_sum_hook, self.host_step(gi, group), grads)
+            calls = build_calls(gi, group, scheme, active, grads, state, self.created,
+                                dist_glue.mesh_sum_hook, self.host_step(gi, group))
             # ξ, momenta and the step counter are made while building: key those made
             adaptive = group["mass"] == "adaptive"
             rec = GroupRecord(active=active, addresses=addresses(moving),

@@ -132,9 +132,9 @@ def from_adam(lr: float = ADAM_LR, betas: Tuple[float, float] = (0.9, 0.999),
     starts p at the momentum a constant first gradient would hold (docs/DESIGN.md, Initial
     momentum), so BAOAB's first step is Adam's too. What differs: for the next ~1/(1 − β1) steps
     that start weighs the first gradient by β1^(t−1) where Adam's correction weighs it by
-    β1^(t−1) (1 − β1) / (1 − β1^t); the step is the same once both have faded. ``weight_decay`` is passed on as λ, which B adds to the
-    gradient and v squares with it: L2, Adam's ``weight_decay``, not AdamW's decoupled decay
-    θ ← θ(1 − lr λ). AdL (and AdLaLa's first layer) takes the friction as its
+    β1^(t−1) (1 − β1) / (1 − β1^t); the step is the same once both have faded.
+    ``weight_decay`` is passed on as λ, which B adds to the gradient and v squares with it: L2,
+    Adam's ``weight_decay``, not AdamW's decoupled decay θ ← θ(1 − lr λ). AdL (and AdLaLa's first layer) takes the friction as its
     initial thermostat ``xi0`` and ``sigma`` = √(2τγ), whose equilibrium friction σ²/(2τ) is γ
     (at τ = 0 no thermostat noise: ξ then only grows while p ≠ 0); the thermostat sets the
     friction from there, so AdL is Adam only on average. Overdamped has no momentum: h = lr
