@@ -6,6 +6,13 @@ every contender warmed up and then timed in interleaved rounds; the table gives 
 median time and its ratio to Adam(fused), and below it the ratio of every adaptive-mass step to
 its unit-mass twin (of the medians, of the minimums, and the quartiles of the per-round ratio).
 
+Below that, where the cost comes from (docs/BENCHMARKS.md, The adaptive mass's cost): Langevin
+at tau = 0 (no normals drawn: the step is memory traffic plus the mass's arithmetic) with and
+without the mass, the engine's normals alone (``thermo_ext.kernels.fill_normal`` into a
+preallocated buffer: one per element, what a tau > 0 step draws, plus writing them, 4 bytes per
+element that the step keeps in L1), and how well the additive model
+``step(tau) = step(tau = 0) + normals`` predicts the tau > 0 steps.
+
     python bench/mass.py                  # all threads
     OMP_NUM_THREADS=1 python bench/mass.py
     python bench/mass.py --device cuda
@@ -19,6 +26,7 @@ import sys
 import torch
 
 import thermo_ext as te
+from thermo_ext import kernels
 from thermo_ext.benchmark import ROUNDS, Row, _params, _ratios, measure, print_table
 
 
@@ -45,7 +53,16 @@ def main(argv=None) -> int:
                 optims[f"{label}, {mass}"] = te.Thermo(make(), lr=0.01, scheme=scheme, seed=1,
                                                        mass=mass, check_finite=check, **kw)
             pairs.append(label)
-    t = measure({k: o.step for k, o in optims.items()}, device, args.rounds)
+    # The decomposition: no normals (tau = 0), and the normals alone.
+    for mass in ("unit", "adaptive"):
+        optims[f"langevin tau 0, no check, {mass}"] = te.Thermo(
+            make(), lr=0.01, scheme="langevin", seed=1, mass=mass, check_finite=False,
+            gamma=1.0, tau=0.0)
+    fns = {k: o.step for k, o in optims.items()}
+    buf = torch.empty(numel, device=device)
+    fns["normals alone"] = lambda: kernels.fill_normal(buf, seed=1, uid=0, step=1, draw=0,
+                                                       offset=0)
+    t = measure(fns, device, args.rounds)
     print(f"thermo_ext {te.__version__} | torch {torch.__version__} | {device} | "
           f"ISA {te.build_info()['isa']} | threads {te.get_num_threads()} | {numel} float32 in "
           f"{n_tensors} tensors | {args.rounds} rounds")
@@ -58,6 +75,22 @@ def main(argv=None) -> int:
                         f"x  (of minimums {a.min / u.min:.3f}; per round p25-p75 "
                         f"{q[0]:.3f}-{q[1]:.3f})"))
     print_table("The adaptive mass's cost", rows, "")
+    u0, a0 = t["langevin tau 0, no check, unit"], t["langevin tau 0, no check, adaptive"]
+    z = t["normals alone"]
+    u, a = t["langevin, no check, unit"], t["langevin, no check, adaptive"]
+    q = a0.per_round(u0)
+    print_table("Where it comes from (langevin, no check)", [
+        Row("tau = 0: adaptive / unit", a0.median / u0.median,
+            f"x  (per round p25-p75 {q[0]:.3f}-{q[1]:.3f}; bytes moved per element 28 / 20 = "
+            f"1.400)"),
+        Row("normals alone / unit step at tau = 0", z.median / u0.median, "x"),
+        Row("unit: step / (step at tau 0 + normals)", u.median / (u0.median + z.median),
+            "x  (1: no overlap of the normals with the memory traffic)"),
+        Row("adaptive: step / (step at tau 0 + normals)", a.median / (a0.median + z.median),
+            "x"),
+        Row("additive model's adaptive / unit", (a0.median + z.median) / (u0.median + z.median),
+            "x  (measured above)"),
+    ], "")
     return 0
 
 

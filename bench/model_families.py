@@ -860,7 +860,9 @@ def summarize(rows: List[Tuple[str, Family, List[Dict[str, Any]]]], families: Li
     return "\n".join(out)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, prog: str = "bench/model_families.py") -> int:
+    """``prog``: the script named in the printed command (bench/new_user.py runs its own
+    families through this harness)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--families", default=",".join(DEFAULT_FAMILIES),
                     help="comma-separated; 'all' = " + ",".join(ALL_FAMILIES)
@@ -898,8 +900,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sets = _parse_sets(args.set)
     grid = _parse_grid(args.grid)
     seeds = list(range(args.seed0, args.seed0 + args.seeds))
-    command = "python bench/model_families.py " + " ".join(
-        sys.argv[1:] if argv is None else list(argv))
+    command = f"python {prog} " + " ".join(sys.argv[1:] if argv is None else list(argv))
     print(f"# {command}")
     print(f"# torch {torch.__version__}, thermo_ext {te.__version__}, 1 thread, "
           f"preset={args.preset}, seeds {seeds}")

@@ -110,3 +110,35 @@ def test_terminal_start_brings_the_momentum_methods_to_adamws_loss_on_a_resnet()
         torch.set_num_threads(threads)
     assert terminal <= 1.1 * adamw, (terminal, adamw)
     assert zero >= 1.15 * adamw, (zero, adamw)
+
+
+def test_new_user_families_run_through_the_family_harness(monkeypatch, capsys):
+    import new_user as nu  # noqa: E402  (bench/, on the path above)
+
+    x, y = nu.count_batch(64, torch.Generator().manual_seed(0))
+    assert x.shape == (64, nu.COUNT_LEN + 1) and (x[:, 0] == 1).all()
+    assert ((x[:, 1:] >= 2) & (x[:, 1:] <= 11)).all()
+    assert torch.equal(y, ((x == 3).sum(1) > (x == 4).sum(1)).long())
+    assert 0 < int(y.sum()) < 64
+
+    class Tiny(torch.nn.Module):  # bert's task without transformers: mean of token embeddings
+        def __init__(self):
+            super().__init__()
+            self.emb, self.out = torch.nn.Embedding(12, 8), torch.nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.out(self.emb(x).mean(1))
+
+    fam = nu.CountFamily("count_tiny", Tiny, 3, 8, "tiny count")
+    monkeypatch.setattr(nu, "FAMILIES", (fam,))
+    monkeypatch.setattr(mf, "FAMILIES", dict(mf.FAMILIES))
+    assert nu.main(["--families", "count_tiny", "--methods", "AdamW,Langevin",
+                    "--seeds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# python bench/new_user.py --families count_tiny --methods "
+                          "AdamW,Langevin --seeds 1")
+    rows = [line.split()[:2] for line in out.splitlines() if line[:1] not in "#| "]
+    assert [r for r in rows if r[1:] == ["count_tiny"]] == [["AdamW", "count_tiny"],
+                                                            ["Langevin", "count_tiny"]]
+    r = mf.run(fam, "Langevin", 0, {}, None)
+    assert len(r["losses"]) == 3 and 0.0 <= r["acc"] <= 100.0 and r["error"] is None
