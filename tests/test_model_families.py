@@ -113,7 +113,7 @@ def test_terminal_start_brings_the_momentum_methods_to_adamws_loss_on_a_resnet()
 
 
 def test_new_user_families_run_through_the_family_harness(monkeypatch, capsys):
-    import new_user as nu  # noqa: E402  (bench/, on the path above)
+    import new_user as nu  # (bench/, on the path above)
 
     x, y = nu.count_batch(64, torch.Generator().manual_seed(0))
     assert x.shape == (64, nu.COUNT_LEN + 1) and (x[:, 0] == 1).all()

@@ -316,9 +316,9 @@ def build_calls(gi: int, group: Dict[str, Any], scheme: FoldedScheme, active: tu
                 grads: Sequence[Optional[torch.Tensor]], state, created: list,
                 sum_hook_for: Callable, host_step: int = 0) -> List[EngineCall]:
     """The engine calls of group ``gi`` for the tensors at positions ``active`` (those with
-    gradients: ``grads``, one per parameter), at the group's step ``host_step``. Creates the state they need (momenta and, with an adaptive mass, second
-    moments in ``state``, ξ in the group), logging it in ``created`` so that a failed step can
-    forget it."""
+    gradients: ``grads``, one per parameter), at the group's step ``host_step``. Creates the
+    state they need (momenta and, with an adaptive mass, second moments in ``state``, ξ in the
+    group), logging it in ``created`` so that a failed step can forget it."""
     wh = where(gi, group)
     chains = group["chains"]
     device = group["params"][active[0]].device

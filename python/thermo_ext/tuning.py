@@ -134,13 +134,13 @@ def from_adam(lr: float = ADAM_LR, betas: Tuple[float, float] = (0.9, 0.999),
     that start weighs the first gradient by β1^(t−1) where Adam's correction weighs it by
     β1^(t−1) (1 − β1) / (1 − β1^t); the step is the same once both have faded.
     ``weight_decay`` is passed on as λ, which B adds to the gradient and v squares with it: L2,
-    Adam's ``weight_decay``, not AdamW's decoupled decay θ ← θ(1 − lr λ). AdL (and AdLaLa's first layer) takes the friction as its
-    initial thermostat ``xi0`` and ``sigma`` = √(2τγ), whose equilibrium friction σ²/(2τ) is γ
-    (at τ = 0 no thermostat noise: ξ then only grows while p ≠ 0); the thermostat sets the
-    friction from there, so AdL is Adam only on average. Overdamped has no momentum: h = lr
-    runs RMSprop's step g/(√v̂ + eps) (Adam with β1 = 0). LOL shares h between its partitions, so
-    its second (BAOAB with γ = ∞, momentum redrawn every step) moves by h²/2 · M⁻¹g, without
-    momentum: there the algebra cannot match Adam.
+    Adam's ``weight_decay``, not AdamW's decoupled decay θ ← θ(1 − lr λ). AdL (and AdLaLa's
+    first layer) takes the friction as its initial thermostat ``xi0`` and ``sigma`` = √(2τγ),
+    whose equilibrium friction σ²/(2τ) is γ (at τ = 0 no thermostat noise: ξ then only grows
+    while p ≠ 0); the thermostat sets the friction from there, so AdL is Adam only on average.
+    Overdamped has no momentum: h = lr runs RMSprop's step g/(√v̂ + eps) (Adam with β1 = 0).
+    LOL shares h between its partitions, so its second (BAOAB with γ = ∞, momentum redrawn
+    every step) moves by h²/2 · M⁻¹g, without momentum: there the algebra cannot match Adam.
 
     >>> from_adam(1e-3)                                  # doctest: +ELLIPSIS
     {'lr': 0.01025..., 'gamma': 10.26..., 'tau': 0.0, 'mass': 'adaptive', 'mass_beta': 0.999, 'mass_eps': 1e-08, 'momentum_init': 'terminal'}
