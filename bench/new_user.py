@@ -11,7 +11,7 @@ harness (same runs, seeds, table and options: ``--methods``, ``--seeds``, ``--se
   LayerNorm) on the family bench's *shapes* (gratings, 10 classes), batch 32, 150 steps.
 
     python bench/new_user.py                                # bert, every method, seeds 0, 1
-    .venv-tv/bin/python bench/new_user.py --families vit    # timm (docs/GUIDE.md §1.1)
+    .venv-tv/bin/python bench/new_user.py --families vit    # timm (docs/GUIDE.md §1.3)
     python bench/new_user.py --methods AdamW,LaLa --seeds 6
 """
 
